@@ -1,0 +1,17 @@
+"""mamba-attention: fused CPU and CUDA kernels for Mamba/attention hybrid models.
+
+The functional API is a drop-in for ``mamba_ssm.ops.selective_scan_interface``:
+every function takes NumPy arrays or PyTorch tensors and returns the same kind,
+dtype and device.
+"""
+
+from . import _core
+from .ops import selective_scan_fn, selective_state_update
+
+__version__ = _core.__version__
+
+__all__ = [
+    "__version__",
+    "selective_scan_fn",
+    "selective_state_update",
+]

@@ -1,0 +1,490 @@
+"""Benchmark workloads (BENCHMARKS.md) and their runner.
+
+A :class:`Workload` builds fresh seeded inputs in ``setup()`` and returns
+closures ``{"ours": fn, "<peer name>": fn, ...}``; each closure runs one call
+and returns its output(s). The runner first compares every peer's first output
+with ours (a row whose outputs differ is marked ``MISMATCH``, never dropped),
+then times each closure: warm-up, then the MEDIAN of per-call wall times
+(``time.perf_counter``), with repetitions chosen by a time budget and fast
+calls timed in batches.
+
+Floors are ESTIMATES from an analytic model of the reference machine class
+(:data:`REFERENCE_MACHINES`), not measurements of the machine running the
+benchmark. To add a GPU workload, append a ``Workload(device="cuda", ...)``
+built by the same helpers to :func:`workloads`; the runner only runs it where
+``torch.cuda.is_available()`` and synchronizes around each timed sample.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+# --------------------------------------------------------------------------
+# Floor model (estimates; see BENCHMARKS.md "Floor = max(bytes / bandwidth,
+# arithmetic / rate)").
+# --------------------------------------------------------------------------
+
+#: Analytic models of the reference machines. "cpu": 2-core x86-64 AVX-512,
+#: float32; ~200 GFLOP/s of vector arithmetic, an exp costing ~20 FLOP (range
+#: reduction + polynomial), and ~20 GB/s of sustained DRAM bandwidth.
+REFERENCE_MACHINES: Dict[str, Dict[str, float]] = {
+    "cpu": {
+        "flops": 200e9,  # float32 FLOP/s, both cores
+        "exp_per_s": 200e9 / 20,  # ~10 G exp/s
+        "mem_bytes_per_s": 20e9,  # read + write
+    },
+    "cuda": {  # one H100 (BENCHMARKS.md)
+        "flops": 67e12,  # fp32 FMA
+        "exp_per_s": 3.9e12,  # SFU
+        "mem_bytes_per_s": 3.0e12,
+    },
+}
+
+#: Default relative error (max |ours - peer| / max |peer|) allowed: float32.
+RTOL = 1e-4
+
+
+def scan_floor_ms(device, b, d, n, l):
+    """Selective-scan forward floor: one exp(Δ·A) per (b, d, l, n) element, or
+    the bytes of u, delta, z, out (b, d, l) and B, C (b, n, l), whichever is larger."""
+    m = REFERENCE_MACHINES[device]
+    exp_s = b * d * l * n / m["exp_per_s"]
+    bytes_s = 4 * (4 * b * d * l + 2 * b * n * l) / m["mem_bytes_per_s"]
+    return 1e3 * max(exp_s, bytes_s)
+
+
+def update_floor_ms(device, b, d, n):
+    """State-update floor: bytes / bandwidth, counting the state's read + write
+    (b, d, n), x, dt, z, out (b, d), A (d, n), B, C (b, n) and D, dt_bias (d,)."""
+    m = REFERENCE_MACHINES[device]
+    nbytes = 4 * (2 * b * d * n + 4 * b * d + d * n + 2 * b * n + 2 * d)
+    return 1e3 * nbytes / m["mem_bytes_per_s"]
+
+
+# --------------------------------------------------------------------------
+# Workloads
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    """One benchmark case.
+
+    ``setup()`` builds inputs and returns ``{"ours": fn, peer_name: fn, ...}``;
+    each ``fn()`` performs one call and returns an array/tensor or a tuple of them.
+    """
+
+    id: str
+    device: str  # "cpu" or "cuda"
+    description: str
+    setup: Callable[[], Dict[str, Callable[[], object]]]
+    floor_ms: Optional[float] = None
+    floor_note: str = ""
+    rtol: float = RTOL  # max |ours - peer| / max |peer| allowed (raise for bf16/fp16)
+
+
+def _have_torch():
+    try:
+        import torch  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def _make_inputs(device, seed, **makers):
+    """Seeded float32 inputs: ``makers[name](rng)`` gives each as NumPy, moved to a torch
+    tensor on ``device`` when torch is installed. Returns ``(inputs, is_torch)``."""
+    rng = np.random.default_rng(seed)
+    arrays = {k: np.ascontiguousarray(f(rng), dtype=np.float32) for k, f in makers.items()}
+    if not _have_torch():
+        if device != "cpu":
+            raise RuntimeError("GPU workloads need torch")
+        return arrays, False
+    import torch
+
+    return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}, True
+
+
+def _scan_workload(wid, device, b, d, n, l, g=1):
+    """selective_scan_fn forward with z, D, delta_bias, softplus; B, C grouped (b, g, n, l)."""
+
+    def setup():
+        from . import ops
+
+        ins, is_torch = _make_inputs(
+            device,
+            seed=0,
+            u=lambda r: r.standard_normal((b, d, l)),
+            delta=lambda r: r.standard_normal((b, d, l)) * 0.5 - 2.0,
+            # S4D-real initialisation, as Mamba layers use: A[c, k] = -(k + 1)
+            A=lambda r: -np.tile(np.arange(1, n + 1, dtype=np.float64), (d, 1)),
+            B=lambda r: r.standard_normal((b, g, n, l)),
+            C=lambda r: r.standard_normal((b, g, n, l)),
+            D=lambda r: r.standard_normal(d),
+            z=lambda r: r.standard_normal((b, d, l)),
+            delta_bias=lambda r: r.uniform(-4.0, -1.0, d),
+        )
+        kw = dict(delta_softplus=True)
+        fns = {"ours": lambda: ops.selective_scan_fn(**ins, **kw)}
+        if is_torch:
+            from ._torch_ref import selective_scan_ref
+
+            fns["torch ref loop"] = lambda: selective_scan_ref(**ins, **kw)
+        return fns
+
+    return Workload(
+        id=wid,
+        device=device,
+        description=f"selective_scan_fn fwd b{b} d{d} n{n} l{l} g{g}, z D Δbias softplus",
+        setup=setup,
+        floor_ms=scan_floor_ms(device, b, d, n, l),
+        floor_note="max(exp(Δ·A) count / exp rate, bytes / bandwidth)",
+    )
+
+
+def _update_workload(wid, device, b, d, n):
+    """selective_state_update with D, z, dt_bias, dt_softplus; B, C (b, n)."""
+
+    def setup():
+        from . import ops
+
+        ins, is_torch = _make_inputs(
+            device,
+            seed=1,
+            state=lambda r: r.standard_normal((b, d, n)),
+            x=lambda r: r.standard_normal((b, d)),
+            dt=lambda r: r.standard_normal((b, d)) * 0.5 - 2.0,
+            A=lambda r: -np.exp(r.standard_normal((d, n))),
+            B=lambda r: r.standard_normal((b, n)),
+            C=lambda r: r.standard_normal((b, n)),
+            D=lambda r: r.standard_normal(d),
+            z=lambda r: r.standard_normal((b, d)),
+            dt_bias=lambda r: r.uniform(-4.0, -1.0, d),
+        )
+        state0 = ins.pop("state")
+        # Each closure owns a copy of the state (updated in place on every call).
+        s_ours = state0.copy() if isinstance(state0, np.ndarray) else state0.clone()
+
+        def ours():
+            return ops.selective_state_update(s_ours, **ins, dt_softplus=True), s_ours
+
+        fns = {"ours": ours}
+        if is_torch:
+            from ._torch_ref import selective_state_update_ref
+
+            s_peer = state0.clone()
+
+            def peer():
+                return selective_state_update_ref(s_peer, **ins, dt_softplus=True), s_peer
+
+            fns["torch ref"] = peer
+        return fns
+
+    return Workload(
+        id=wid,
+        device=device,
+        description=f"selective_state_update b{b} d{d} n{n}, D z dt_bias softplus",
+        setup=setup,
+        floor_ms=update_floor_ms(device, b, d, n),
+        floor_note="(state r+w + other inputs + out bytes) / bandwidth",
+    )
+
+
+def workloads() -> List[Workload]:
+    """All workloads, CPU and GPU (the runner filters by device)."""
+    return [
+        _scan_workload("C1", "cpu", b=1, d=1536, n=16, l=2048, g=1),
+        _update_workload("C6", "cpu", b=1, d=1536, n=16),
+    ]
+
+
+# --------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------
+
+
+def _to_numpy(x):
+    """A float64 NumPy copy of an array or tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.array(x, dtype=np.float64, copy=True)
+
+
+def _outputs(res):
+    return [_to_numpy(r) for r in (res if isinstance(res, tuple) else (res,))]
+
+
+def rel_err(ours, peer):
+    """max |ours - peer| / max |peer| over all outputs (inf if shapes differ or non-finite)."""
+    err = 0.0
+    for a, b in zip(ours, peer):
+        if a.shape != b.shape:
+            return math.inf
+        scale = max(float(np.abs(b).max(initial=0.0)), 1e-30)
+        e = float(np.abs(a - b).max(initial=0.0)) / scale
+        err = max(err, e if math.isfinite(e) else math.inf)
+    return err if len(ours) == len(peer) else math.inf
+
+
+def _sync_for(device):
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def measure(fn, budget_s=1.0, min_reps=5, slow_min_reps=3, slow_s=0.1, sync=lambda: None, tick=None,
+            first_call_s=None):
+    """Median seconds per call of ``fn`` and the number of samples taken.
+
+    Warm-up: at least two calls and 20 ms, or none when ``first_call_s`` (the
+    time of an earlier call, e.g. the correctness check's) exceeds 0.2 s. Calls
+    shorter than 2 ms are timed in batches per sample. Samples: ``budget_s``
+    worth, at least ``min_reps`` (``slow_min_reps`` for calls over ``slow_s``).
+    """
+    if first_call_s is not None and first_call_s > 0.2:
+        per_call = first_call_s
+    else:
+        t0, calls = time.perf_counter(), 0
+        while True:
+            fn()
+            sync()
+            calls += 1
+            el = time.perf_counter() - t0
+            if el > 0.2 or (calls >= 2 and el >= 0.02):
+                break
+        per_call = el / calls
+    batch = max(1, min(10000, math.ceil(2e-3 / max(per_call, 1e-9))))
+    lo = slow_min_reps if per_call > slow_s else min_reps
+    reps = max(lo, min(1000, round(budget_s / (per_call * batch))))
+    samples = []
+    for i in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(batch):
+            fn()
+        sync()
+        samples.append((time.perf_counter() - t0) / batch)
+        if tick:
+            tick(i + 1, reps)
+    return statistics.median(samples), reps
+
+
+# --------------------------------------------------------------------------
+# Runner and progress display
+# --------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on stderr (\\r-redrawn), or, when stderr is not a
+    TTY, a plain log line per finished workload."""
+
+    def __init__(self, total, stream=None, width=24):
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.total, self.done, self.width, self._len, self._last = max(total, 1), 0, width, 0, 0.0
+
+    def show(self, label, frac=0.0, throttle=False):
+        """Redraw: ``done`` finished workloads plus ``frac`` of the current one
+        (with ``throttle``, at most 10 redraws a second)."""
+        if not self.tty:
+            return
+        now = time.perf_counter()
+        if throttle and now - self._last < 0.1:
+            return
+        self._last = now
+        f = min(1.0, (self.done + frac) / self.total)
+        filled = int(f * self.width)
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {100 * f:3.0f}% {label}"
+        self.stream.write("\r" + line + " " * max(0, self._len - len(line)))
+        self.stream.flush()
+        self._len = len(line)
+
+    def finish(self, line):
+        """One workload done: log ``line`` when not on a TTY (the bar shows it otherwise)."""
+        self.done += 1
+        if not self.tty:
+            print(line, file=self.stream, flush=True)
+
+    def close(self):
+        if self.tty and self._len:
+            self.stream.write("\r" + " " * self._len + "\r")
+            self.stream.flush()
+
+
+def runnable(wls, only=None):
+    """Workloads that fit this machine (CPU always, CUDA when torch sees a GPU), filtered by ``only`` ids."""
+    cuda = False
+    if _have_torch():
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if only:
+        want = {w.upper() for w in only}
+        unknown = want - {w.id.upper() for w in wls}
+        if unknown:
+            raise ValueError(f"unknown workload id(s): {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(w.id for w in wls)}")
+        wls = [w for w in wls if w.id.upper() in want]
+    return [w for w in wls if w.device == "cpu" or (w.device == "cuda" and cuda)]
+
+
+def _err(e):
+    return f"{type(e).__name__}: {e}"
+
+
+def run_workload(w, quick=False, progress=None):
+    """Set up, check and time one workload; returns its result row (a dict).
+
+    ``status`` is "ok", "MISMATCH" (some peer disagrees with ours beyond
+    ``w.rtol``), "ERROR" (ours or the setup raised) or "unchecked" (no peer
+    to compare with). A peer that raises is reported in its own entry.
+    """
+    budget, min_reps, slow_min = (0.1, 3, 1) if quick else (1.0, 5, 3)
+    sync = _sync_for(w.device)
+    show = progress.show if progress else (lambda *a: None)
+    row = dict(id=w.id, device=w.device, description=w.description, status="ok", error=None,
+               ours_ms=None, ours_reps=None, peers=[], floor_ms=w.floor_ms, floor_is_estimate=True,
+               floor_note=w.floor_note, floor_frac=None)
+    show(f"{w.id} setup")
+    try:
+        fns = w.setup()
+    except Exception as e:  # noqa: BLE001 - reported in the row
+        row.update(status="ERROR", error="setup: " + _err(e))
+        fns = {}
+    peers = {name: dict(name=name, ms=None, reps=None, ratio=None, rel_err=None, status="ok", error=None)
+             for name in fns if name != "ours"}
+    row["peers"] = list(peers.values())
+
+    # Correctness: the first call of each closure (also its first warm-up).
+    first, first_s = {}, {}
+    for name, fn in fns.items():
+        show(f"{w.id} check {name}")
+        try:
+            t0 = time.perf_counter()
+            res = fn()
+            sync()
+            first_s[name] = time.perf_counter() - t0
+            first[name] = _outputs(res)
+        except Exception as e:  # noqa: BLE001
+            (row if name == "ours" else peers[name]).update(status="ERROR", error=_err(e))
+    if row["status"] == "ok":
+        for name, p in peers.items():
+            if p["status"] == "ok":
+                p["rel_err"] = rel_err(first["ours"], first[name])
+                if not p["rel_err"] < w.rtol:
+                    p["status"] = row["status"] = "MISMATCH"
+        if not any(p["rel_err"] is not None for p in peers.values()):
+            row["status"] = "unchecked"
+    del first
+
+    # Timing.
+    for k, (name, fn) in enumerate(fns.items()):
+        entry = row if name == "ours" else peers[name]
+        if entry["status"] == "ERROR" or (name == "ours" and row["status"] == "ERROR"):
+            continue
+
+        def tick(i, n, name=name, k=k):
+            show(f"{w.id} timing {name} {i}/{n}", (k + i / n) / len(fns), True)
+
+        show(f"{w.id} timing {name} (warm-up)", k / len(fns))
+        try:
+            sec, reps = measure(fn, budget, min_reps, slow_min, sync=sync, tick=tick,
+                                 first_call_s=first_s.get(name))
+        except Exception as e:  # noqa: BLE001
+            entry.update(status="ERROR", error=_err(e))
+            continue
+        if name == "ours":
+            row.update(ours_ms=1e3 * sec, ours_reps=reps)
+        else:
+            entry.update(ms=1e3 * sec, reps=reps)
+
+    ours = row["ours_ms"]
+    for p in row["peers"]:
+        if ours and p["ms"]:
+            p["ratio"] = p["ms"] / ours
+    if ours and w.floor_ms:
+        row["floor_frac"] = w.floor_ms / ours
+    main = row["peers"][0] if row["peers"] else {}
+    row.update(peer=main.get("name"), peer_ms=main.get("ms"), ratio=main.get("ratio"),
+               rel_err=main.get("rel_err"))
+    return row
+
+
+def run(wls, quick=False, progress_stream=None):
+    """Run workloads in order with a progress display; returns the result rows."""
+    prog = Progress(len(wls), progress_stream)
+    rows = []
+    try:
+        for w in wls:
+            row = run_workload(w, quick=quick, progress=prog)
+            rows.append(row)
+            peer = f"{row['peer']} {_fmt_ms(row['peer_ms'])} ms" if row["peer"] else "no peer"
+            prog.finish(f"{w.id}: ours {_fmt_ms(row['ours_ms'])} ms, {peer} [{row['status']}]")
+    finally:
+        prog.close()
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------
+
+
+def _fmt_ms(x):
+    """Milliseconds with about four significant digits."""
+    if x is None:
+        return "-"
+    return f"{x:.4g}" if x < 1 else f"{x:.{max(0, 3 - int(math.log10(x)))}f}"
+
+
+def format_table(rows):
+    """The result table: one line per (workload, peer); ours repeats only on the first."""
+    head = ["id", "workload", "ours ms", "peer", "peer ms", "ratio ×", "floor ms", "% of floor", "check"]
+    lines = []
+    for r in rows:
+        peers = r["peers"] or [dict(name="-", ms=None, ratio=None, rel_err=None, status=r["status"])]
+        for i, p in enumerate(peers):
+            status = "ERROR" if r["status"] == "ERROR" else p["status"]
+            if p.get("rel_err") is not None:
+                status += f" ({p['rel_err']:.1e})"
+            first = i == 0
+            lines.append([
+                r["id"] if first else "",
+                r["description"] if first else "",
+                _fmt_ms(r["ours_ms"]) if first else "",
+                p["name"],
+                _fmt_ms(p["ms"]),
+                "-" if p["ratio"] is None else f"{p['ratio']:.2f}",
+                _fmt_ms(r["floor_ms"]) + "*" if first and r["floor_ms"] else "",
+                f"{100 * r['floor_frac']:.0f}%" if first and r["floor_frac"] else "",
+                status,
+            ])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    right = {2, 4, 5, 6, 7}
+
+    def fmt(cells):
+        return "  ".join(str(c).rjust(wd) if j in right else str(c).ljust(wd)
+                         for j, (c, wd) in enumerate(zip(cells, widths))).rstrip()
+
+    out = [fmt(head), "  ".join("-" * wd for wd in widths)] + [fmt(x) for x in lines]
+    out.append("* floors are estimates from an analytic model of the reference machine "
+               "(mamba_attention._bench.REFERENCE_MACHINES); check = max|ours-peer|/max|peer| "
+               "(< 1e-4 in float32 required)")
+    out += [f"error: {r['id']}: {r['error']}" for r in rows if r["error"]]
+    out += [f"error: {r['id']} peer {p['name']}: {p['error']}" for r in rows for p in r["peers"] if p["error"]]
+    return "\n".join(out)
+
+
+def failed(rows):
+    """True if any row is a MISMATCH or an ERROR of ours (a failing peer is only reported)."""
+    return any(r["status"] in ("MISMATCH", "ERROR") for r in rows)

@@ -1,0 +1,4 @@
+//! One file per operation: argument checking and the op's plan, shared by
+//! every backend; the `#[pyfunction]` bindings live beside them.
+
+pub mod scan;

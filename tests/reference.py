@@ -1,0 +1,134 @@
+"""Float64 NumPy references for SPEC §1, written directly from its formulas.
+
+Every function accepts NumPy arrays (any float dtype, ml_dtypes' bfloat16
+included) or torch tensors; values are upcast exactly to float64 first, so a
+reference computed from low-precision inputs measures the kernel, not the
+rounding of its inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+TOL = {"float32": 1e-5, "float64": 1e-5, "float16": 3e-3, "bfloat16": 1e-2}
+
+
+def to_f64(x):
+    """Exact float64 NumPy copy of a NumPy array or torch tensor (None passes)."""
+    if x is None:
+        return None
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
+        x = x.detach().cpu().double().numpy()
+    return np.array(x, dtype=np.float64)
+
+
+def rel_err(ours, ref) -> float:
+    """‖ours − ref‖ / ‖ref‖ in float64; inf if ours holds a NaN or the shapes differ."""
+    ours, ref = to_f64(ours), to_f64(ref)
+    if ours.shape != ref.shape or np.isnan(ours).any():
+        return float("inf")
+    den = np.linalg.norm(ref)
+    num = np.linalg.norm(ours - ref)
+    return float(num / den) if den > 0 else float(num)
+
+
+def softplus(x):
+    """Δ if Δ > 20 else log1p(exp(Δ)) (mamba_ssm's threshold)."""
+    return np.where(x > 20.0, x, np.log1p(np.exp(np.minimum(x, 20.0))))
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _bc_per_step(X, b, d, l):
+    """B or C as a function t -> array broadcastable to (b, d, n).
+
+    (d, n) constant, (b, n, l) shared, (b, g, n, l) grouped: channel c uses
+    group c // (d // g).
+    """
+    if X.ndim == 2:
+        const = X[None]
+        return lambda t: const
+    if X.ndim == 3:
+        Xt = np.ascontiguousarray(np.moveaxis(X, -1, 0))[:, :, None, :]  # (l, b, 1, n)
+        return lambda t: Xt[t]
+    if X.ndim == 4:
+        g = X.shape[1]
+        group = np.arange(d) // (d // g)
+        Xt = np.ascontiguousarray(np.moveaxis(X, -1, 0)[:, :, group, :])  # (l, b, d, n)
+        return lambda t: Xt[t]
+    raise ValueError(f"B/C must have rank 2, 3 or 4, got {X.shape}")
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                       delta_softplus=False, return_last_state=False, initial_state=None):
+    u, delta, A, B, C, D, z, delta_bias, initial_state = map(
+        to_f64, (u, delta, A, B, C, D, z, delta_bias, initial_state))
+    b, d, l = u.shape
+    n = A.shape[1]
+    dt = delta if delta_bias is None else delta + delta_bias[:, None]
+    if delta_softplus:
+        dt = softplus(dt)
+    B_t, C_t = _bc_per_step(B, b, d, l), _bc_per_step(C, b, d, l)
+    h = np.zeros((b, d, n)) if initial_state is None else initial_state.copy()
+    y = np.empty((b, d, l))
+    for t in range(l):
+        dt_t = dt[:, :, t, None]
+        h = np.exp(dt_t * A) * h + dt_t * B_t(t) * u[:, :, t, None]
+        y[:, :, t] = np.sum(C_t(t) * h, axis=-1)
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * silu(z)
+    return (y, h) if return_last_state else y
+
+
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
+                               dt_softplus=False, state_batch_indices=None):
+    """One decoding step; returns (out (b, d), new_state) and never mutates ``state``."""
+    state, x, dt, A, B, C, D, z, dt_bias = map(to_f64, (state, x, dt, A, B, C, D, z, dt_bias))
+    b, d = x.shape
+    if state_batch_indices is None:
+        idx = np.arange(b)
+    else:
+        idx = state_batch_indices
+        idx = np.asarray(idx.cpu().numpy() if hasattr(idx, "cpu") else idx, dtype=np.int64)
+    if dt_bias is not None:
+        dt = dt + dt_bias
+    if dt_softplus:
+        dt = softplus(dt)
+    if B.ndim == 3:  # (b, g, n) -> (b, d, n)
+        B = B[:, np.arange(d) // (d // B.shape[1])]
+    else:
+        B = B[:, None, :]
+    if C.ndim == 3:
+        C = C[:, np.arange(d) // (d // C.shape[1])]
+    else:
+        C = C[:, None, :]
+    new_state = state.copy()
+    out = np.zeros((b, d))
+    for i in range(b):
+        if idx[i] < 0:
+            continue
+        h = np.exp(dt[i, :, None] * A) * state[idx[i]] + dt[i, :, None] * B[i] * x[i, :, None]
+        new_state[idx[i]] = h
+        y = np.sum(C[i] * h, axis=-1)
+        if D is not None:
+            y = y + D * x[i]
+        if z is not None:
+            y = y * silu(z[i])
+        out[i] = y
+    return out, new_state
+
+
+def scalar_scan_ref(u, dt, A, B, C, h0=0.0):
+    """One channel with n = 1, for very long sequences: u, dt (already biased and
+    softplus'd), B, C are (l,) float64, A and h0 scalars. Returns (Σ C·h, h_l) with
+    h_t = exp(dt_t·A)·h_{t-1} + dt_t·B_t·u_t (D and z are left to the caller)."""
+    dA, dBu = np.exp(dt * A).tolist(), (dt * B * u).tolist()
+    h = np.fromiter(itertools.accumulate(zip(dA, dBu), lambda h, ab: ab[0] * h + ab[1],
+                                         initial=float(h0)), dtype=np.float64, count=len(dA) + 1)
+    return C * h[1:], float(h[-1])
