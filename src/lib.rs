@@ -3,6 +3,7 @@
 //! This file only registers the Python module; see DESIGN.md for the layout.
 
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod ops;
 pub mod tensor;
@@ -37,30 +38,41 @@ mod module {
     /// Whether a CUDA driver and NVRTC are usable, with details.
     #[pyfunction]
     fn cuda_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+        let (driver, nvrtc, detail) = py.detach(crate::cuda::info);
         let d = PyDict::new(py);
-        d.set_item("driver", false)?;
-        d.set_item("nvrtc", false)?;
-        d.set_item(
-            "detail",
-            "this build has no CUDA backend yet: CPU kernels only",
-        )?;
+        d.set_item("driver", driver)?;
+        d.set_item("nvrtc", nvrtc)?;
+        d.set_item("detail", detail)?;
         Ok(d)
     }
 
     /// Where compiled CUDA kernels are cached (MAMBA_ATTENTION_CACHE overrides).
     #[pyfunction]
     fn kernel_cache_dir() -> String {
-        if let Ok(p) = std::env::var("MAMBA_ATTENTION_CACHE") {
-            if !p.is_empty() {
-                return p;
-            }
-        }
-        let base = std::env::var("XDG_CACHE_HOME")
-            .ok()
-            .filter(|s| !s.is_empty())
-            .or_else(|| std::env::var("HOME").ok().map(|h| format!("{h}/.cache")))
-            .unwrap_or_else(|| "/tmp".into());
-        format!("{base}/mamba_attention/kernels")
+        crate::cuda::cache::dir().to_string_lossy().into_owned()
+    }
+
+    /// Compiles every CUDA kernel for `arch` (e.g. "sm_90") through NVRTC, with
+    /// no GPU needed; returns [(module, cubin bytes, NVRTC log)]. CI runs it.
+    #[pyfunction]
+    fn compile_kernels(py: Python<'_>, arch: &str) -> PyResult<Vec<(String, usize, String)>> {
+        let a = arch
+            .trim_start_matches("sm_")
+            .trim_start_matches("compute_");
+        let parsed = (a.len() >= 2)
+            .then(|| {
+                (
+                    a[..a.len() - 1].parse::<i32>().ok(),
+                    a[a.len() - 1..].parse::<i32>().ok(),
+                )
+            })
+            .and_then(|(m, n)| Some((m?, n?)));
+        let arch = parsed.ok_or_else(|| {
+            pyo3::exceptions::PyValueError::new_err(format!(
+                "arch: expected a name like \"sm_90\", got {arch:?}"
+            ))
+        })?;
+        Ok(py.detach(|| crate::cuda::compile_all(arch))?)
     }
 
     #[pymodule]
@@ -71,6 +83,15 @@ mod module {
         m.add_function(wrap_pyfunction!(num_threads, m)?)?;
         m.add_function(wrap_pyfunction!(cuda_info, m)?)?;
         m.add_function(wrap_pyfunction!(kernel_cache_dir, m)?)?;
+        m.add_function(wrap_pyfunction!(compile_kernels, m)?)?;
+        // NVRTC may live in pip's nvidia-* packages on sys.path.
+        let path: Vec<String> = m.py().import("sys")?.getattr("path")?.extract()?;
+        crate::cuda::set_python_path(
+            path.into_iter()
+                .filter(|p| !p.is_empty())
+                .map(Into::into)
+                .collect(),
+        );
         crate::ops::scan::register(m)?;
         Ok(())
     }

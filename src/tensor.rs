@@ -448,7 +448,7 @@ pub fn addr<const R: usize>(r: &Raw<R>, idx: [usize; R]) -> usize {
 }
 
 #[cfg(feature = "python")]
-pub use py::{alloc, extract, extract_opt};
+pub use py::{alloc, current_stream, extract, extract_opt};
 
 #[cfg(feature = "python")]
 mod py {
@@ -868,6 +868,34 @@ mod py {
         };
         let view = extract(name, &obj)?;
         Ok((obj, view))
+    }
+
+    /// PyTorch's current CUDA stream on device `ordinal`, as a raw handle:
+    /// kernels run in order with the caller's work on that stream.
+    pub fn current_stream(py: Python<'_>, ordinal: i32) -> Result<u64> {
+        static RAW: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        let f = RAW.get_or_try_init(py, || {
+            let c = py.import("torch")?.getattr("_C")?;
+            c.getattr("_cuda_getCurrentRawStream").map(|f| f.unbind())
+        });
+        let r = match f {
+            Ok(f) => f
+                .bind(py)
+                .call1((ordinal,))
+                .and_then(|s| s.extract::<u64>()),
+            Err(_) => py
+                .import("torch")
+                .and_then(|t| {
+                    t.getattr("cuda")?
+                        .call_method1("current_stream", (ordinal,))
+                })
+                .and_then(|s| s.getattr("cuda_stream")?.extract::<u64>()),
+        };
+        r.map_err(|e| {
+            Error::runtime(format!(
+                "could not get the current CUDA stream of device {ordinal}: {e}"
+            ))
+        })
     }
 
     fn np_dtype_name(d: DType) -> &'static str {

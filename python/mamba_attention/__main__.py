@@ -158,10 +158,25 @@ def cmd_bench(args):
     return 0
 
 
+def cmd_compile_kernels(args):
+    """Compile every CUDA kernel through NVRTC for each arch (no GPU needed)."""
+    from . import _core
+
+    failed = False
+    for arch in [a.strip() for a in args.arch.split(",") if a.strip()]:
+        try:
+            for module, size, log in _core.compile_kernels(arch):
+                print(f"{arch:7s} {module:28s} {size:9d} bytes cubin" + (f"\n{log}" if log else ""))
+        except (RuntimeError, ValueError) as e:
+            print(f"{arch}: FAILED\n{e}", file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
+
+
 def main(argv=None):
     """Entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m mamba_attention", description="mamba-attention: show the configuration (info) or run the benchmarks (bench).")
-    sub = parser.add_subparsers(dest="command", metavar="{info,bench}")
+    parser = argparse.ArgumentParser(prog="python -m mamba_attention", description="mamba-attention: show the configuration (info), run the benchmarks (bench), or compile the CUDA kernels (compile-kernels).")
+    sub = parser.add_subparsers(dest="command", metavar="{info,bench,compile-kernels}")
     p = sub.add_parser("info", help="show version, SIMD level, threads, CUDA status, kernel cache")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="run the benchmark workloads (BENCHMARKS.md) against their peers")
@@ -169,6 +184,9 @@ def main(argv=None):
     p.add_argument("--only", metavar="IDS", help="comma-separated workload ids, e.g. C1,C6")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (CI smoke test)")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("compile-kernels", help="compile every CUDA kernel through NVRTC (no GPU needed; CI runs it)")
+    p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated architectures (default: sm_80,sm_90)")
+    p.set_defaults(func=cmd_compile_kernels)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

@@ -2,8 +2,9 @@
 //! checking and the kernel plan, shared by every backend.
 
 use crate::cpu::scan::{BcSrc, ScanJob, UpdateJob, MAX_N};
+use crate::cuda::scan::{ScanFwdParams, StateUpdateParams};
 use crate::error::{Error, Result};
-use crate::tensor::{Device, Raw, TensorView};
+use crate::tensor::{DType, Device, Raw, TensorView};
 
 /// The arguments of `selective_scan_fn`, as views.
 pub struct ScanArgs<'a> {
@@ -251,6 +252,12 @@ pub fn check_update(a: &UpdateArgs) -> Result<(usize, usize, usize, Option<Vec<i
         }
         Some(idx) => {
             idx.expect_device(dev, "x")?;
+            if dev != Device::Cpu && !matches!(idx.dtype, DType::I32 | DType::I64) {
+                return Err(Error::type_(format!(
+                    "state_batch_indices: expected an int32 or int64 tensor, got {}",
+                    idx.dtype.name()
+                )));
+            }
             if !idx.dtype.is_int() {
                 return Err(Error::type_(format!(
                     "state_batch_indices: expected an integer tensor, got {}",
@@ -264,22 +271,28 @@ pub fn check_update(a: &UpdateArgs) -> Result<(usize, usize, usize, Option<Vec<i
                     s.shape_str()
                 )));
             }
-            let rows = idx.to_i64_vec()?;
-            let cache = s.shape[0] as i64;
-            if let Some(bad) = rows.iter().find(|&&r| r >= cache) {
-                return Err(Error::value(format!(
-                    "state_batch_indices: expected indices below the state's {cache} rows (negative to skip), got {bad}"
-                )));
+            if dev != Device::Cpu {
+                // Reading device memory here would synchronise the stream: the
+                // kernel checks the range (an index past the cache gives NaN).
+                None
+            } else {
+                let rows = idx.to_i64_vec()?;
+                let cache = s.shape[0] as i64;
+                if let Some(bad) = rows.iter().find(|&&r| r >= cache) {
+                    return Err(Error::value(format!(
+                        "state_batch_indices: expected indices below the state's {cache} rows (negative to skip), got {bad}"
+                    )));
+                }
+                let mut seen = rows.iter().copied().filter(|&r| r >= 0).collect::<Vec<_>>();
+                seen.sort_unstable();
+                if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+                    return Err(Error::value(format!(
+                        "state_batch_indices: expected distinct state rows (two entries would update one state), got {} twice",
+                        w[0]
+                    )));
+                }
+                Some(rows)
             }
-            let mut seen = rows.iter().copied().filter(|&r| r >= 0).collect::<Vec<_>>();
-            seen.sort_unstable();
-            if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
-                return Err(Error::value(format!(
-                    "state_batch_indices: expected distinct state rows (two entries would update one state), got {} twice",
-                    w[0]
-                )));
-            }
-            Some(rows)
         }
     };
     for t in [a.b, a.c] {
@@ -337,14 +350,90 @@ pub fn plan_update(
     }
 }
 
-/// CPU only until the CUDA backend lands.
-pub fn require_cpu(t: &TensorView) -> Result<()> {
-    match t.device {
-        Device::Cpu => Ok(()),
-        Device::Cuda(_) => Err(Error::runtime(format!(
-            "{}: CUDA tensors are not supported by this build of mamba-attention yet; use CPU tensors",
-            t.name
-        ))),
+/// Device-specific limits, checked before any allocation.
+pub fn check_backend(t: &TensorView) -> Result<()> {
+    if let Device::Cuda(_) = t.device {
+        if t.kind != crate::tensor::Kind::Torch {
+            return Err(Error::type_(format!(
+                "{}: CUDA arrays are supported as torch tensors; convert with torch.from_dlpack",
+                t.name
+            )));
+        }
+        if t.dtype == DType::F64 {
+            return Err(Error::type_(format!(
+                "{}: float64 is supported on the CPU only; use float32, float16 or bfloat16 on CUDA",
+                t.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The CUDA kernel's parameters for a checked scan.
+pub fn plan_scan_cuda(
+    a: &ScanArgs,
+    dims: ScanDims,
+    softplus: bool,
+    out: &TensorView,
+    last: Option<&TensorView>,
+) -> ScanFwdParams {
+    use crate::cuda::scan::{scan_bc, Tensor4};
+    let (bm, groups_b) = scan_bc(a.b);
+    let (cm, groups_c) = scan_bc(a.c);
+    ScanFwdParams {
+        b: dims.b as i32,
+        d: dims.d as i32,
+        l: dims.l as i32,
+        n: dims.n as i32,
+        groups_b,
+        groups_c,
+        softplus: softplus as i32,
+        _pad: 0,
+        u: Tensor4::of(a.u),
+        delta: Tensor4::of(a.delta),
+        z: Tensor4::opt(a.z),
+        out: Tensor4::of(out),
+        a: Tensor4::of(a.a),
+        bm,
+        cm,
+        dskip: Tensor4::opt(a.d),
+        delta_bias: Tensor4::opt(a.delta_bias),
+        initial_state: Tensor4::opt(a.initial_state),
+        last_state: Tensor4::opt(last),
+    }
+}
+
+/// The CUDA kernel's parameters for a checked state update.
+pub fn plan_update_cuda(
+    a: &UpdateArgs,
+    dims: (usize, usize, usize),
+    softplus: bool,
+    out: &TensorView,
+) -> StateUpdateParams {
+    use crate::cuda::scan::{step_bc, Tensor4};
+    let (b, d, n) = dims;
+    let (bm, groups_b) = step_bc(a.b);
+    let (cm, groups_c) = step_bc(a.c);
+    StateUpdateParams {
+        b: b as i32,
+        d: d as i32,
+        n: n as i32,
+        cache: a.state.shape[0] as i32,
+        groups_b,
+        groups_c,
+        softplus: softplus as i32,
+        _pad: 0,
+        state: Tensor4::of(a.state),
+        x: Tensor4::of(a.x),
+        dt: Tensor4::of(a.dt),
+        z: Tensor4::opt(a.z),
+        out: Tensor4::of(out),
+        a: Tensor4::of(a.a),
+        bm,
+        cm,
+        dskip: Tensor4::opt(a.d),
+        dt_bias: Tensor4::opt(a.dt_bias),
+        rows: Tensor4::opt(a.state_batch_indices),
     }
 }
 
@@ -357,7 +446,7 @@ mod py {
     use crate::cpu::scan::{scan_forward, state_update};
     use crate::cpu::SimdLevel;
     use crate::error::catch_panic;
-    use crate::tensor::{alloc, extract, extract_opt, DType};
+    use crate::tensor::{alloc, current_stream, extract, extract_opt, DType};
     use pyo3::prelude::*;
     use pyo3::types::PyTuple;
 
@@ -400,8 +489,7 @@ mod py {
             initial_state: init.as_ref(),
         };
         let dims = check_scan(&args)?;
-        require_cpu(&uv)?;
-        let level = SimdLevel::current()?;
+        check_backend(&uv)?;
         let (out_obj, out) = alloc("out", u, &uv, &[dims.b, dims.d, dims.l], None)?;
         let last = if return_last_state {
             Some(alloc(
@@ -414,19 +502,29 @@ mod py {
         } else {
             None
         };
-        let job = plan_scan(
-            &args,
-            dims,
-            delta_softplus,
-            &out,
-            last.as_ref().map(|l| &l.1),
-        );
-        py.detach(|| {
-            catch_panic("selective_scan_fn", || {
-                scan_forward(&job, level);
-                Ok(())
-            })
-        })?;
+        let last_v = last.as_ref().map(|l| &l.1);
+        match uv.device {
+            Device::Cpu => {
+                let level = SimdLevel::current()?;
+                let job = plan_scan(&args, dims, delta_softplus, &out, last_v);
+                py.detach(|| {
+                    catch_panic("selective_scan_fn", || {
+                        scan_forward(&job, level);
+                        Ok(())
+                    })
+                })?;
+            }
+            Device::Cuda(ord) => {
+                let stream = current_stream(py, ord)?;
+                let p = plan_scan_cuda(&args, dims, delta_softplus, &out, last_v);
+                let dt = uv.dtype;
+                py.detach(|| {
+                    catch_panic("selective_scan_fn", || {
+                        crate::cuda::scan::scan_forward(ord, stream, &p, dt)
+                    })
+                })?;
+            }
+        }
         match last {
             Some((lo, _)) => Ok(PyTuple::new(py, [out_obj, lo])?.into_any()),
             None => Ok(out_obj),
@@ -474,16 +572,30 @@ mod py {
             state_batch_indices: idx.as_ref(),
         };
         let dims = check_update(&args)?;
-        require_cpu(&xv)?;
-        let level = SimdLevel::current()?;
+        check_backend(&xv)?;
         let (out_obj, out) = alloc("out", x, &xv, &[dims.0, dims.1], None)?;
-        let job = plan_update(&args, dims, dt_softplus, &out);
-        py.detach(|| {
-            catch_panic("selective_state_update", || {
-                state_update(&job, level);
-                Ok(())
-            })
-        })?;
+        match xv.device {
+            Device::Cpu => {
+                let level = SimdLevel::current()?;
+                let job = plan_update(&args, dims, dt_softplus, &out);
+                py.detach(|| {
+                    catch_panic("selective_state_update", || {
+                        state_update(&job, level);
+                        Ok(())
+                    })
+                })?;
+            }
+            Device::Cuda(ord) => {
+                let stream = current_stream(py, ord)?;
+                let p = plan_update_cuda(&args, (dims.0, dims.1, dims.2), dt_softplus, &out);
+                let dt = xv.dtype;
+                py.detach(|| {
+                    catch_panic("selective_state_update", || {
+                        crate::cuda::scan::state_update(ord, stream, &p, dt)
+                    })
+                })?;
+            }
+        }
         Ok(out_obj)
     }
 

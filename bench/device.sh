@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU check, in one device call: on a GPU machine with CUDA, PyTorch and
+# Python but no Rust, starting from a wheel built on the CPU machine
+# (`maturin build --release -o wheels`), it
+#   1. installs the wheel (no dependencies, no network),
+#   2. prints `python -m mamba_attention info`,
+#   3. runs the GPU tests (the parity suite parametrised over device),
+#   4. runs the GPU benchmark workloads beside every peer importable there,
+# writing logs and bench JSON to $OUT (or ./bench/out).
+#
+#   bash bench/device.sh [WHEEL] [-- extra pytest args]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHEEL=${1:-$(ls -t wheels/mamba_attention-*.whl 2>/dev/null | head -1)}
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+if [ -z "$WHEEL" ] || [ ! -f "$WHEEL" ]; then
+  echo "no wheel: build one with 'maturin build --release -o wheels' and carry wheels/" >&2
+  exit 2
+fi
+echo "== wheel: $WHEEL"
+target=$(mktemp -d)
+$PY -m pip install -q --no-deps --no-index --target "$target" "$WHEEL" || exit 1
+export PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+$PY -m mamba_attention info 2>&1 | tee "$OUT/info.txt"
+
+status=0
+echo "== GPU tests"
+$PY -m pytest tests -q -p no:cacheprovider -x -k "cuda" --timeout=900 2>&1 | tee "$OUT/tests-gpu.log" | tail -25
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== GPU bench"
+$PY -m mamba_attention bench --only "${BENCH_ONLY:-G1,G1f,G3,G5}" --json "$OUT/bench-gpu.json" 2>&1 | tee "$OUT/bench-gpu.log" | tail -20
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+exit $status

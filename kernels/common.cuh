@@ -1,0 +1,94 @@
+// Shared by every kernel: the host prepends this file to each kernel source
+// before NVRTC compiles it (kernels include nothing, so no CUDA headers are
+// needed at run time). The structs here are mirrored field for field by
+// #[repr(C)] structs in src/cuda/ (keep both in step).
+
+typedef unsigned short u16;
+typedef long long i64;
+
+// dtype codes, as in src/cuda/mod.rs
+#define DT_F32 0
+#define DT_F16 1
+#define DT_BF16 2
+#define DT_F64 3
+#define DT_I32 4
+#define DT_I64 5
+
+__device__ __forceinline__ float bf16_to_f32(u16 v) { return __int_as_float(((unsigned)v) << 16); }
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40);  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                                      // round to nearest even
+    return (u16)(u >> 16);
+}
+__device__ __forceinline__ float f16_to_f32(u16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 v;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
+    return v;
+}
+
+// Load element `i` (in elements) of a tensor of run-time dtype as float32.
+__device__ __forceinline__ float ld_any(const void* p, int dtype, i64 i) {
+    switch (dtype) {
+        case DT_F32: return ((const float*)p)[i];
+        case DT_F16: return f16_to_f32(((const u16*)p)[i]);
+        case DT_BF16: return bf16_to_f32(((const u16*)p)[i]);
+        default: return (float)((const double*)p)[i];
+    }
+}
+__device__ __forceinline__ i64 ld_index(const void* p, int dtype, i64 i) {
+    return dtype == DT_I32 ? (i64)((const int*)p)[i] : ((const i64*)p)[i];
+}
+__device__ __forceinline__ void st_any(void* p, int dtype, i64 i, float v) {
+    switch (dtype) {
+        case DT_F32: ((float*)p)[i] = v; break;
+        case DT_F16: ((u16*)p)[i] = f32_to_f16(v); break;
+        case DT_BF16: ((u16*)p)[i] = f32_to_bf16(v); break;
+        default: ((double*)p)[i] = (double)v; break;
+    }
+}
+
+// A tensor argument: device pointer, dtype code, strides in elements.
+// Unused dimensions have stride 0; an absent optional tensor has ptr == 0.
+struct Tensor4 {
+    const void* ptr;
+    int dtype;
+    int _pad;
+    i64 stride[4];
+};
+
+// selective_scan_fn forward (SPEC §1). Shapes: u, delta, z, out (b, d, l);
+// A (d, n); B, C as (b, g, n, l) with g = groups (the (b, n, l) layout is
+// g = 1 with stride[1] = 0) or, when groups == 0, constant (d, n) with
+// stride = {0, d-stride, n-stride, 0} indexed as [0][c][k][0];
+// D, delta_bias (d,); initial_state, last_state (b, d, n), last_state float32.
+struct ScanFwdParams {
+    int b, d, l, n;
+    int groups_b, groups_c;   // 0 = constant (d, n)
+    int softplus;             // apply softplus (threshold 20) to delta + bias
+    int _pad;
+    Tensor4 u, delta, z, out; // z.ptr == 0: no gating; out is written
+    Tensor4 A, B, C, D, delta_bias;
+    Tensor4 initial_state, last_state;  // ptr == 0: zeros / not requested
+};
+
+// selective_state_update (SPEC §1). state (cache, d, n) updated in place;
+// x, dt, z, out (b, d); A (d, n); B, C (b, g, n) with g = groups (the (b, n)
+// layout is g = 1 with stride[1] = 0); D, dt_bias (d,);
+// rows: int32/int64 (b,) state row per batch entry (negative: skip, out = 0;
+// >= cache: out = NaN, state untouched, since the host cannot check device
+// indices without a sync), or ptr == 0 for row = batch index.
+struct StateUpdateParams {
+    int b, d, n, cache;
+    int groups_b, groups_c;
+    int softplus;
+    int _pad;
+    Tensor4 state, x, dt, z, out;
+    Tensor4 A, B, C, D, dt_bias;
+    Tensor4 rows;
+};

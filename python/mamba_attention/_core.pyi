@@ -1,0 +1,56 @@
+"""Typed stubs of the Rust extension ``mamba_attention._core``.
+
+Tensors are NumPy arrays, torch tensors or other ``__dlpack__`` objects; each
+function returns the kind, dtype and device of its first tensor argument.
+"""
+
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+Tensor = Any
+
+__version__: str
+
+def simd_level() -> str:
+    """The SIMD level kernels use now: "portable", "avx2" or "avx512" (honours MAMBA_ATTENTION_SIMD)."""
+
+def simd_levels() -> List[str]:
+    """Every SIMD level this CPU supports, slowest first."""
+
+def num_threads() -> int:
+    """Threads used by the CPU kernels (rayon; RAYON_NUM_THREADS sets it)."""
+
+def cuda_info() -> Dict[str, Union[bool, str]]:
+    """{"driver": bool, "nvrtc": bool, "detail": str}: whether CUDA kernels can run here."""
+
+def kernel_cache_dir() -> str:
+    """Where compiled CUDA kernels are cached (MAMBA_ATTENTION_CACHE overrides)."""
+
+def selective_scan_fwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: Optional[Tensor] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Selective scan forward (SPEC §1): out (b, d, l) [, last_state (b, d, n) float32]."""
+
+def selective_state_update(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    dt_bias: Optional[Tensor] = None,
+    dt_softplus: bool = False,
+    state_batch_indices: Optional[Tensor] = None,
+) -> Tensor:
+    """One decoding step; updates ``state`` in place and returns out (b, d)."""

@@ -1,0 +1,313 @@
+//! CUDA backend: the driver through cudarc (loaded at run time, so the wheel
+//! imports and runs on machines without CUDA), kernels compiled by NVRTC at
+//! first use for the exact sm_XY of the GPU, cached on disk, and launched on
+//! the caller's (PyTorch's) current stream.
+
+pub mod cache;
+pub mod nvrtc;
+pub mod scan;
+
+use crate::error::{Error, Result};
+use cudarc::driver::{result as cu, sys};
+use nvrtc::Nvrtc;
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+
+/// Prepended to every kernel source (kernels include nothing else).
+pub const COMMON: &str = include_str!("../../kernels/common.cuh");
+
+/// Every kernel source: (module name, source). CI compiles each of these.
+pub const SOURCES: &[(&str, &str)] = &[
+    (
+        "selective_scan_fwd",
+        include_str!("../../kernels/selective_scan_fwd.cu"),
+    ),
+    (
+        "selective_state_update",
+        include_str!("../../kernels/selective_state_update.cu"),
+    ),
+];
+
+/// dtype codes shared with kernels/common.cuh.
+pub fn dtype_code(d: crate::tensor::DType) -> i32 {
+    use crate::tensor::DType::*;
+    match d {
+        F32 => 0,
+        F16 => 1,
+        BF16 => 2,
+        F64 => 3,
+        I32 => 4,
+        I64 => 5,
+        _ => -1,
+    }
+}
+
+/// Directories on the Python path (set by the bindings), searched for pip's NVRTC.
+static PYTHON_PATH: OnceLock<Vec<PathBuf>> = OnceLock::new();
+
+pub fn set_python_path(p: Vec<PathBuf>) {
+    let _ = PYTHON_PATH.set(p);
+}
+
+fn python_path() -> &'static [PathBuf] {
+    PYTHON_PATH.get().map(|v| v.as_slice()).unwrap_or(&[])
+}
+
+static NVRTC: OnceLock<std::result::Result<Nvrtc, String>> = OnceLock::new();
+
+/// The process's NVRTC, loaded once.
+pub fn nvrtc() -> Result<&'static Nvrtc> {
+    NVRTC
+        .get_or_init(|| Nvrtc::load(python_path()))
+        .as_ref()
+        .map_err(|e| Error::runtime(e.clone()))
+}
+
+/// Whether the CUDA driver library can be loaded (never panics).
+pub fn driver_present() -> bool {
+    unsafe { sys::is_culib_present() }
+}
+
+fn drv<T>(what: &str, r: std::result::Result<T, cu::DriverError>) -> Result<T> {
+    r.map_err(|e| Error::runtime(format!("CUDA driver error in {what}: {e}")))
+}
+
+/// One GPU: its primary context, architecture and loaded kernels.
+struct Gpu {
+    ctx: sys::CUcontext,
+    arch: (i32, i32),
+    sms: i32,
+    functions: HashMap<String, sys::CUfunction>,
+}
+
+// Driver handles are process-wide and thread-safe to use from any thread.
+unsafe impl Send for Gpu {}
+
+static GPUS: OnceLock<Mutex<HashMap<i32, Gpu>>> = OnceLock::new();
+
+fn init_driver() -> Result<()> {
+    static INIT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    INIT.get_or_init(|| {
+        if !driver_present() {
+            return Err("no usable CUDA driver: libcuda could not be loaded, so CUDA tensors cannot be used here \
+                        (CPU tensors keep working)"
+                .into());
+        }
+        cu::init().map_err(|e| format!("the CUDA driver failed to initialise: {e}"))
+    })
+    .clone()
+    .map_err(Error::runtime)
+}
+
+fn gpu_state(ordinal: i32) -> Result<Gpu> {
+    init_driver()?;
+    let dev = drv("cuDeviceGet", cu::device::get(ordinal))?;
+    let attr = |a| {
+        drv("cuDeviceGetAttribute", unsafe {
+            cu::device::get_attribute(dev, a)
+        })
+    };
+    let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let ctx = drv("cuDevicePrimaryCtxRetain", unsafe {
+        cu::primary_ctx::retain(dev)
+    })?;
+    Ok(Gpu {
+        ctx,
+        arch: (major, minor),
+        sms,
+        functions: HashMap::new(),
+    })
+}
+
+/// Makes `ctx` current for the duration of `f`, restoring the caller's context
+/// (PyTorch's current device must not change under it).
+fn with_ctx<T>(ctx: sys::CUcontext, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let prev = drv("cuCtxGetCurrent", cu::ctx::get_current())?;
+    drv("cuCtxSetCurrent", unsafe { cu::ctx::set_current(ctx) })?;
+    let r = f();
+    if let Some(p) = prev {
+        if p != ctx {
+            let _ = unsafe { cu::ctx::set_current(p) };
+        }
+    }
+    r
+}
+
+/// A kernel ready to launch on one device.
+#[derive(Clone, Copy)]
+pub struct Kernel {
+    f: sys::CUfunction,
+    ctx: sys::CUcontext,
+    /// Multiprocessors of the device (for grid sizing).
+    pub sms: i32,
+}
+
+/// Looks up `function` of module `module` on GPU `ordinal`, compiling (or
+/// reading from the disk cache) and loading the module at first use.
+pub fn kernel(ordinal: i32, module: &str, function: &str) -> Result<Kernel> {
+    let gpus = GPUS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = gpus
+        .lock()
+        .map_err(|_| Error::runtime("CUDA kernel table poisoned by an earlier panic"))?;
+    if !map.contains_key(&ordinal) {
+        let g = gpu_state(ordinal)?;
+        map.insert(ordinal, g);
+    }
+    let g = map.get_mut(&ordinal).unwrap();
+    let key = format!("{module}::{function}");
+    if let Some(f) = g.functions.get(&key) {
+        return Ok(Kernel {
+            f: *f,
+            ctx: g.ctx,
+            sms: g.sms,
+        });
+    }
+    let src = SOURCES
+        .iter()
+        .find(|(m, _)| *m == module)
+        .map(|(_, s)| *s)
+        .ok_or_else(|| Error::runtime(format!("unknown kernel module {module}")))?;
+    let full = format!("{COMMON}\n{src}");
+    let arch = g.arch;
+    let cubin = cache::get_or_compile(module, &full, arch, nvrtc)?;
+    let ctx = g.ctx;
+    let module_handle = with_ctx(ctx, || {
+        let m = drv("cuModuleLoadData", unsafe {
+            cu::module::load_data(cubin.as_ptr() as *const c_void)
+        });
+        if m.is_err() {
+            // A damaged cache entry: drop it so the next call recompiles.
+            cache::evict(module, &full, arch);
+        }
+        m
+    })?;
+    // Resolve every extern "C" function of the module lazily: just this one now.
+    let f = with_ctx(ctx, || {
+        let name = CString::new(function).unwrap();
+        drv(&format!("cuModuleGetFunction({function})"), unsafe {
+            cu::module::get_function(module_handle, name)
+        })
+    })?;
+    g.functions.insert(key, f);
+    Ok(Kernel { f, ctx, sms: g.sms })
+}
+
+impl Kernel {
+    /// Raises the dynamic shared-memory limit when a launch needs over 48 KB.
+    pub fn set_max_dynamic_smem(&self, bytes: u32) -> Result<()> {
+        if bytes <= 48 * 1024 {
+            return Ok(());
+        }
+        with_ctx(self.ctx, || {
+            drv("cuFuncSetAttribute", unsafe {
+                cu::function::set_function_attribute(
+                    self.f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+            })
+        })
+    }
+
+    /// Launches with one by-value parameter struct `P` (a #[repr(C)] mirror of
+    /// a struct in kernels/common.cuh) on the raw stream `stream`.
+    ///
+    /// # Safety
+    /// `P` must match the kernel's parameter exactly, and every pointer in it
+    /// must be valid device memory for the kernel's accesses.
+    pub unsafe fn launch<P>(
+        &self,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        stream: u64,
+        params: &P,
+    ) -> Result<()> {
+        with_ctx(self.ctx, || {
+            let mut args = [params as *const P as *mut c_void];
+            drv(
+                "cuLaunchKernel",
+                cu::launch_kernel(
+                    self.f,
+                    grid,
+                    block,
+                    smem,
+                    stream as sys::CUstream,
+                    &mut args,
+                ),
+            )
+        })
+    }
+}
+
+/// Compiles every kernel for `arch` (CI's check; needs NVRTC, no GPU).
+/// Returns (module, cubin bytes, NVRTC log) per source.
+pub fn compile_all(arch: (i32, i32)) -> Result<Vec<(String, usize, String)>> {
+    let n = nvrtc()?;
+    let mut out = Vec::new();
+    for (name, src) in SOURCES {
+        let full = format!("{COMMON}\n{src}");
+        let (bin, log) = n.compile(name, &full, arch).map_err(Error::runtime)?;
+        out.push((name.to_string(), bin.len(), log));
+    }
+    Ok(out)
+}
+
+/// A summary for `python -m mamba_attention info`.
+pub fn info() -> (bool, bool, String) {
+    let mut detail = Vec::new();
+    let driver = match init_driver() {
+        Ok(()) => {
+            let n = cu::device::get_count().unwrap_or(0);
+            let mut names = Vec::new();
+            for i in 0..n {
+                if let Ok(d) = cu::device::get(i) {
+                    let name = cu::device::get_name(d).unwrap_or_default();
+                    let maj = unsafe {
+                        cu::device::get_attribute(
+                            d,
+                            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                        )
+                    }
+                    .unwrap_or(0);
+                    let min = unsafe {
+                        cu::device::get_attribute(
+                            d,
+                            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                        )
+                    }
+                    .unwrap_or(0);
+                    names.push(format!("cuda:{i} {name} (sm_{maj}{min})"));
+                }
+            }
+            detail.push(format!(
+                "driver: {n} GPU(s){}{}",
+                if names.is_empty() { "" } else { ": " },
+                names.join(", ")
+            ));
+            n > 0
+        }
+        Err(e) => {
+            detail.push(e.to_string());
+            false
+        }
+    };
+    let nv = match nvrtc() {
+        Ok(n) => {
+            detail.push(format!(
+                "NVRTC {}.{} at {}",
+                n.version.0, n.version.1, n.path
+            ));
+            true
+        }
+        Err(e) => {
+            detail.push(e.to_string());
+            false
+        }
+    };
+    (driver, nv, detail.join("; "))
+}

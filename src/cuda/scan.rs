@@ -1,0 +1,143 @@
+//! Launchers for the selective-scan kernels (kernels/selective_scan_fwd.cu,
+//! kernels/selective_state_update.cu). The structs mirror kernels/common.cuh.
+
+use super::{dtype_code, kernel};
+use crate::error::Result;
+use crate::tensor::{DType, TensorView};
+
+/// Mirror of `Tensor4` in kernels/common.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Tensor4 {
+    pub ptr: u64,
+    pub dtype: i32,
+    pub _pad: i32,
+    pub stride: [i64; 4],
+}
+
+impl Tensor4 {
+    /// A view's pointer and dtype with the given strides (unused ones 0).
+    pub fn with_strides(t: &TensorView, stride: [isize; 4]) -> Tensor4 {
+        Tensor4 {
+            ptr: t.ptr as u64,
+            dtype: dtype_code(t.dtype),
+            _pad: 0,
+            stride: stride.map(|s| s as i64),
+        }
+    }
+    /// A view of rank ≤ 4, strides in order, padded with 0.
+    pub fn of(t: &TensorView) -> Tensor4 {
+        let mut s = [0isize; 4];
+        s[..t.ndim()].copy_from_slice(&t.strides);
+        Self::with_strides(t, s)
+    }
+    pub fn opt(t: Option<&TensorView>) -> Tensor4 {
+        t.map(Self::of).unwrap_or_default()
+    }
+}
+
+/// Mirror of `ScanFwdParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct ScanFwdParams {
+    pub b: i32,
+    pub d: i32,
+    pub l: i32,
+    pub n: i32,
+    pub groups_b: i32,
+    pub groups_c: i32,
+    pub softplus: i32,
+    pub _pad: i32,
+    pub u: Tensor4,
+    pub delta: Tensor4,
+    pub z: Tensor4,
+    pub out: Tensor4,
+    pub a: Tensor4,
+    pub bm: Tensor4,
+    pub cm: Tensor4,
+    pub dskip: Tensor4,
+    pub delta_bias: Tensor4,
+    pub initial_state: Tensor4,
+    pub last_state: Tensor4,
+}
+
+/// Mirror of `StateUpdateParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct StateUpdateParams {
+    pub b: i32,
+    pub d: i32,
+    pub n: i32,
+    pub cache: i32,
+    pub groups_b: i32,
+    pub groups_c: i32,
+    pub softplus: i32,
+    pub _pad: i32,
+    pub state: Tensor4,
+    pub x: Tensor4,
+    pub dt: Tensor4,
+    pub z: Tensor4,
+    pub out: Tensor4,
+    pub a: Tensor4,
+    pub bm: Tensor4,
+    pub cm: Tensor4,
+    pub dskip: Tensor4,
+    pub dt_bias: Tensor4,
+    pub rows: Tensor4,
+}
+
+/// B or C of the scan as (b, g, n, l) strides and its group count (0 = constant (d, n)).
+pub fn scan_bc(t: &TensorView) -> (Tensor4, i32) {
+    let s = &t.strides;
+    match t.ndim() {
+        2 => (Tensor4::with_strides(t, [0, s[0], s[1], 0]), 0),
+        3 => (Tensor4::with_strides(t, [s[0], 0, s[1], s[2]]), 1),
+        _ => (Tensor4::of(t), t.shape[1] as i32),
+    }
+}
+
+/// B or C of a step as (b, g, n) strides and its group count.
+pub fn step_bc(t: &TensorView) -> (Tensor4, i32) {
+    let s = &t.strides;
+    match t.ndim() {
+        2 => (Tensor4::with_strides(t, [s[0], 0, s[1], 0]), 1),
+        _ => (Tensor4::of(t), t.shape[1] as i32),
+    }
+}
+
+fn suffix(d: DType) -> &'static str {
+    match d {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
+/// Channels per block of the forward kernel (one thread per (batch, channel)).
+const FWD_THREADS: u32 = 128;
+
+/// Launches the forward scan on `stream` of GPU `ordinal`.
+pub fn scan_forward(ordinal: i32, stream: u64, p: &ScanFwdParams, dtype: DType) -> Result<()> {
+    let k = kernel(
+        ordinal,
+        "selective_scan_fwd",
+        &format!("selective_scan_fwd_{}", suffix(dtype)),
+    )?;
+    let grid = ((p.d as u32).div_ceil(FWD_THREADS), p.b as u32, 1);
+    unsafe { k.launch(grid, (FWD_THREADS, 1, 1), 0, stream, p) }
+}
+
+/// Threads per block of the state update.
+const UPDATE_THREADS: u32 = 128;
+
+/// Launches one decoding step on `stream` of GPU `ordinal`.
+pub fn state_update(ordinal: i32, stream: u64, p: &StateUpdateParams, dtype: DType) -> Result<()> {
+    let k = kernel(
+        ordinal,
+        "selective_state_update",
+        &format!("selective_state_update_{}", suffix(dtype)),
+    )?;
+    let total = p.b as u32 * p.d as u32;
+    let grid = (total.div_ceil(UPDATE_THREADS), 1, 1);
+    unsafe { k.launch(grid, (UPDATE_THREADS, 1, 1), 0, stream, p) }
+}
