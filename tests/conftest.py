@@ -33,6 +33,97 @@ def simd_level(request, monkeypatch):
     return request.param
 
 
+# ------------------------------------------------------------------ target devices
+
+#: Where the parity tests run: each CPU SIMD level, then the CUDA backend.
+TARGETS = SIMD_LEVELS + ["cuda"] if SIMD_LEVELS else []
+
+#: The device the helpers below put torch inputs on; set by the ``target`` fixture.
+#: Everything defaults to the CPU, so tests that do not use ``target`` are unaffected.
+_TARGET = {"device": "cpu"}
+
+
+def cuda_skip_reason():
+    """Why the CUDA target cannot run here, or None when it can."""
+    if torch is None:
+        return "CUDA target: torch is not installed"
+    if not torch.cuda.is_available():
+        return "CUDA target: torch.cuda.is_available() is False (no GPU or no driver)"
+    if _core is None:
+        return "CUDA target: mamba_attention._core is not built"
+    return None
+
+
+def skip_unless_cuda():
+    reason = cuda_skip_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(params=TARGETS)
+def target(request, monkeypatch):
+    """Runs the test once per SIMD level this CPU supports (forced through the env var,
+    as ``simd_level`` does) and once on "cuda" (skipped without a usable GPU).
+
+    On "cuda", the helpers of this module create torch inputs on the GPU (NumPy kinds
+    and float64 main tensors are skipped: the CUDA contract is torch float32/float16/
+    bfloat16), synchronize after each launch, and compare with the CPU float64
+    reference at :func:`tol`'s CUDA tolerances. ``cpu_only`` / ``cuda_only`` restrict
+    a single test to one side."""
+    if request.param == "cuda":
+        skip_unless_cuda()
+        monkeypatch.setitem(_TARGET, "device", "cuda")
+    else:
+        monkeypatch.setenv("MAMBA_ATTENTION_SIMD", request.param)
+    return request.param
+
+
+#: Decorators that override ``target``'s params for one test.
+cpu_only = pytest.mark.parametrize("target", SIMD_LEVELS, indirect=True)
+cuda_only = pytest.mark.parametrize("target", ["cuda"], indirect=True)
+
+
+def on_cuda():
+    """Whether the running test targets the CUDA backend."""
+    return _TARGET["device"] == "cuda"
+
+
+def target_device():
+    return _TARGET["device"]
+
+
+def default_kind():
+    """The kind a parity test uses when it names none: NumPy float32 on the CPU
+    (as before), torch float32 on the GPU."""
+    return "torch-float32" if on_cuda() else "numpy-float32"
+
+
+def sync():
+    """On the CUDA target, wait for the GPU so an asynchronous fault (illegal address,
+    misaligned access, launch failure) is raised by the test that caused it."""
+    if on_cuda():
+        torch.cuda.synchronize()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cuda: runs on the CUDA backend (added automatically to the 'cuda' "
+        "target of parity tests and to tests/test_cuda.py); select with -m cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every CUDA test ``cuda``; without a usable GPU, skip the parity tests'
+    "cuda" target already here (cheaper than setting up fixtures to skip in them)."""
+    reason = cuda_skip_reason()
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        cuda_param = callspec is not None and callspec.params.get("target") == "cuda"
+        if cuda_param or item.path.name == "test_cuda.py":
+            item.add_marker(pytest.mark.cuda)
+        if cuda_param and reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
 # ---------------------------------------------------------------- kinds and dtypes
 
 KINDS = ["numpy-float32", "numpy-float16", "numpy-bfloat16", "numpy-float64",
@@ -45,12 +136,16 @@ def split_kind(kind):
 
 
 def require(kind):
-    """Skip the running test if ``kind`` needs torch or ml_dtypes and they are missing."""
+    """Skip the running test if ``kind`` needs torch or ml_dtypes and they are missing,
+    or is a NumPy kind on the CUDA target (NumPy arrays live on the CPU)."""
     framework, dtype = split_kind(kind)
     if framework == "torch":
         pytest.importorskip("torch")
-    elif dtype == "bfloat16":
-        pytest.importorskip("ml_dtypes")
+    else:
+        if on_cuda():
+            pytest.skip("CUDA target: NumPy arrays are CPU-only")
+        if dtype == "bfloat16":
+            pytest.importorskip("ml_dtypes")
 
 
 def np_dtype(name):
@@ -63,7 +158,7 @@ def convert(x, kind):
     framework, dtype = split_kind(kind)
     if framework == "numpy":
         return np.ascontiguousarray(x).astype(np_dtype(dtype))
-    return torch.from_numpy(np.ascontiguousarray(x)).to(getattr(torch, dtype))
+    return torch.from_numpy(np.ascontiguousarray(x)).to(getattr(torch, dtype)).to(target_device())
 
 
 def is_torch(x):
@@ -126,7 +221,7 @@ def relayout(x, layout):
         else:
             step, shape = (slice(1, None),) * nd, [s + 1 for s in x.shape]
         if is_torch(x):
-            big = torch.full(shape, float("nan"), dtype=x.dtype)
+            big = torch.full(shape, float("nan"), dtype=x.dtype, device=x.device)
         else:
             big = np.full(shape, np.nan, dtype=x.dtype)
         big[step] = x
@@ -205,7 +300,10 @@ def update_inputs(seed=0, b=2, d=5, n=4, g=1, grouped_B=False, grouped_C=False, 
 def to_kind(inputs, kind, layout="contiguous", aux="float32"):
     """Convert float64 inputs: MAIN_ARGS to ``kind``, the others (A, D, biases, states)
     to ``aux`` in the same framework; then apply ``layout`` to every array."""
-    framework, _ = split_kind(kind)
+    framework, dtype = split_kind(kind)
+    if on_cuda() and framework == "torch" and dtype == "float64":
+        pytest.skip("CUDA target: float64 u/delta/z/x/dt are CPU-only (the CUDA contract is "
+                    "float32/float16/bfloat16; A, D, biases and states may still be float64)")
     out = {}
     for k, v in inputs.items():
         conv = kind if k in MAIN_ARGS else f"{framework}-{aux}"
@@ -219,29 +317,46 @@ def to_kind(inputs, kind, layout="contiguous", aux="float32"):
 
 def assert_output(out, like, shape, dtype=None):
     """``out`` has exactly ``like``'s kind (framework + dtype unless given), the shape,
-    CPU device, and no NaN."""
+    ``like``'s device (the target's: CPU, or the input's GPU), and no NaN."""
     want = kind_of(like) if dtype is None else split_kind(kind_of(like))[0] + "-" + dtype
     assert kind_of(out) == want, (kind_of(out), want)
     assert tuple(out.shape) == tuple(shape), (tuple(out.shape), shape)
     if is_torch(out):
-        assert out.device.type == "cpu"
+        assert out.device.type == target_device(), (out.device, target_device())
+        assert out.device == like.device, (out.device, like.device)
     assert not np.isnan(to_f64(out)).any(), "output contains NaN"
 
 
+#: CUDA tolerances: DESIGN.md's, except float32 results (outputs and float32 states)
+#: at 2e-5 instead of 1e-5, because the kernel evaluates exp(Δ·A) with the fast
+#: ex2.approx instruction (~2 ulp, vs the CPU's correctly-rounded-ish polynomial), and
+#: those errors accumulate through the recurrence. fp16/bf16 outputs are dominated by
+#: the output rounding, so their tolerances are unchanged.
+TOL_CUDA = {**TOL, "float32": 2e-5, "float64": 2e-5}
+
+
+def tol(dtype):
+    """Relative tolerance for results of ``dtype`` on the current target."""
+    return (TOL_CUDA if on_cuda() else TOL)[dtype]
+
+
 def assert_close(ours, ref, dtype, what="out"):
-    err = rel_err(ours, ref)
-    assert err <= TOL[dtype], f"{what}: rel_err {err:.3e} > {TOL[dtype]:.0e} ({dtype})"
+    err, t = rel_err(ours, ref), tol(dtype)
+    assert err <= t, f"{what}: rel_err {err:.3e} > {t:.0e} ({dtype}, {target_device()})"
 
 
-def run_scan(kind="numpy-float32", layout="contiguous", softplus=True, last_state=True,
+def run_scan(kind=None, layout="contiguous", softplus=True, last_state=True,
              aux="float32", **opts):
-    """Build inputs, call selective_scan_fn, check kind/shape/dtype, parity with the
-    reference (computed on the rounded inputs) and that no input was modified.
+    """Build inputs, call selective_scan_fn, check kind/shape/dtype/device, parity with
+    the reference (computed on the CPU in float64 from the rounded inputs) and that no
+    input was modified. ``kind`` defaults to :func:`default_kind`.
     Returns (out, last_state or None, converted inputs, reference out, reference state)."""
+    kind = kind or default_kind()
     x = to_kind(scan_inputs(softplus=softplus, **opts), kind, layout, aux)
     before = {k: clone(v) for k, v in x.items()}
     ref_out, ref_h = selective_scan_ref(**x, delta_softplus=softplus, return_last_state=True)
     res = selective_scan_fn(**x, delta_softplus=softplus, return_last_state=last_state)
+    sync()
     for k in x:
         assert same_values(x[k], before[k]), f"input {k} was modified"
     if last_state:
@@ -260,14 +375,16 @@ def run_scan(kind="numpy-float32", layout="contiguous", softplus=True, last_stat
 def as_indices(idx, framework, dtype="int32"):
     """state_batch_indices in the given framework and integer dtype."""
     idx = np.asarray(idx, dtype=dtype)
-    return torch.from_numpy(idx) if framework == "torch" else idx
+    return torch.from_numpy(idx).to(target_device()) if framework == "torch" else idx
 
 
-def run_update(kind="numpy-float32", layout="contiguous", softplus=True, indices=None,
+def run_update(kind=None, layout="contiguous", softplus=True, indices=None,
                aux="float32", **opts):
     """Build inputs, call selective_state_update, check the output, the in-place state
     update and the untouched inputs against the reference. ``indices``: a list, or a
-    (list, int dtype) pair. Returns (out, converted inputs, state before, ref out, ref state)."""
+    (list, int dtype) pair; ``kind`` defaults to :func:`default_kind`.
+    Returns (out, converted inputs, state before, ref out, ref state)."""
+    kind = kind or default_kind()
     x = to_kind(update_inputs(softplus=softplus, **opts), kind, layout, aux)
     if indices is not None:
         idx, idx_dtype = indices if isinstance(indices, tuple) else (indices, "int32")
@@ -275,6 +392,7 @@ def run_update(kind="numpy-float32", layout="contiguous", softplus=True, indices
     before = {k: clone(v) for k, v in x.items()}
     ref_out, ref_state = selective_state_update_ref(**x, dt_softplus=softplus)
     out = selective_state_update(**x, dt_softplus=softplus)
+    sync()
     for k in x:
         if k != "state":
             assert same_values(x[k], before[k]), f"input {k} was modified"

@@ -3,7 +3,12 @@
 Parametrisation: the full product of the six options at one small size (with
 the B/C layout pair cycling through all nine), then one-axis sweeps over B/C
 layouts, l, n, d, groups and kinds/dtypes, plus memory layouts and special
-cases. Every test runs once per SIMD level of this CPU (``simd_level``).
+cases. Every test runs once per SIMD level of this CPU and once on the CUDA
+backend (the ``target`` fixture; "cuda" is skipped without a GPU): on "cuda" the
+torch inputs live on the GPU, NumPy kinds are skipped and the float64 reference
+runs on the CPU. ``cpu_only`` / ``cuda_only`` restrict a test to one side; the
+``*_gpu`` tests add shapes that matter for the CUDA kernel's launch geometry
+(128 channels per block, long sequences) without changing the CPU runs.
 """
 
 import itertools
@@ -14,11 +19,12 @@ import pytest
 pytest.importorskip("mamba_attention._core")
 
 from conftest import (KINDS, LAYOUTS, assert_close, assert_output, clone, convert,  # noqa: E402
-                      is_contiguous, is_torch, require, run_scan, same_values, scan_inputs,
-                      selective_scan_fn, selective_scan_ref, shares_memory, split_kind, to_kind)
+                      cpu_only, cuda_only, default_kind, is_contiguous, is_torch, require,
+                      run_scan, same_values, scan_inputs, selective_scan_fn, selective_scan_ref,
+                      shares_memory, split_kind, sync, to_f64, to_kind)
 from reference import scalar_scan_ref, silu, softplus  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("simd_level")
+pytestmark = pytest.mark.usefixtures("target")
 
 ALL_ON = dict(D=True, z=True, delta_bias=True, softplus=True, initial_state=True)
 BC_PAIRS = list(itertools.product(["const", "shared", "grouped"], repeat=2))
@@ -49,9 +55,22 @@ def test_seqlen(l, bc):
     run_scan(b=2, d=6, l=l, n=16, g=2, B=bc[0], C=bc[1], **ALL_ON)
 
 
+@cuda_only
+@pytest.mark.parametrize("l", [255, 256, 257, 2047, 2048, 2049, 8193])
+def test_seqlen_gpu(l):
+    """Sequence lengths around the powers of two a GPU kernel tiles time by."""
+    run_scan(b=2, d=6, l=l, n=16, g=2, B="shared", C="grouped", **ALL_ON)
+
+
 @pytest.mark.parametrize("n,l", [(1, 100), (4, 100), (16, 100), (64, 100), (256, 33)])
 def test_dstate(n, l):
     run_scan(b=2, d=3, l=l, n=n, B="shared", C="grouped", g=3, **ALL_ON)
+
+
+@cuda_only
+@pytest.mark.parametrize("n", [2, 3, 8, 17, 32, 100, 128, 255])
+def test_dstate_gpu(n):
+    run_scan(b=2, d=5, l=70, n=n, B="grouped", C="shared", g=5, **ALL_ON)
 
 
 @pytest.mark.parametrize("d", [1, 3, 17, 37, 67])
@@ -59,9 +78,25 @@ def test_channels(d):
     run_scan(b=2, d=d, l=50, n=16, B="shared", C="const", **ALL_ON)
 
 
+@cuda_only
+@pytest.mark.parametrize("d", [127, 128, 129, 255, 257, 1000])
+def test_channels_gpu(d):
+    """One thread block per 128 channels: full, partial and several blocks."""
+    run_scan(b=3, d=d, l=40, n=16, B="shared", C="const", **ALL_ON)
+
+
 @pytest.mark.parametrize("bc", [("grouped", "grouped"), ("grouped", "shared")], ids="-".join)
 @pytest.mark.parametrize("d,g", [(4, 1), (4, 2), (8, 4), (36, 3), (34, 2), (48, 4), (64, 2), (5, 5)])
 def test_groups(d, g, bc):
+    run_scan(b=2, d=d, l=20, n=8, g=g, B=bc[0], C=bc[1], **ALL_ON)
+
+
+@cuda_only
+@pytest.mark.parametrize("bc", [("grouped", "grouped"), ("grouped", "const")], ids="-".join)
+@pytest.mark.parametrize("d,g", [(256, 2), (384, 3), (400, 2), (768, 4), (260, 2), (1000, 8)])
+def test_groups_gpu(d, g, bc):
+    """Channels per group a multiple of 128 (128), of 16 but not 128 (192), of neither
+    (200, 130, 125): group boundaries inside and across 128-channel blocks."""
     run_scan(b=2, d=d, l=20, n=8, g=g, B=bc[0], C=bc[1], **ALL_ON)
 
 
@@ -118,6 +153,7 @@ def test_broadcast_stride0_inputs(framework):
     assert_close(h, ref_h, "float32", "last_state")
 
 
+@cpu_only
 def test_readonly_numpy_inputs():
     x = to_kind(scan_inputs(b=2, d=5, l=12, n=4, B="grouped", C="const", **ALL_ON), "numpy-float32")
     for v in x.values():
@@ -168,9 +204,16 @@ def test_initial_state_chaining(kind, split):
     assert_close(h2, ref_h, "float32", "last_state")
 
 
+@cuda_only
+@pytest.mark.parametrize("split", [1, 17, 63])
+@pytest.mark.parametrize("kind", ["torch-float32", "torch-float16"])
+def test_initial_state_chaining_gpu(kind, split):
+    test_initial_state_chaining(kind, split)
+
+
 def test_long_sequence_stable():
     out, h, *_ = run_scan(b=1, d=2, l=20000, n=4, B="shared", C="const", **ALL_ON)
-    assert np.isfinite(out).all() and np.isfinite(h).all()
+    assert np.isfinite(to_f64(out)).all() and np.isfinite(to_f64(h)).all()
 
 
 @pytest.mark.parametrize("b,d,n,l,g,bc", [
@@ -194,9 +237,10 @@ def test_very_long_sequence():
     """SPEC: l up to 2**20 must work; b = d = n = 1 so a scalar float64 loop can check it."""
     l = 2**20 + 3
     x64 = scan_inputs(seed=3, b=1, d=1, l=l, n=1, B="shared", C="shared", **ALL_ON)
-    x = to_kind(x64, "numpy-float32")
+    x = to_kind(x64, default_kind())
     out, h = selective_scan_fn(**x, delta_softplus=True, return_last_state=True)
-    r = {k: v.astype(np.float64) for k, v in x.items()}
+    sync()
+    r = {k: to_f64(v) for k, v in x.items()}
     dt = softplus(r["delta"][0, 0] + r["delta_bias"][0])
     y, h_l = scalar_scan_ref(r["u"][0, 0], dt, r["A"][0, 0], r["B"][0, 0], r["C"][0, 0],
                              r["initial_state"][0, 0, 0])
@@ -216,16 +260,20 @@ def test_large_delta(softplus):
     x["delta"] = np.where(rng.random(big.shape) < 0.5, big, x["delta"])
     if softplus:
         x["delta"][1, 1, :3] = [-100.0, -30.0, -20.5]
-    x = to_kind(x, "numpy-float32")
+    x = to_kind(x, default_kind())
     out, h = selective_scan_fn(**x, delta_softplus=softplus, return_last_state=True)
+    sync()
     ref_out, ref_h = selective_scan_ref(**x, delta_softplus=softplus, return_last_state=True)
-    assert np.isfinite(out).all() and np.isfinite(h).all()
+    assert np.isfinite(to_f64(out)).all() and np.isfinite(to_f64(h)).all()
     assert_close(out, ref_out, "float32")
     assert_close(h, ref_h, "float32", "last_state")
 
 
 def test_zero_initial_state_equals_none():
-    x = to_kind(scan_inputs(b=2, d=5, l=10, n=4, initial_state=False), "numpy-float32")
+    kind = default_kind()
+    x = to_kind(scan_inputs(b=2, d=5, l=10, n=4, initial_state=False), kind)
+    zeros = convert(np.zeros((2, 5, 4)), split_kind(kind)[0] + "-float32")
     a = selective_scan_fn(**x, delta_softplus=True)
-    b = selective_scan_fn(**x, delta_softplus=True, initial_state=np.zeros((2, 5, 4), np.float32))
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    b = selective_scan_fn(**x, delta_softplus=True, initial_state=zeros)
+    sync()
+    np.testing.assert_allclose(to_f64(a), to_f64(b), rtol=1e-6, atol=1e-7)

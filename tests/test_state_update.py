@@ -1,4 +1,5 @@
-"""selective_state_update against the float64 reference (SPEC §1), every SIMD level."""
+"""selective_state_update against the float64 reference (SPEC §1), on every SIMD level
+and on the CUDA backend (the ``target`` fixture; see test_selective_scan.py)."""
 
 import itertools
 
@@ -7,12 +8,12 @@ import pytest
 
 pytest.importorskip("mamba_attention._core")
 
-from conftest import (KINDS, LAYOUTS, assert_close, assert_output, is_contiguous,  # noqa: E402
-                      is_torch, run_update, same_values, scan_inputs, selective_scan_fn,
-                      selective_scan_ref, selective_state_update, selective_state_update_ref,
-                      split_kind, to_f64, to_kind, update_inputs)
+from conftest import (KINDS, LAYOUTS, assert_close, assert_output, cpu_only,  # noqa: E402
+                      cuda_only, is_contiguous, is_torch, run_update, same_values, scan_inputs,
+                      selective_scan_fn, selective_scan_ref, selective_state_update,
+                      selective_state_update_ref, split_kind, to_f64, to_kind, update_inputs)
 
-pytestmark = pytest.mark.usefixtures("simd_level")
+pytestmark = pytest.mark.usefixtures("target")
 
 ALL_ON = dict(D=True, z=True, dt_bias=True, softplus=True)
 GROUPED = list(itertools.product([False, True], repeat=2))  # (grouped_B, grouped_C)
@@ -35,8 +36,23 @@ def test_bc_layouts(grouped_B, grouped_C, d, g):
     run_update(b=2, d=d, n=16, g=g, grouped_B=grouped_B, grouped_C=grouped_C, **ALL_ON)
 
 
+@cuda_only
+@pytest.mark.parametrize("d,g", [(256, 2), (400, 2), (768, 4), (260, 2), (1000, 8)])
+@pytest.mark.parametrize("grouped_B,grouped_C", GROUPED[1:], ids=["Bs-Cg", "Bg-Cs", "Bg-Cg"])
+def test_bc_layouts_gpu(grouped_B, grouped_C, d, g):
+    """Group boundaries inside and across blocks of channels (d/g = 128, 200, 192, 130, 125)."""
+    run_update(b=3, d=d, n=16, g=g, grouped_B=grouped_B, grouped_C=grouped_C, **ALL_ON)
+
+
 @pytest.mark.parametrize("b,d,n", [(1, 1, 1), (3, 17, 16), (2, 37, 64), (1, 3, 256), (5, 67, 4), (2, 300, 8)])
 def test_sizes(b, d, n):
+    run_update(b=b, d=d, n=n, **ALL_ON)
+
+
+@cuda_only
+@pytest.mark.parametrize("b,d,n", [(64, 512, 16), (3, 1000, 16), (2, 130, 256), (128, 129, 4),
+                                   (1, 4096, 16), (5, 257, 100)])
+def test_sizes_gpu(b, d, n):
     run_update(b=b, d=d, n=n, **ALL_ON)
 
 
@@ -62,6 +78,7 @@ def test_noncontiguous(kind, layout):
         assert np.isnan(to_f64(base)).sum() == np.prod(base.shape) - np.prod(state.shape)
 
 
+@cpu_only
 def test_readonly_numpy_inputs():
     x = to_kind(update_inputs(b=2, d=5, n=4, **ALL_ON), "numpy-float32")
     for k, v in x.items():

@@ -98,10 +98,10 @@ def cmd_info(args):
 
 def bench_meta():
     """Where and when a benchmark ran: the ``meta`` object of the JSON."""
+    from . import _bench
+
     torch = _torch()
-    gpu = None
-    if torch is not None and torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name(0)
+    gpu = _bench.gpu_meta()
     return {
         "version": _version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -114,7 +114,8 @@ def bench_meta():
         "torch": None if torch is None else torch.__version__,
         "torch_threads": None if torch is None else torch.get_num_threads(),
         "git_commit": git_commit(),
-        "device": gpu,
+        "device": None if gpu is None else gpu["name"],
+        "gpu": gpu,
     }
 
 

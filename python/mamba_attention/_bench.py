@@ -12,13 +12,24 @@ Floors are ESTIMATES from an analytic model of the reference machine class
 (:data:`REFERENCE_MACHINES`), not measurements of the machine running the
 benchmark. To add a GPU workload, append a ``Workload(device="cuda", ...)``
 built by the same helpers to :func:`workloads`; the runner only runs it where
-``torch.cuda.is_available()`` and synchronizes around each timed sample.
+``torch.cuda.is_available()``.
+
+GPU workloads (G1, G1f, G3, G5-b1, G5-b64; ``--only G5`` selects both G5 rows) are
+timed on the GPU, never with bare host timers around asynchronous launches:
+``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, median) when
+Triton is importable, else the median of ``torch.cuda.synchronize``-bracketed
+batches; a call slower than 0.1 s (the PyTorch reference loop, ~163 ms at G1)
+takes only a few synchronized repetitions. Their peers are mamba_ssm's kernels
+when ``import mamba_ssm`` works and the float32 PyTorch reference loop of
+:mod:`._torch_ref` on the GPU. GPU rows carry a ``gpu`` object (name, compute
+capability, torch's CUDA version, driver) from :func:`gpu_meta`.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -51,12 +62,13 @@ REFERENCE_MACHINES: Dict[str, Dict[str, float]] = {
 RTOL = 1e-4
 
 
-def scan_floor_ms(device, b, d, n, l):
+def scan_floor_ms(device, b, d, n, l, g=1, itemsize=4):
     """Selective-scan forward floor: one exp(Δ·A) per (b, d, l, n) element, or
-    the bytes of u, delta, z, out (b, d, l) and B, C (b, n, l), whichever is larger."""
+    the bytes of u, delta, z, out (b, d, l) and B, C (b, g, n, l), all ``itemsize``
+    bytes an element (the input dtype), whichever is larger."""
     m = REFERENCE_MACHINES[device]
     exp_s = b * d * l * n / m["exp_per_s"]
-    bytes_s = 4 * (4 * b * d * l + 2 * b * n * l) / m["mem_bytes_per_s"]
+    bytes_s = itemsize * (4 * b * d * l + 2 * b * g * n * l) / m["mem_bytes_per_s"]
     return 1e3 * max(exp_s, bytes_s)
 
 
@@ -66,6 +78,17 @@ def update_floor_ms(device, b, d, n):
     m = REFERENCE_MACHINES[device]
     nbytes = 4 * (2 * b * d * n + 4 * b * d + d * n + 2 * b * n + 2 * d)
     return 1e3 * nbytes / m["mem_bytes_per_s"]
+
+
+def state_floor_ms(device, b, d, n):
+    """Decode-step floor counting only the float32 state's read + write (b, d, n)
+    (BENCHMARKS.md G5: "~0.01 ms (b64 state r+w)")."""
+    return 1e3 * 2 * 4 * b * d * n / REFERENCE_MACHINES[device]["mem_bytes_per_s"]
+
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+#: Peer-agreement tolerance by the dtype of the main inputs (outputs are rounded to it).
+_DTYPE_RTOL = {"float32": RTOL, "float16": 5e-3, "bfloat16": 1e-2}
 
 
 # --------------------------------------------------------------------------
@@ -99,22 +122,47 @@ def _have_torch():
         return False
 
 
-def _make_inputs(device, seed, **makers):
+def _make_inputs(device, seed, dtypes=None, **makers):
     """Seeded float32 inputs: ``makers[name](rng)`` gives each as NumPy, moved to a torch
-    tensor on ``device`` when torch is installed. Returns ``(inputs, is_torch)``."""
+    tensor on ``device`` when torch is installed, in ``dtypes[name]`` (a torch dtype
+    name; float32 when absent). Returns ``(inputs, is_torch)``."""
+    dtypes = dtypes or {}
     rng = np.random.default_rng(seed)
     arrays = {k: np.ascontiguousarray(f(rng), dtype=np.float32) for k, f in makers.items()}
     if not _have_torch():
-        if device != "cpu":
-            raise RuntimeError("GPU workloads need torch")
+        if device != "cpu" or any(dt != "float32" for dt in dtypes.values()):
+            raise RuntimeError("GPU and non-float32 workloads need torch")
         return arrays, False
     import torch
 
-    return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}, True
+    return {k: torch.from_numpy(v).to(device=device, dtype=getattr(torch, dtypes.get(k, "float32")))
+            for k, v in arrays.items()}, True
 
 
-def _scan_workload(wid, device, b, d, n, l, g=1):
-    """selective_scan_fn forward with z, D, delta_bias, softplus; B, C grouped (b, g, n, l)."""
+def _float32_copies(ins):
+    """float32 copies of torch inputs (the PyTorch reference peer runs in float32 on the
+    same rounded values), made once in setup so the conversion is not timed."""
+    return {k: v.float() for k, v in ins.items()}
+
+
+def _mamba_ssm(module, name):
+    """``mamba_ssm.<module>.<name>`` when mamba_ssm imports, else None (a missing or
+    broken peer is simply not measured)."""
+    try:
+        import importlib
+
+        return getattr(importlib.import_module(f"mamba_ssm.{module}"), name)
+    except Exception:  # noqa: BLE001 - ImportError, or a build without its CUDA extension
+        return None
+
+
+def _scan_workload(wid, device, b, d, n, l, g=1, dtype="float32"):
+    """selective_scan_fn forward with z, D, delta_bias, softplus; B, C grouped (b, g, n, l).
+
+    u, delta, z, B, C in ``dtype``; A, D, delta_bias float32 (mamba_ssm's convention).
+    Peers: mamba_ssm's CUDA kernel (GPU, when importable) and the float32 PyTorch
+    reference loop, fed float32 copies of the same rounded inputs."""
+    main = {k: dtype for k in ("u", "delta", "z", "B", "C")}
 
     def setup():
         from . import ops
@@ -122,6 +170,7 @@ def _scan_workload(wid, device, b, d, n, l, g=1):
         ins, is_torch = _make_inputs(
             device,
             seed=0,
+            dtypes=main,
             u=lambda r: r.standard_normal((b, d, l)),
             delta=lambda r: r.standard_normal((b, d, l)) * 0.5 - 2.0,
             # S4D-real initialisation, as Mamba layers use: A[c, k] = -(k + 1)
@@ -134,24 +183,39 @@ def _scan_workload(wid, device, b, d, n, l, g=1):
         )
         kw = dict(delta_softplus=True)
         fns = {"ours": lambda: ops.selective_scan_fn(**ins, **kw)}
+        mm_scan = _mamba_ssm("ops.selective_scan_interface", "selective_scan_fn") \
+            if device == "cuda" else None
+        if mm_scan is not None:
+            fns["mamba_ssm"] = lambda: mm_scan(ins["u"], ins["delta"], ins["A"], ins["B"], ins["C"],
+                                               D=ins["D"], z=ins["z"], delta_bias=ins["delta_bias"],
+                                               **kw)
         if is_torch:
             from ._torch_ref import selective_scan_ref
 
-            fns["torch ref loop"] = lambda: selective_scan_ref(**ins, **kw)
+            ref_ins = ins if dtype == "float32" else _float32_copies(ins)
+            fns["torch ref loop (fp32)" if device == "cuda" else "torch ref loop"] = \
+                lambda: selective_scan_ref(**ref_ins, **kw)
         return fns
 
+    dt = "" if dtype == "float32" and device == "cpu" else f" {dtype}"
     return Workload(
         id=wid,
         device=device,
-        description=f"selective_scan_fn fwd b{b} d{d} n{n} l{l} g{g}, z D Δbias softplus",
+        description=f"selective_scan_fn fwd{dt} b{b} d{d} n{n} l{l} g{g}, z D Δbias softplus",
         setup=setup,
-        floor_ms=scan_floor_ms(device, b, d, n, l),
-        floor_note="max(exp(Δ·A) count / exp rate, bytes / bandwidth)",
+        floor_ms=scan_floor_ms(device, b, d, n, l, g=g, itemsize=_ITEMSIZE[dtype]),
+        floor_note=("H100 estimate: " if device == "cuda" else "")
+        + f"max(b·d·l·n exp(Δ·A) / exp rate, bytes of u, delta, z, out, B, C in {dtype} / bandwidth)",
+        rtol=_DTYPE_RTOL[dtype],
     )
 
 
-def _update_workload(wid, device, b, d, n):
-    """selective_state_update with D, z, dt_bias, dt_softplus; B, C (b, n)."""
+def _update_workload(wid, device, b, d, n, dtype="float32", state_only_floor=False):
+    """selective_state_update with D, z, dt_bias, dt_softplus; B, C (b, n).
+
+    x, dt, z, B, C in ``dtype``; the state, A, D, dt_bias float32. Peers: mamba_ssm's
+    Triton kernel (GPU, when importable) and the float32 PyTorch reference."""
+    main = {k: dtype for k in ("x", "dt", "z", "B", "C")}
 
     def setup():
         from . import ops
@@ -159,6 +223,7 @@ def _update_workload(wid, device, b, d, n):
         ins, is_torch = _make_inputs(
             device,
             seed=1,
+            dtypes=main,
             state=lambda r: r.standard_normal((b, d, n)),
             x=lambda r: r.standard_normal((b, d)),
             dt=lambda r: r.standard_normal((b, d)) * 0.5 - 2.0,
@@ -177,24 +242,42 @@ def _update_workload(wid, device, b, d, n):
             return ops.selective_state_update(s_ours, **ins, dt_softplus=True), s_ours
 
         fns = {"ours": ours}
+        mm_update = _mamba_ssm("ops.triton.selective_state_update", "selective_state_update") \
+            if device == "cuda" else None
+        if mm_update is not None:
+            s_mm = state0.clone()
+
+            def mamba_ssm_peer():
+                return mm_update(s_mm, **ins, dt_softplus=True), s_mm
+
+            fns["mamba_ssm"] = mamba_ssm_peer
         if is_torch:
             from ._torch_ref import selective_state_update_ref
 
             s_peer = state0.clone()
+            ref_ins = ins if dtype == "float32" else _float32_copies(ins)
 
             def peer():
-                return selective_state_update_ref(s_peer, **ins, dt_softplus=True), s_peer
+                return selective_state_update_ref(s_peer, **ref_ins, dt_softplus=True), s_peer
 
-            fns["torch ref"] = peer
+            fns["torch ref (fp32)" if device == "cuda" else "torch ref"] = peer
         return fns
 
+    if state_only_floor:
+        floor = state_floor_ms(device, b, d, n)
+        note = "state r+w bytes / bandwidth"
+    else:
+        floor = update_floor_ms(device, b, d, n)
+        note = "(state r+w + other inputs + out bytes) / bandwidth"
+    dt = "" if dtype == "float32" else f" {dtype} x, fp32 state,"
     return Workload(
         id=wid,
         device=device,
-        description=f"selective_state_update b{b} d{d} n{n}, D z dt_bias softplus",
+        description=f"selective_state_update{dt} b{b} d{d} n{n}, D z dt_bias softplus",
         setup=setup,
-        floor_ms=update_floor_ms(device, b, d, n),
-        floor_note="(state r+w + other inputs + out bytes) / bandwidth",
+        floor_ms=floor,
+        floor_note=("H100 estimate: " if device == "cuda" else "") + note,
+        rtol=_DTYPE_RTOL[dtype],
     )
 
 
@@ -203,6 +286,12 @@ def workloads() -> List[Workload]:
     return [
         _scan_workload("C1", "cpu", b=1, d=1536, n=16, l=2048, g=1),
         _update_workload("C6", "cpu", b=1, d=1536, n=16),
+        # GPU (BENCHMARKS.md; floors are H100 estimates: 3.0 TB/s, 3.9 T exp/s).
+        _scan_workload("G1", "cuda", b=8, d=2048, n=16, l=2048, g=1, dtype="bfloat16"),
+        _scan_workload("G1f", "cuda", b=8, d=2048, n=16, l=2048, g=1, dtype="float32"),
+        _scan_workload("G3", "cuda", b=8, d=2048, n=16, l=8192, g=1, dtype="bfloat16"),
+        _update_workload("G5-b1", "cuda", b=1, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
+        _update_workload("G5-b64", "cuda", b=64, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
     ]
 
 
@@ -279,6 +368,97 @@ def measure(fn, budget_s=1.0, min_reps=5, slow_min_reps=3, slow_s=0.1, sync=lamb
     return statistics.median(samples), reps
 
 
+def _do_bench():
+    """``triton.testing.do_bench`` when Triton imports, else None."""
+    try:
+        from triton.testing import do_bench
+    except Exception:  # noqa: BLE001 - not installed, or no usable backend
+        return None
+    return do_bench
+
+
+def measure_cuda(fn, budget_s=1.0, min_reps=5, slow_min_reps=3, slow_s=0.1, tick=None):
+    """Median seconds per call of a GPU ``fn`` and the number of timed calls; also the
+    timer used ("do_bench" or "sync").
+
+    One synchronized call estimates the time (the correctness check has already
+    warmed caches and compiled kernels). A call over ``slow_s`` (the PyTorch loop)
+    gets a few ``torch.cuda.synchronize``-bracketed samples (:func:`measure`, at
+    least ``slow_min_reps``). Otherwise ``triton.testing.do_bench`` (CUDA events
+    around each call, L2 flushed before it, median over ``budget_s`` of calls), or,
+    without Triton, the median of synchronized batches (:func:`measure`)."""
+    import torch
+
+    sync = torch.cuda.synchronize
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    est = time.perf_counter() - t0
+    do_bench = None if est > slow_s else _do_bench()
+    if do_bench is None:
+        sec, reps = measure(fn, budget_s, min_reps, slow_min_reps, slow_s, sync=sync, tick=tick,
+                            first_call_s=est if est > 0.2 else None)
+        return sec, reps, "sync"
+    warmup_ms, rep_ms = (5, 1e3 * budget_s) if budget_s < 0.5 else (25, 1e3 * budget_s)
+    try:
+        ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    except TypeError:  # older Triton: no return_mode
+        ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5])
+    ms = float(ms[0] if isinstance(ms, (list, tuple)) else ms)
+    if tick:
+        tick(1, 1)
+    return ms / 1e3, max(1, int(rep_ms / max(ms, 1e-6))), "do_bench"
+
+
+def _driver_versions():
+    """(NVIDIA driver release, e.g. "580.159.04", CUDA driver API version, e.g. "13.0"),
+    each None when it cannot be read."""
+    release = api = None
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20)
+        if r.returncode == 0 and r.stdout.strip():
+            release = r.stdout.strip().splitlines()[0].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import ctypes
+
+        v = ctypes.c_int(0)
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(v)) == 0 and v.value:
+            api = f"{v.value // 1000}.{v.value % 1000 // 10}"
+    except (OSError, AttributeError):
+        pass
+    return release, api
+
+
+def gpu_meta(index=None):
+    """Where GPU rows ran: device name (torch.cuda.get_device_name), compute capability,
+    multiprocessors, memory, torch's CUDA version (torch.version.cuda), the driver
+    release and its CUDA API version. None without torch or a GPU."""
+    if not _have_torch():
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device() if index is None else index
+    props = torch.cuda.get_device_properties(index)
+    release, api = _driver_versions()
+    return {
+        "index": index,
+        "name": torch.cuda.get_device_name(index),
+        "capability": "%d.%d" % torch.cuda.get_device_capability(index),
+        "multiprocessors": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "count": torch.cuda.device_count(),
+        "torch_cuda": torch.version.cuda,
+        "driver": release,
+        "driver_cuda": api,
+    }
+
+
 # --------------------------------------------------------------------------
 # Runner and progress display
 # --------------------------------------------------------------------------
@@ -321,20 +501,26 @@ class Progress:
             self.stream.flush()
 
 
+def _selects(want, wid):
+    """Whether id ``want`` selects workload ``wid``: equal, or a family ("G5" → "G5-b1")."""
+    want, wid = want.upper(), wid.upper()
+    return wid == want or wid.startswith(want + "-")
+
+
 def runnable(wls, only=None):
-    """Workloads that fit this machine (CPU always, CUDA when torch sees a GPU), filtered by ``only`` ids."""
+    """Workloads that fit this machine (CPU always, CUDA when torch sees a GPU), filtered
+    by ``only`` ids (an id also selects its family: "G5" runs "G5-b1" and "G5-b64")."""
     cuda = False
     if _have_torch():
         import torch
 
         cuda = torch.cuda.is_available()
     if only:
-        want = {w.upper() for w in only}
-        unknown = want - {w.id.upper() for w in wls}
+        unknown = {w for w in only if not any(_selects(w, x.id) for x in wls)}
         if unknown:
             raise ValueError(f"unknown workload id(s): {', '.join(sorted(unknown))}; "
                              f"known: {', '.join(w.id for w in wls)}")
-        wls = [w for w in wls if w.id.upper() in want]
+        wls = [x for x in wls if any(_selects(w, x.id) for w in only)]
     return [w for w in wls if w.device == "cpu" or (w.device == "cuda" and cuda)]
 
 
@@ -355,6 +541,8 @@ def run_workload(w, quick=False, progress=None):
     row = dict(id=w.id, device=w.device, description=w.description, status="ok", error=None,
                ours_ms=None, ours_reps=None, peers=[], floor_ms=w.floor_ms, floor_is_estimate=True,
                floor_note=w.floor_note, floor_frac=None)
+    if w.device == "cuda":
+        row.update(gpu=gpu_meta(), timer=None)
     show(f"{w.id} setup")
     try:
         fns = w.setup()
@@ -363,6 +551,9 @@ def run_workload(w, quick=False, progress=None):
         fns = {}
     peers = {name: dict(name=name, ms=None, reps=None, ratio=None, rel_err=None, status="ok", error=None)
              for name in fns if name != "ours"}
+    if w.device == "cuda":
+        for p in peers.values():
+            p["timer"] = None
     row["peers"] = list(peers.values())
 
     # Correctness: the first call of each closure (also its first warm-up).
@@ -398,8 +589,12 @@ def run_workload(w, quick=False, progress=None):
 
         show(f"{w.id} timing {name} (warm-up)", k / len(fns))
         try:
-            sec, reps = measure(fn, budget, min_reps, slow_min, sync=sync, tick=tick,
-                                 first_call_s=first_s.get(name))
+            if w.device == "cuda":
+                sec, reps, timer = measure_cuda(fn, budget, min_reps, slow_min, tick=tick)
+                entry["timer"] = timer
+            else:
+                sec, reps = measure(fn, budget, min_reps, slow_min, sync=sync, tick=tick,
+                                    first_call_s=first_s.get(name))
         except Exception as e:  # noqa: BLE001
             entry.update(status="ERROR", error=_err(e))
             continue
@@ -479,7 +674,8 @@ def format_table(rows):
     out = [fmt(head), "  ".join("-" * wd for wd in widths)] + [fmt(x) for x in lines]
     out.append("* floors are estimates from an analytic model of the reference machine "
                "(mamba_attention._bench.REFERENCE_MACHINES); check = max|ours-peer|/max|peer| "
-               "(< 1e-4 in float32 required)")
+               "(< 1e-4 in float32, 5e-3 in float16, 1e-2 in bfloat16 required); GPU times: "
+               "triton.testing.do_bench median, or synchronized medians for slow calls")
     out += [f"error: {r['id']}: {r['error']}" for r in rows if r["error"]]
     out += [f"error: {r['id']} peer {p['name']}: {p['error']}" for r in rows for p in r["peers"] if p["error"]]
     return "\n".join(out)

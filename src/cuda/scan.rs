@@ -113,31 +113,68 @@ fn suffix(d: DType) -> &'static str {
     }
 }
 
-/// Channels per block of the forward kernel (one thread per (batch, channel)).
-const FWD_THREADS: u32 = 128;
-
-/// Launches the forward scan on `stream` of GPU `ordinal`.
-pub fn scan_forward(ordinal: i32, stream: u64, p: &ScanFwdParams, dtype: DType) -> Result<()> {
-    let k = kernel(
-        ordinal,
-        "selective_scan_fwd",
-        &format!("selective_scan_fwd_{}", suffix(dtype)),
-    )?;
-    let grid = ((p.d as u32).div_ceil(FWD_THREADS), p.b as u32, 1);
-    unsafe { k.launch(grid, (FWD_THREADS, 1, 1), 0, stream, p) }
+/// The batch is the grid's y dimension.
+fn check_batch(b: i32) -> Result<()> {
+    if b > 65535 {
+        return Err(crate::error::Error::value(format!(
+            "u: the batch size b = {b} exceeds 65535, the CUDA kernels' limit"
+        )));
+    }
+    Ok(())
 }
 
-/// Threads per block of the state update.
+/// Threads per block of every scan kernel (kernels/selective_scan_fwd.cu).
+const SCAN_THREADS: u32 = 128;
+/// Lanes per channel of the fast forward kernel (SCAN_FAST_P in the kernel).
+const SCAN_FAST_P: u32 = 2;
+
+/// Whether the fast forward kernel applies: n ≤ 16, B and C time-varying,
+/// and no block of 128 / SCAN_FAST_P channels straddles a B or C group.
+fn fast_forward(p: &ScanFwdParams) -> bool {
+    let per_block = (SCAN_THREADS / SCAN_FAST_P) as i32;
+    let fits = |g: i32| g >= 1 && (g == 1 || (p.d / g) % per_block == 0);
+    p.n >= 1 && p.n <= 16 && fits(p.groups_b) && fits(p.groups_c)
+}
+
+/// Smallest power of two ≥ ceil(n / 16): lanes per channel in the general
+/// scan and the state update (1 for n ≤ 16, … 16 for n ≤ 256).
+fn lanes_per_channel(n: i32) -> u32 {
+    ((n.max(1) as u32).div_ceil(16)).next_power_of_two().min(32)
+}
+
+/// Launches the forward scan on `stream` of GPU `ordinal` (launch rules from
+/// the comment block of kernels/selective_scan_fwd.cu).
+pub fn scan_forward(ordinal: i32, stream: u64, p: &ScanFwdParams, dtype: DType) -> Result<()> {
+    check_batch(p.b)?;
+    let (name, grid_x) = if fast_forward(p) {
+        (
+            format!("selective_scan_fwd_{}", suffix(dtype)),
+            (p.d as u32).div_ceil(SCAN_THREADS / SCAN_FAST_P),
+        )
+    } else {
+        let lanes = lanes_per_channel(p.n);
+        (
+            format!("selective_scan_fwd_{}_general", suffix(dtype)),
+            (p.d as u32 * lanes).div_ceil(SCAN_THREADS),
+        )
+    };
+    let k = kernel(ordinal, "selective_scan_fwd", &name)?;
+    unsafe { k.launch((grid_x, p.b as u32, 1), (SCAN_THREADS, 1, 1), 0, stream, p) }
+}
+
+/// Threads per block of the state update (SSU_THREADS in the kernel).
 const UPDATE_THREADS: u32 = 128;
 
-/// Launches one decoding step on `stream` of GPU `ordinal`.
+/// Launches one decoding step on `stream` of GPU `ordinal` (launch rules from
+/// kernels/selective_state_update.cu).
 pub fn state_update(ordinal: i32, stream: u64, p: &StateUpdateParams, dtype: DType) -> Result<()> {
+    check_batch(p.b)?;
     let k = kernel(
         ordinal,
         "selective_state_update",
         &format!("selective_state_update_{}", suffix(dtype)),
     )?;
-    let total = p.b as u32 * p.d as u32;
-    let grid = (total.div_ceil(UPDATE_THREADS), 1, 1);
+    let lanes = lanes_per_channel(p.n);
+    let grid = ((p.d as u32 * lanes).div_ceil(UPDATE_THREADS), p.b as u32, 1);
     unsafe { k.launch(grid, (UPDATE_THREADS, 1, 1), 0, stream, p) }
 }
