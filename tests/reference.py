@@ -132,3 +132,59 @@ def scalar_scan_ref(u, dt, A, B, C, h0=0.0):
     h = np.fromiter(itertools.accumulate(zip(dA, dBu), lambda h, ab: ab[0] * h + ab[1],
                                          initial=float(h0)), dtype=np.float64, count=len(dA) + 1)
     return C * h[1:], float(h[-1])
+
+
+# ------------------------------------------------------------- SPEC §2: conv1d
+
+def _act(v, activation):
+    return silu(v) if activation in ("silu", "swish") else v
+
+
+def causal_conv1d_ref(x, weight, bias=None, initial_states=None, return_final_states=False,
+                      activation=None):
+    """out[c, t] = act(bias[c] + Σ_i weight[c, i]·xpad[c, t + i]), xpad = initial_states
+    (or zeros) followed by x; final_states = the last w-1 entries of xpad."""
+    x, weight, bias, initial_states = map(to_f64, (x, weight, bias, initial_states))
+    b, d, l = x.shape
+    w = weight.shape[1]
+    init = np.zeros((b, d, w - 1)) if initial_states is None else initial_states
+    xpad = np.concatenate([init, x], axis=-1)
+    out = np.zeros((b, d, l)) if bias is None else np.broadcast_to(bias[None, :, None], (b, d, l)).copy()
+    for i in range(w):
+        out += weight[None, :, i, None] * xpad[:, :, i:i + l]
+    out = _act(out, activation)
+    return (out, xpad[:, :, l:]) if return_final_states else out
+
+
+def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None,
+                             cache_seqlens=None):
+    """Returns (out, new conv_state) in float64; inputs are not modified.
+
+    Without cache_seqlens: context = conv_state's last w-1 entries followed by x;
+    new state = (conv_state ++ x)[-state_len:]. With cache_seqlens (circular, the
+    peer's semantics): context = conv_state[(s - (w-1) + j) mod state_len],
+    j < w-1, followed by x; then x[t] is written at (s + t) mod state_len, in order."""
+    x, state, weight, bias = map(to_f64, (x, conv_state, weight, bias))
+    squeeze = x.ndim == 2
+    if squeeze:
+        x = x[..., None]
+    b, d, l = x.shape
+    w = weight.shape[1]
+    L = state.shape[-1]
+    if cache_seqlens is None:
+        full = np.concatenate([state, x], axis=-1)
+        ctx = full[:, :, L - (w - 1):]
+        new_state = full[:, :, full.shape[-1] - L:].copy()
+    else:
+        s = to_f64(cache_seqlens).astype(np.int64)
+        idx = np.mod(s[:, None] + np.arange(-(w - 1), 0)[None, :], L)  # (b, w-1)
+        idx = np.broadcast_to(idx[:, None, :], (b, d, w - 1))
+        ctx = np.concatenate([np.take_along_axis(state, idx, axis=-1), x], axis=-1)
+        new_state = state.copy()
+        for t in range(l):
+            new_state[np.arange(b), :, np.mod(s + t, L)] = x[:, :, t]
+    out = np.zeros((b, d, l)) if bias is None else np.broadcast_to(bias[None, :, None], (b, d, l)).copy()
+    for i in range(w):
+        out += weight[None, :, i, None] * ctx[:, :, i:i + l]
+    out = _act(out, activation)
+    return (out[..., 0] if squeeze else out), new_state

@@ -7,6 +7,7 @@ dtype and device.
 
 from . import _core
 from .ops import selective_scan_fn, selective_state_update
+from .ops import causal_conv1d_fn, causal_conv1d_update
 
 __version__ = _core.__version__
 
@@ -14,4 +15,6 @@ __all__ = [
     "__version__",
     "selective_scan_fn",
     "selective_state_update",
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
 ]

@@ -54,3 +54,34 @@ def selective_state_update(
     state_batch_indices: Optional[Tensor] = None,
 ) -> Tensor:
     """One decoding step; updates ``state`` in place and returns out (b, d)."""
+
+def causal_conv1d_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    initial_states: Optional[Tensor] = None,
+    return_final_states: bool = False,
+    activation: Optional[str] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Causal depthwise conv1d (SPEC §2): out (b, d, l) [, final_states (b, d, w - 1)], x's dtype."""
+
+def causal_conv1d_update(
+    x: Tensor,
+    conv_state: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+    cache_seqlens: Optional[Tensor] = None,
+) -> Tensor:
+    """Decoding step(s): updates ``conv_state`` in place (shift, or circular with cache_seqlens); returns out with x's shape."""
+
+def causal_conv1d_bwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    initial_states: Optional[Tensor],
+    dout: Tensor,
+    dfinal_states: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Backward of causal_conv1d_fwd: (dx in x's dtype, dweight float32 (d, w), dbias float32 (d,) or None, dinitial_states in its dtype or None)."""

@@ -99,3 +99,120 @@ def selective_state_update(
         bool(dt_softplus),
         state_batch_indices,
     )
+
+
+def causal_conv1d_fn(
+    x,
+    weight,
+    bias=None,
+    initial_states=None,
+    return_final_states=False,
+    activation=None,
+):
+    """Causal depthwise conv1d (SPEC §2), a drop-in for ``causal_conv1d``'s
+    ``causal_conv1d_fn`` (CPU only for now: CUDA tensors raise RuntimeError).
+
+    Shapes: ``x`` (b, d, l), any strides (channel-last views such as
+    ``torch.randn(b, l, d).transpose(1, 2)`` are read in place); ``weight``
+    (d, w) with 2 ≤ w ≤ 8; ``bias`` (d,); ``initial_states`` (b, d, w - 1).
+    ``weight``, ``bias`` and ``initial_states`` may have another float dtype than x.
+
+    With xpad = initial_states (or zeros) followed by x, along time::
+
+        out[:, c, t] = act(bias[c] + Σ_i weight[c, i]·xpad[:, c, t + i])
+
+    where act is the identity (``activation=None``) or SiLU (``"silu"`` /
+    ``"swish"``); any other value raises ValueError. Arithmetic is float32.
+
+    Returns ``out`` (b, d, l) in x's dtype, and with ``return_final_states``
+    also ``final_states`` (b, d, w - 1) = the last w - 1 entries of xpad, in
+    x's dtype (the ``initial_states`` of the next chunk).
+
+    Differentiable: with torch tensors that require grad (and grad enabled),
+    the call goes through a ``torch.autograd.Function`` whose backward is
+    ``_core.causal_conv1d_bwd`` (gradients for x, weight, bias and
+    initial_states; final_states' gradient flows back too).
+    """
+    if _conv1d_needs_grad(x, weight, bias, initial_states):
+        return _conv1d_autograd().apply(
+            x, weight, bias, initial_states, bool(return_final_states), activation
+        )
+    return _core.causal_conv1d_fwd(
+        x, weight, bias, initial_states, bool(return_final_states), activation
+    )
+
+
+def _conv1d_needs_grad(*tensors):
+    if any(getattr(t, "requires_grad", False) for t in tensors):
+        import torch
+
+        return torch.is_grad_enabled()
+    return False
+
+
+_CONV1D_FN = []
+
+
+def _conv1d_autograd():
+    """The autograd Function of causal_conv1d_fn, built on first use (torch is
+    imported only then)."""
+    if not _CONV1D_FN:
+        import torch
+
+        class CausalConv1dFn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, weight, bias, initial_states, return_final_states, activation):
+                ctx.save_for_backward(x, weight, bias, initial_states)
+                ctx.activation = activation
+                return _core.causal_conv1d_fwd(
+                    x, weight, bias, initial_states, return_final_states, activation
+                )
+
+            @staticmethod
+            def backward(ctx, dout, dfinal_states=None):
+                x, weight, bias, init = ctx.saved_tensors
+                dx, dw, db, di = _core.causal_conv1d_bwd(
+                    x, weight, bias, init, dout, dfinal_states, ctx.activation
+                )
+                dw = dw.to(weight.dtype)
+                db = db.to(bias.dtype) if db is not None else None
+                return dx, dw, db, di, None, None
+
+        _CONV1D_FN.append(CausalConv1dFn)
+    return _CONV1D_FN[0]
+
+
+def causal_conv1d_update(
+    x,
+    conv_state,
+    weight,
+    bias=None,
+    activation=None,
+    cache_seqlens=None,
+):
+    """Decoding step(s) of the causal conv1d, updating ``conv_state`` in place
+    (a drop-in for ``causal_conv1d``'s ``causal_conv1d_update``; CPU only).
+
+    Shapes: ``x`` (b, d) for one token or (b, d, l_new); ``conv_state``
+    (b, d, state_len) with state_len ≥ w - 1, any float dtype; ``weight``
+    (d, w), 2 ≤ w ≤ 8; ``bias`` (d,); ``cache_seqlens`` (b,) integers (int32).
+
+    Without ``cache_seqlens`` the state is a shift register: the context of
+    the new tokens is the state's last w - 1 entries, and afterwards
+    ``conv_state = concat(conv_state, x)[..., -state_len:]``.
+
+    With ``cache_seqlens`` the state is a circular buffer (the peer's
+    semantics): for batch entry i with s = cache_seqlens[i], the context is
+    ``conv_state[i, :, (s - (w-1) + j) mod state_len]`` for j = 0 … w-2
+    (oldest first), then x; afterwards x[..., t] is written at position
+    (s + t) mod state_len, in order of t (with l_new > state_len the last
+    tokens win). ``mod`` is the non-negative remainder. ``cache_seqlens`` is
+    not advanced: the caller adds l_new.
+
+    Returns ``out`` with x's shape and dtype: act(bias + Σ_i weight[:, i] ·
+    context[..., t + i]).
+    """
+    return _core.causal_conv1d_update(x, conv_state, weight, bias, activation, cache_seqlens)
+
+
+__all__ += ["causal_conv1d_fn", "causal_conv1d_update"]

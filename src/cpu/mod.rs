@@ -1,5 +1,6 @@
 //! CPU kernels: AVX-512, AVX2+FMA and portable, chosen at run time, parallel with rayon.
 
+pub mod conv1d;
 pub mod scan;
 pub mod simd;
 

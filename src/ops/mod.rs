@@ -1,4 +1,5 @@
 //! One file per operation: argument checking and the op's plan, shared by
 //! every backend; the `#[pyfunction]` bindings live beside them.
 
+pub mod conv1d;
 pub mod scan;
