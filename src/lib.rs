@@ -93,6 +93,7 @@ mod module {
                 .collect(),
         );
         crate::ops::scan::register(m)?;
+        crate::ops::scan_bwd::register(m)?;
         crate::ops::conv1d::register(m)?;
         Ok(())
     }

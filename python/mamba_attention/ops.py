@@ -48,6 +48,24 @@ def selective_scan_fn(
     Returns ``out`` (b, d, l) in u's dtype, and with ``return_last_state`` also
     ``last_state`` = h_l, (b, d, n) float32.
     """
+    # torch tensors that need gradients (or are being traced by torch.compile)
+    # go through the differentiable custom op; everything else calls the
+    # kernel directly, the lowest-latency path. torch is never imported here:
+    # if the caller has not imported it, no argument can be a torch.Tensor.
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(u, torch.Tensor):
+        args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in args)
+        ):
+            from ._autograd import selective_scan
+
+            return selective_scan(
+                u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                initial_state,
+            )
     return _core.selective_scan_fwd(
         u,
         delta,

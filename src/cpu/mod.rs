@@ -2,6 +2,7 @@
 
 pub mod conv1d;
 pub mod scan;
+pub mod scan_bwd;
 pub mod simd;
 
 use crate::error::{Error, Result};

@@ -3,3 +3,4 @@
 
 pub mod conv1d;
 pub mod scan;
+pub mod scan_bwd;

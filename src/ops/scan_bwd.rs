@@ -1,0 +1,213 @@
+//! Backward of `selective_scan_fn` (SPEC §1): argument checking and the plan,
+//! and the `selective_scan_bwd` binding used by the autograd layer.
+
+use crate::cpu::scan_bwd::{BcGrad, BwdJob};
+use crate::error::Result;
+use crate::ops::scan::{check_scan, plan_scan, ScanArgs, ScanDims};
+use crate::tensor::{Raw, TensorView};
+
+/// Validates the forward's arguments and the incoming gradients.
+pub fn check_scan_bwd(
+    a: &ScanArgs,
+    dout: &TensorView,
+    dlast: Option<&TensorView>,
+) -> Result<ScanDims> {
+    let dims = check_scan(a)?;
+    let ScanDims { b, d, l, n } = dims;
+    for (t, shape, desc) in [
+        (Some(dout), [b, d, l], "(b, d, l)"),
+        (dlast, [b, d, n], "(b, d, n)"),
+    ] {
+        if let Some(t) = t {
+            t.expect_float()?;
+            t.expect_device(a.u.device, "u")?;
+            t.expect_shape(&shape, desc)?;
+        }
+    }
+    Ok(dims)
+}
+
+/// The view of a dB/dC output of B's/C's shape, as the kernel writes it.
+fn bc_grad(t: &TensorView) -> BcGrad {
+    match t.ndim() {
+        2 => BcGrad::Const(t.raw()),
+        3 => {
+            let s = &t.strides;
+            BcGrad::Var(Raw {
+                ptr: t.ptr,
+                dtype: t.dtype,
+                strides: [s[0], 0, s[1], s[2]],
+            })
+        }
+        _ => BcGrad::Var(t.raw()),
+    }
+}
+
+/// The outputs of the backward, as views.
+pub struct BwdOuts<'a> {
+    pub du: &'a TensorView,
+    pub ddelta: &'a TensorView,
+    pub da: &'a TensorView,
+    pub db: &'a TensorView,
+    pub dc: &'a TensorView,
+    pub dd: Option<&'a TensorView>,
+    pub dz: Option<&'a TensorView>,
+    pub ddbias: Option<&'a TensorView>,
+    pub dinit: Option<&'a TensorView>,
+}
+
+/// The CPU plan of a checked backward.
+pub fn plan_scan_bwd(
+    a: &ScanArgs,
+    dims: ScanDims,
+    softplus: bool,
+    dout: &TensorView,
+    dlast: Option<&TensorView>,
+    o: &BwdOuts,
+) -> BwdJob {
+    BwdJob {
+        // The forward's plan of the same inputs; its `out` is never written.
+        fwd: plan_scan(a, dims, softplus, a.u, None),
+        dout: dout.raw(),
+        dlast: dlast.map(|t| t.raw()),
+        du: o.du.raw(),
+        ddelta: o.ddelta.raw(),
+        dz: o.dz.map(|t| t.raw()),
+        da: o.da.raw(),
+        db: bc_grad(o.db),
+        dc: bc_grad(o.dc),
+        dd: o.dd.map(|t| t.raw()),
+        ddbias: o.ddbias.map(|t| t.raw()),
+        dinit: o.dinit.map(|t| t.raw()),
+    }
+}
+
+#[cfg(feature = "python")]
+pub use py::register;
+
+#[cfg(feature = "python")]
+mod py {
+    use super::*;
+    use crate::cpu::scan_bwd::scan_backward;
+    use crate::cpu::SimdLevel;
+    use crate::error::{catch_panic, Error};
+    use crate::tensor::{alloc, extract, extract_opt, DType, Device};
+    use pyo3::prelude::*;
+    use pyo3::types::PyTuple;
+
+    /// Gradients of `selective_scan_fn` given dout (b, d, l) and optionally
+    /// dlast_state (b, d, n). Returns (du, ddelta, dA, dB, dC, dD, dz,
+    /// ddelta_bias, dinitial_state): du, ddelta in u's dtype, dz in z's, the rest
+    /// float32 in their input's shape; None for an input that was None.
+    #[pyfunction]
+    #[pyo3(signature = (u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=false, initial_state=None, dout=None, dlast_state=None))]
+    #[allow(non_snake_case, clippy::too_many_arguments)]
+    fn selective_scan_bwd<'py>(
+        py: Python<'py>,
+        u: &Bound<'py, PyAny>,
+        delta: &Bound<'py, PyAny>,
+        A: &Bound<'py, PyAny>,
+        B: &Bound<'py, PyAny>,
+        C: &Bound<'py, PyAny>,
+        D: Option<&Bound<'py, PyAny>>,
+        z: Option<&Bound<'py, PyAny>>,
+        delta_bias: Option<&Bound<'py, PyAny>>,
+        delta_softplus: bool,
+        initial_state: Option<&Bound<'py, PyAny>>,
+        dout: Option<&Bound<'py, PyAny>>,
+        dlast_state: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let uv = extract("u", u)?;
+        let dv = extract("delta", delta)?;
+        let av = extract("A", A)?;
+        let bv = extract("B", B)?;
+        let cv = extract("C", C)?;
+        let dsk = extract_opt("D", D)?;
+        let zv = extract_opt("z", z)?;
+        let bias = extract_opt("delta_bias", delta_bias)?;
+        let init = extract_opt("initial_state", initial_state)?;
+        let Some(dout) = dout.filter(|o| !o.is_none()) else {
+            return Err(
+                Error::type_("dout: expected a tensor of shape (b, d, l), got None").into(),
+            );
+        };
+        let gv = extract("dout", dout)?;
+        let glast = extract_opt("dlast_state", dlast_state)?;
+        let args = ScanArgs {
+            u: &uv,
+            delta: &dv,
+            a: &av,
+            b: &bv,
+            c: &cv,
+            d: dsk.as_ref(),
+            z: zv.as_ref(),
+            delta_bias: bias.as_ref(),
+            initial_state: init.as_ref(),
+        };
+        let dims = check_scan_bwd(&args, &gv, glast.as_ref())?;
+        if let Device::Cuda(_) = uv.device {
+            return Err(Error::runtime(
+                "u: the selective scan backward runs on the CPU only in this build; got CUDA tensors (move them to the CPU)",
+            )
+            .into());
+        }
+        let level = SimdLevel::current()?;
+        let ScanDims { b, d, l, n } = dims;
+        let f32_ = Some(DType::F32);
+        let (du_o, du) = alloc("du", u, &uv, &[b, d, l], None)?;
+        let (ddelta_o, ddelta) = alloc("ddelta", u, &uv, &[b, d, l], None)?;
+        let (da_o, da) = alloc("dA", u, &uv, &[d, n], f32_)?;
+        let (db_o, db) = alloc("dB", u, &uv, &bv.shape, f32_)?;
+        let (dc_o, dc) = alloc("dC", u, &uv, &cv.shape, f32_)?;
+        let opt = |on: bool, name, shape: &[usize], dtype| -> PyResult<_> {
+            Ok(if on {
+                Some(alloc(name, u, &uv, shape, dtype)?)
+            } else {
+                None
+            })
+        };
+        let dd = opt(dsk.is_some(), "dD", &[d], f32_)?;
+        let dz = opt(zv.is_some(), "dz", &[b, d, l], zv.as_ref().map(|z| z.dtype))?;
+        let ddb = opt(bias.is_some(), "ddelta_bias", &[d], f32_)?;
+        let dinit = opt(init.is_some(), "dinitial_state", &[b, d, n], f32_)?;
+        let outs = BwdOuts {
+            du: &du,
+            ddelta: &ddelta,
+            da: &da,
+            db: &db,
+            dc: &dc,
+            dd: dd.as_ref().map(|x| &x.1),
+            dz: dz.as_ref().map(|x| &x.1),
+            ddbias: ddb.as_ref().map(|x| &x.1),
+            dinit: dinit.as_ref().map(|x| &x.1),
+        };
+        let job = plan_scan_bwd(&args, dims, delta_softplus, &gv, glast.as_ref(), &outs);
+        py.detach(|| {
+            catch_panic("selective_scan_bwd", || {
+                scan_backward(&job, level);
+                Ok(())
+            })
+        })?;
+        let none = || py.None().into_bound(py);
+        let or_none = |x: Option<(Bound<'py, PyAny>, TensorView)>| x.map_or_else(none, |x| x.0);
+        PyTuple::new(
+            py,
+            [
+                du_o,
+                ddelta_o,
+                da_o,
+                db_o,
+                dc_o,
+                or_none(dd),
+                or_none(dz),
+                or_none(ddb),
+                or_none(dinit),
+            ],
+        )
+    }
+
+    pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_function(wrap_pyfunction!(selective_scan_bwd, m)?)?;
+        Ok(())
+    }
+}
