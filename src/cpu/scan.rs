@@ -35,13 +35,13 @@ pub enum BcSrc {
 }
 
 impl BcSrc {
-    fn groups(&self) -> usize {
+    pub(crate) fn groups(&self) -> usize {
         match self {
             BcSrc::Const(_) => 1,
             BcSrc::Var { groups, .. } => *groups,
         }
     }
-    fn is_var(&self) -> bool {
+    pub(crate) fn is_var(&self) -> bool {
         matches!(self, BcSrc::Var { .. })
     }
 }
@@ -69,7 +69,7 @@ pub struct ScanJob {
 
 /// Contiguous channel ranges [c0, c0 + len) of at most `lanes` channels that
 /// each lie inside one B group and one C group.
-fn channel_blocks(d: usize, gb: usize, gc: usize, lanes: usize) -> Vec<(usize, usize)> {
+pub(crate) fn channel_blocks(d: usize, gb: usize, gc: usize, lanes: usize) -> Vec<(usize, usize)> {
     let (sb, sc) = (d / gb, d / gc);
     let mut v = Vec::new();
     let mut c0 = 0;
@@ -461,7 +461,12 @@ struct Tiles {
 }
 
 #[inline(always)]
-unsafe fn bc<S: Simd, const VAR: bool>(p: *const f32, s: usize, k: usize, n: usize) -> S::V {
+pub(crate) unsafe fn bc<S: Simd, const VAR: bool>(
+    p: *const f32,
+    s: usize,
+    k: usize,
+    n: usize,
+) -> S::V {
     if VAR {
         S::splat(*p.add(s * n + k))
     } else {

@@ -41,7 +41,7 @@
 //! DRAM with softplus/sigmoid/silu per step. Checkpoints saved by the forward
 //! would remove pass 1.
 
-use super::scan::{BcSrc, ScanJob, MAX_LANES};
+use super::scan::{bc, channel_blocks, BcSrc, ScanJob, MAX_LANES};
 use super::simd::{Simd, LOG2E};
 use super::SimdLevel;
 use crate::simd_dispatch;
@@ -80,34 +80,6 @@ pub struct BwdJob {
     pub ddbias: Option<Raw<1>>,
     /// (b, d, n) float32.
     pub dinit: Option<Raw<3>>,
-}
-
-fn groups(s: &BcSrc) -> usize {
-    match s {
-        BcSrc::Const(_) => 1,
-        BcSrc::Var { groups, .. } => *groups,
-    }
-}
-
-fn is_var(s: &BcSrc) -> bool {
-    matches!(s, BcSrc::Var { .. })
-}
-
-/// Contiguous channel ranges of at most `lanes` channels inside one B group and
-/// one C group (the forward's blocking).
-fn channel_blocks(d: usize, gb: usize, gc: usize, lanes: usize) -> Vec<(usize, usize)> {
-    let (sb, sc) = (d / gb, d / gc);
-    let mut v = Vec::new();
-    let mut c0 = 0;
-    while c0 < d {
-        let end = (c0 + lanes)
-            .min((c0 / sb + 1) * sb)
-            .min((c0 / sc + 1) * sc)
-            .min(d);
-        v.push((c0, end - c0));
-        c0 = end;
-    }
-    v
 }
 
 /// Transposes a time-varying B/C chunk [t0, t0 + lc) into float32 [b][g][lc][n].
@@ -454,16 +426,6 @@ struct Sub {
     hbuf: *mut f32,
 }
 
-/// B or C of state k at step s.
-#[inline(always)]
-unsafe fn bc<S: Simd, const VAR: bool>(p: *const f32, s: usize, k: usize, n: usize) -> S::V {
-    if VAR {
-        S::splat(*p.add(s * n + k))
-    } else {
-        S::load(p.add(k * S::LANES))
-    }
-}
-
 /// The forward recurrence for states k0..k0+K over a sub-chunk, from the state
 /// at `hin`. STORE: write a_t and h_t to the recompute buffers; else write the
 /// final state to `hout` (pass 1's next checkpoint).
@@ -645,7 +607,7 @@ unsafe fn pass1_block<S: BwdSimd>(c: &Pass1) {
     }
     let mut ut = [0.0f32; TMAX * MAX_LANES];
     let mut dt = [0.0f32; TMAX * MAX_LANES];
-    let bvar = is_var(&job.bm);
+    let bvar = job.bm.is_var();
     let mut t = c.t0;
     while t < c.t1 {
         let (j, tt) = (t / ts, ts.min(c.t1 - t));
@@ -793,7 +755,7 @@ unsafe fn sub_block<S: BwdSimd>(
     let tab = c.tabs.add(blk * c.tab_sz);
     let st = c.st.add(i * c.st_sz);
     let ck = c.ck.add((i * job.l.div_ceil(c.ts) + j) * hsz);
-    let (bvar, cvar) = (is_var(&job.bm), is_var(&job.cm));
+    let (bvar, cvar) = (job.bm.is_var(), job.cm.is_var());
 
     let tp = sc.tiles.as_mut_ptr();
     let [ut, dt, dsp, ot, zt, sz, dy, yb, d1, d2]: [*mut f32; NTILES] =
@@ -937,8 +899,8 @@ fn sub_chunk(job: &ScanJob) -> usize {
 /// Time steps per outer chunk (a multiple of ts): bounds the transposed B/C and
 /// the partial dB/dC buffers to ~32 MB.
 fn outer_chunk(job: &ScanJob, ntasks: usize, ts: usize) -> usize {
-    let vars = is_var(&job.bm) as usize + is_var(&job.cm) as usize;
-    let per_t = (job.b * (groups(&job.bm) + groups(&job.cm)) + ntasks * vars) * job.n * 4;
+    let vars = job.bm.is_var() as usize + job.cm.is_var() as usize;
+    let per_t = (job.b * (job.bm.groups() + job.cm.groups()) + ntasks * vars) * job.n * 4;
     let lc = (32usize << 20) / per_t.max(1);
     (lc.max(ts) / ts * ts).min(job.l.div_ceil(ts) * ts)
 }
@@ -956,9 +918,9 @@ fn scan_backward_tuned(bj: &BwdJob, level: SimdLevel, tune: Option<(usize, usize
         _ => 8,
     };
     let (b, d, n, len_l) = (job.b, job.d, job.n, job.l);
-    let (gb, gc) = (groups(&job.bm), groups(&job.cm));
+    let (gb, gc) = (job.bm.groups(), job.cm.groups());
     let (sb, sc) = (d / gb, d / gc);
-    let (bvar, cvar) = (is_var(&job.bm), is_var(&job.cm));
+    let (bvar, cvar) = (job.bm.is_var(), job.cm.is_var());
     let blocks = channel_blocks(d, gb, gc, lanes);
     let nb = blocks.len();
     let (tabs, tab_sz) = block_tables(job, &blocks, lanes);
