@@ -111,26 +111,12 @@ const KEEP_CHECKPOINTS: usize = 16 << 20;
 
 // ---------------------------------------------------------- ISA extras
 
-/// What the backward needs beyond [`Simd`]: `exp2_acc` and `add_lane_sums8`.
-///
-/// `exp2_acc` is 2^x for the decay factors a_t = exp(Δ·A), accurate for every
-/// x. The forward's AVX-512 `exp2_fast` reduces with f = x − floor(x), which
-/// drops low bits of f when x is small and negative: the long-memory regime
-/// (Δ·A ≈ −0.05) where errors in a_t compound over many steps (gradients
-/// lost ~10× accuracy at l = 3000). AVX-512 here reduces to [−½, ½] instead:
-/// n = round(x), f = x − n (exact), 2^f·2^n by vscalefps (0 / inf out of
-/// range, NaN stays NaN); the other levels already reduce that way in
-/// `Simd::exp2`.
+/// What the backward needs beyond [`Simd`]: `add_lane_sums8`.
 ///
 /// # Safety
 /// As for [`Simd`]: only for a level whose CPU features were detected; the
 /// pointer arguments must be valid for the accesses they name.
 pub unsafe trait BwdSimd: Simd {
-    #[inline(always)]
-    unsafe fn exp2_acc(x: Self::V) -> Self::V {
-        Self::exp2(x)
-    }
-
     /// dst[i] += Σ_lanes v[i] for i < 8 (the dB/dC sums over a block's channels).
     #[inline(always)]
     unsafe fn add_lane_sums8(v: &[Self::V; 8], dst: *mut f32) {
@@ -147,13 +133,6 @@ unsafe impl BwdSimd for super::simd::Avx2 {}
 
 #[cfg(target_arch = "x86_64")]
 unsafe impl BwdSimd for super::simd::Avx512 {
-    #[inline(always)]
-    unsafe fn exp2_acc(x: Self::V) -> Self::V {
-        use std::arch::x86_64::*;
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
-        _mm512_scalef_ps(Self::exp2_poly(_mm512_sub_ps(x, n)), n)
-    }
-
     /// A reduction tree instead of 8 horizontal sums: 16 shuffles and 9 adds.
     #[inline(always)]
     unsafe fn add_lane_sums8(v: &[Self::V; 8], dst: *mut f32) {
@@ -452,7 +431,7 @@ unsafe fn forward_group<S: BwdSimd, const K: usize, const BV: bool, const STORE:
         let du = S::mul(dt, S::load(p.u.add(s * l)));
         let (ab, hb) = (p.abuf.add(s * K * l), p.hbuf.add((s + 1) * K * l));
         for_k!(K, kk, {
-            let a = S::exp2_acc(S::mul(dt, S::load(a2.add(kk * l))));
+            let a = S::exp2_fast(S::mul(dt, S::load(a2.add(kk * l))));
             h[kk] = S::fma(a, h[kk], S::mul(du, bc::<S, BV>(bp, s, kk, p.n)));
             if STORE {
                 S::store(ab.add(kk * l), a);

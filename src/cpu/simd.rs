@@ -21,18 +21,6 @@ const EXP2_C: [f32; 7] = [
     0.000_154_697_37,
 ];
 
-/// Coefficients of 2^f on [0, 1), degree 6 (max relative error 8.1e-8 in
-/// float32), for AVX-512's exp2 where vreduceps yields f = x − floor(x).
-const EXP2_C01: [f32; 7] = [
-    1.0,
-    0.693_146_94,
-    0.240_230_5,
-    0.055_480_428,
-    0.009_684_579,
-    0.001_238_782_7,
-    0.000_218_775_11,
-];
-
 /// A vector of `LANES` float32 values and the operations the kernels need.
 ///
 /// # Safety
@@ -444,17 +432,13 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn exp2_fast(x: __m512) -> __m512 {
-            // f = x − floor(x) in one vreduceps, and vscalefps(p, x) multiplies
-            // by 2^floor(x) itself: 0 / inf out of range, NaN for NaN.
-            let f = _mm512_reduce_ps::<{ _MM_FROUND_TO_NEG_INF }>(x);
-            let c = |i: usize| _mm512_set1_ps(EXP2_C01[i]);
-            let mut p = _mm512_fmadd_ps(c(6), f, c(5));
-            p = _mm512_fmadd_ps(p, f, c(4));
-            p = _mm512_fmadd_ps(p, f, c(3));
-            p = _mm512_fmadd_ps(p, f, c(2));
-            p = _mm512_fmadd_ps(p, f, c(1));
-            p = _mm512_fmadd_ps(p, f, c(0));
-            _mm512_scalef_ps(p, x)
+            // n = round(x), f = x − n ∈ [−½, ½] (exact), and vscalefps(p, n)
+            // multiplies by 2^n itself: 0 / inf out of range, NaN for NaN.
+            // Rounding to nearest, not down (vreduceps): for small negative x,
+            // x − floor(x) lands near 1 and loses x's low bits, an error that
+            // compounds over a long recurrence of decays exp(Δ·A).
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+            _mm512_scalef_ps(Self::exp2_poly(_mm512_sub_ps(x, n)), n)
         }
 
         #[inline(always)]
