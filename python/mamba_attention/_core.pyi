@@ -40,6 +40,25 @@ def selective_scan_fwd(
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Selective scan forward (SPEC §1): out (b, d, l) [, last_state (b, d, n) float32]."""
 
+def selective_scan_bwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    initial_state: Optional[Tensor] = None,
+    dout: Optional[Tensor] = None,
+    dlast_state: Optional[Tensor] = None,
+) -> Tuple[Optional[Tensor], ...]:
+    """Gradients of selective_scan_fn given dout (b, d, l) [and dlast_state (b, d, n)]:
+    (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); du and ddelta in
+    u's dtype, dz in z's, the rest float32 in their input's shape; None for an input
+    that was None."""
+
 def selective_state_update(
     state: Tensor,
     x: Tensor,
