@@ -188,3 +188,22 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None,
         out += weight[None, :, i, None] * ctx[:, :, i:i + l]
     out = _act(out, activation)
     return (out[..., 0] if squeeze else out), new_state
+
+
+# ---------------------------------------------------------------- RMSNorm, SwiGLU
+
+
+def rms_norm_ref(x, weight, bias=None, residual=None, eps=1e-6):
+    """float64 RMSNorm over the last axis with an optional residual added first:
+    s = x + residual; y = s / sqrt(mean(s²) + eps) · weight (+ bias). Returns (y, s)."""
+    s = to_f64(x) + (0.0 if residual is None else to_f64(residual))
+    y = s / np.sqrt(np.mean(s * s, axis=-1, keepdims=True) + eps) * to_f64(weight)
+    if bias is not None:
+        y = y + to_f64(bias)
+    return y, s
+
+
+def swiglu_ref(gate, up):
+    """float64 silu(gate) · up."""
+    g = to_f64(gate)
+    return g / (1.0 + np.exp(-g)) * to_f64(up)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import _core
 
-__all__ = ["selective_scan"]
+__all__ = ["selective_scan", "rms_norm", "swiglu_op"]
 
 _F32 = torch.float32
 
@@ -137,3 +137,143 @@ def selective_scan(
         u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state
     )
     return (out, last_state) if return_last_state else out
+
+
+# ---------------------------------------------------------------- RMSNorm, SwiGLU
+#
+# Same pattern as the scan: forward and backward custom ops on (rows, h) views
+# (ops.py flattens), fake implementations, and an autograd formula. The
+# forward always returns rstd (float32 (rows,)) for the backward, and the
+# residual stream when ``store_residual`` (else an empty tensor).
+
+
+def _res_dtype(x, residual, residual_in_fp32):
+    if residual is not None:
+        return residual.dtype
+    return _F32 if residual_in_fp32 else x.dtype
+
+
+@torch.library.custom_op("mamba_attention::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    eps: float,
+    store_residual: bool,
+    residual_in_fp32: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    out, res, rstd = _core.rms_norm_fwd(
+        x, weight, bias, residual, eps, store_residual, residual_in_fp32
+    )
+    return out, (x.new_empty((0,)) if res is None else res), rstd
+
+
+@rms_norm_fwd.register_fake
+def _(x, weight, bias, residual, eps, store_residual, residual_in_fp32):
+    res = (
+        x.new_empty(x.shape, dtype=_res_dtype(x, residual, residual_in_fp32))
+        if store_residual
+        else x.new_empty((0,))
+    )
+    return x.new_empty(x.shape), res, x.new_empty((x.shape[0],), dtype=_F32)
+
+
+@torch.library.custom_op("mamba_attention::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    rstd: Tensor,
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    dresidual_out: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = _core.rms_norm_bwd(dy, x, weight, rstd, bias, residual, dresidual_out)
+    return tuple(x.new_empty((0,)) if g is None else g for g in grads)
+
+
+@rms_norm_bwd.register_fake
+def _(dy, x, weight, rstd, bias, residual, dresidual_out):
+    h = x.shape[1]
+    return (
+        x.new_empty(x.shape),
+        x.new_empty((h,), dtype=_F32),
+        x.new_empty((h,) if bias is not None else (0,), dtype=_F32),
+        residual.new_empty(residual.shape) if residual is not None else x.new_empty((0,)),
+    )
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight, bias, residual, eps, store_residual, residual_in_fp32 = inputs
+    ctx.save_for_backward(x, weight, bias, residual, output[2])
+    ctx.store_residual = store_residual
+
+
+def _rms_backward(ctx, dout, dres_out, _drstd):
+    x, weight, bias, residual, rstd = ctx.saved_tensors
+    if dout is None:
+        dout = x.new_zeros(x.shape)
+    if not ctx.store_residual:
+        dres_out = None
+    dx, dw, db, dres = torch.ops.mamba_attention.rms_norm_bwd(
+        dout, x, weight, rstd, bias, residual, dres_out
+    )
+    return (
+        dx,
+        dw.to(weight.dtype),
+        None if bias is None else db.to(bias.dtype),
+        None if residual is None else dres,
+        None,
+        None,
+        None,
+    )
+
+
+rms_norm_fwd.register_autograd(_rms_backward, setup_context=_rms_setup)
+
+
+def rms_norm(x, weight, bias, residual, eps, residual_in_fp32, store_residual=True):
+    """``rms_norm_fn`` on (rows, h) torch tensors through the custom op: (out, residual_out)."""
+    out, res, _ = torch.ops.mamba_attention.rms_norm_fwd(
+        x, weight, bias, residual, eps, store_residual, residual_in_fp32
+    )
+    return out, res
+
+
+@torch.library.custom_op("mamba_attention::swiglu_fwd", mutates_args=())
+def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
+    return _core.swiglu_fwd(gate, up)
+
+
+@swiglu_fwd.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("mamba_attention::swiglu_bwd", mutates_args=())
+def swiglu_bwd(gate: Tensor, up: Tensor, dout: Tensor) -> Tuple[Tensor, Tensor]:
+    dg, du = _core.swiglu_bwd(gate, up, dout)
+    return dg, du
+
+
+@swiglu_bwd.register_fake
+def _(gate, up, dout):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_backward(ctx, dout):
+    gate, up = ctx.saved_tensors
+    return torch.ops.mamba_attention.swiglu_bwd(gate, up, dout)
+
+
+swiglu_fwd.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+
+
+def swiglu_op(gate, up):
+    """``swiglu`` on (rows, cols) torch tensors through the custom op."""
+    return torch.ops.mamba_attention.swiglu_fwd(gate, up)

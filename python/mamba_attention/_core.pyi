@@ -104,3 +104,32 @@ def causal_conv1d_bwd(
     activation: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Backward of causal_conv1d_fwd: (dx in x's dtype, dweight float32 (d, w), dbias float32 (d,) or None, dinitial_states in its dtype or None)."""
+
+def rms_norm_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    store_residual: bool = False,
+    residual_in_fp32: bool = False,
+) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """RMSNorm of (rows, h) x (+ residual): (out in x's dtype, residual_out or None,
+    rstd float32 (rows,))."""
+
+def rms_norm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    rstd: Tensor,
+    bias: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    dresidual_out: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """RMSNorm backward: (dx, dweight float32, dbias float32 or None, dresidual or None)."""
+
+def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) · up on (rows, cols), in gate's dtype."""
+
+def swiglu_bwd(gate: Tensor, up: Tensor, dout: Tensor) -> Tuple[Tensor, Tensor]:
+    """SwiGLU gradients: (dgate in gate's dtype, dup in up's dtype)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from . import _core
 
-__all__ = ["selective_scan_fn", "selective_state_update"]
+__all__ = ["selective_scan_fn", "selective_state_update", "rms_norm_fn", "swiglu"]
 
 
 def selective_scan_fn(
@@ -234,3 +234,83 @@ def causal_conv1d_update(
 
 
 __all__ += ["causal_conv1d_fn", "causal_conv1d_update"]
+
+
+def _torch_grad_path(first, tensors):
+    """Whether torch tensors must go through the differentiable custom op:
+    gradients wanted, or torch.compile tracing."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(first, torch.Tensor):
+        return False
+    return torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
+    )
+
+
+def _rows(t, h, name):
+    """``t`` as a (rows, h) view (a copy only where the strides do not allow one)."""
+    if t is None:
+        return None
+    shape = getattr(t, "shape", None)
+    if shape is None or len(shape) == 0:
+        # Let the Rust checks produce the error that names the argument.
+        return t
+    if shape[-1] != h:
+        raise ValueError(
+            f"{name}: expected last dimension h = {h} (from weight), got shape {tuple(shape)}"
+        )
+    return t.reshape(-1, h)
+
+
+def rms_norm_fn(x, weight, bias=None, residual=None, prenorm=False, residual_in_fp32=False,
+                eps=1e-6):
+    """RMSNorm with a fused residual add, a drop-in for mamba_ssm's ``rms_norm_fn``.
+
+    ``x`` (..., h); ``weight``, ``bias`` (h,); ``residual`` like x. With s = x +
+    residual (float32), returns ``y = s / sqrt(mean(s²) + eps) · weight (+ bias)``
+    in x's dtype, and with ``prenorm`` also the new residual stream s, in
+    residual's dtype (float32 with ``residual_in_fp32`` when no residual is
+    given, else x's). Differentiable in x, weight, bias and residual.
+    """
+    h = weight.shape[0] if getattr(weight, "ndim", 0) == 1 else None
+    shape = getattr(x, "shape", None)
+    if h is None or shape is None or len(shape) == 0:
+        # Not tensors of the expected ranks: the Rust checks raise the error
+        # that names the argument and says what was expected.
+        return _core.rms_norm_fwd(x, weight, bias, residual, float(eps), False, False)[0]
+    x2, r2 = _rows(x, h, "x"), _rows(residual, h, "residual")
+    if _torch_grad_path(x, (x, weight, bias, residual)):
+        from ._autograd import rms_norm
+
+        out, res = rms_norm(x2, weight, bias, r2, float(eps), bool(residual_in_fp32),
+                            store_residual=bool(prenorm))
+    else:
+        out, res, _ = _core.rms_norm_fwd(
+            x2, weight, bias, r2, float(eps), bool(prenorm), bool(residual_in_fp32)
+        )
+    out = out.reshape(shape)
+    return (out, res.reshape(shape)) if prenorm else out
+
+
+def swiglu(gate, up):
+    """``silu(gate) · up`` (SwiGLU's gating), fused; flash-attn's ``swiglu``.
+
+    ``gate`` and ``up`` have the same shape; the result has gate's dtype.
+    Differentiable in both.
+    """
+    shape = getattr(gate, "shape", None)
+    if shape is None or len(shape) == 0 or getattr(up, "shape", None) is None:
+        return _core.swiglu_fwd(gate, up)
+    if tuple(up.shape) != tuple(shape):
+        raise ValueError(
+            f"up: expected the shape of gate {tuple(shape)}, got {tuple(up.shape)}"
+        )
+    cols = shape[-1]
+    g2, u2 = gate.reshape(-1, cols), up.reshape(-1, cols)
+    if _torch_grad_path(gate, (gate, up)):
+        from ._autograd import swiglu_op
+
+        return swiglu_op(g2, u2).reshape(shape)
+    return _core.swiglu_fwd(g2, u2).reshape(shape)

@@ -4,6 +4,7 @@
 //! the caller's (PyTorch's) current stream.
 
 pub mod cache;
+pub mod norm;
 pub mod nvrtc;
 pub mod scan;
 
@@ -28,6 +29,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         "selective_state_update",
         include_str!("../../kernels/selective_state_update.cu"),
     ),
+    ("norm", include_str!("../../kernels/norm.cu")),
 ];
 
 /// dtype codes shared with kernels/common.cuh.
