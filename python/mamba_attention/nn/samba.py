@@ -1,0 +1,181 @@
+"""Samba (SPEC §5): pre-norm residual layers Mamba → MLP → SWA → MLP.
+
+Mamba carries long-range state, sliding-window attention does precise recall
+within its window, and decoding memory stays constant however long the
+context: each block's cache is a Mamba conv/SSM state plus a ring buffer of
+``window_size`` keys/values.
+
+The residual stream is added and normalised in one kernel per layer
+(``rms_norm_fn(..., residual=..., prenorm=True)``) and kept in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from .attention import SlidingWindowAttention
+from .layers import GatedMLP, RMSNorm
+from .mamba import Mamba
+
+__all__ = ["SambaBlock", "Samba", "SambaConfig", "SAMBA_CONFIGS"]
+
+
+@dataclass(frozen=True)
+class SambaConfig:
+    """Sizes of a Samba model. ``n_blocks`` counts Mamba→MLP→SWA→MLP groups
+    (4 layers each)."""
+
+    d_model: int
+    n_blocks: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    window_size: int = 2048
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    mlp_hidden: Optional[int] = None
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+
+
+#: The published model sizes (SPEC §5: width, query/kv heads, head dim, window
+#: 2048, d_state 16). Depths are our reading of the Samba paper and are not
+#: used for anything but these presets; no weights are loaded here.
+SAMBA_CONFIGS = {
+    "samba-421m": SambaConfig(d_model=1536, n_blocks=6, n_heads=12, n_kv_heads=12, head_dim=128),
+    "samba-1.3b": SambaConfig(d_model=2304, n_blocks=9, n_heads=18, n_kv_heads=18, head_dim=128),
+    "samba-1.7b": SambaConfig(d_model=2048, n_blocks=12, n_heads=32, n_kv_heads=4, head_dim=64),
+    "samba-3.8b": SambaConfig(d_model=2816, n_blocks=16, n_heads=11, n_kv_heads=1, head_dim=256),
+}
+
+
+class SambaBlock(nn.Module):
+    """One Samba group: four pre-norm residual layers, Mamba → MLP → SWA → MLP.
+
+    ``forward(hidden, residual=None)`` returns ``(hidden, residual)`` in the
+    mamba_ssm ``Block`` convention: each layer computes
+    ``residual = residual + hidden; hidden = mixer(norm(residual))``, the add
+    and the norm fused; apply a final norm to ``(hidden, residual)`` at the end
+    of a stack (``Samba`` does).
+    """
+
+    def __init__(self, d_model, n_heads, n_kv_heads=None, head_dim=None, window_size=2048,
+                 d_state=16, d_conv=4, expand=2, mlp_hidden=None, norm_eps=1e-5, layer_idx=None,
+                 device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.layer_idx = layer_idx
+        self.norms = nn.ModuleList([RMSNorm(d_model, eps=norm_eps, **kw) for _ in range(4)])
+        self.mamba = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand,
+                           layer_idx=layer_idx, **kw)
+        self.mlp1 = GatedMLP(d_model, mlp_hidden, **kw)
+        self.swa = SlidingWindowAttention(d_model, n_heads, n_kv_heads, head_dim, window_size, **kw)
+        self.mlp2 = GatedMLP(d_model, mlp_hidden, **kw)
+
+    def _mixers(self):
+        return (self.mamba, self.mlp1, self.swa, self.mlp2)
+
+    def forward(self, hidden, residual=None):
+        for norm, mixer in zip(self.norms, self._mixers()):
+            hidden, residual = norm(hidden, residual, prenorm=True, residual_in_fp32=True)
+            hidden = mixer(hidden)
+        return hidden, residual
+
+    def allocate_inference_cache(self, batch_size, max_seqlen=None, dtype=None):
+        """(conv_state, ssm_state, kv ring buffer): size independent of the context."""
+        conv_state, ssm_state = self.mamba.allocate_inference_cache(batch_size, max_seqlen or 1,
+                                                                    dtype=dtype)
+        return [conv_state, ssm_state, self.swa.allocate_inference_cache(batch_size, dtype=dtype)]
+
+    def step(self, hidden, residual, cache):
+        """One token: ``hidden`` (b, 1, d); returns (hidden, residual); updates ``cache``."""
+        conv_state, ssm_state, kv = cache
+        for i, (norm, mixer) in enumerate(zip(self.norms, self._mixers())):
+            hidden, residual = norm(hidden, residual, prenorm=True, residual_in_fp32=True)
+            if i == 0:
+                hidden, conv_state, ssm_state = self.mamba.step(hidden, conv_state, ssm_state)
+            elif i == 2:
+                hidden = self.swa.step(hidden, kv)
+            else:
+                hidden = mixer(hidden)
+        cache[0], cache[1] = conv_state, ssm_state
+        return hidden, residual
+
+
+class Samba(nn.Module):
+    """A Samba language model: embedding, ``n_blocks`` SambaBlocks, final RMSNorm,
+    LM head (tied to the embedding by default).
+
+    ``Samba.from_config("samba-421m")`` builds a published size (random weights).
+    ``forward(input_ids (b, l))`` returns logits (b, l, vocab); ``step`` decodes one
+    token with a cache from ``allocate_inference_cache`` whose size does not grow
+    with the context; ``generate`` decodes greedily.
+    """
+
+    def __init__(self, config: SambaConfig, tie_embeddings=True, device=None, dtype=None):
+        super().__init__()
+        c = config
+        kw = dict(device=device, dtype=dtype)
+        self.config = c
+        self.embedding = nn.Embedding(c.vocab_size, c.d_model, **kw)
+        self.blocks = nn.ModuleList([
+            SambaBlock(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.window_size, c.d_state,
+                       c.d_conv, c.expand, c.mlp_hidden, c.norm_eps, layer_idx=i, **kw)
+            for i in range(c.n_blocks)
+        ])
+        self.norm_f = RMSNorm(c.d_model, eps=c.norm_eps, **kw)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False, **kw)
+        if tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+
+    @classmethod
+    def from_config(cls, name, **overrides):
+        """A published size by name (``SAMBA_CONFIGS``), fields overridable."""
+        if name not in SAMBA_CONFIGS:
+            raise ValueError(f"name: expected one of {sorted(SAMBA_CONFIGS)}, got {name!r}")
+        kw = {k: overrides.pop(k) for k in ("tie_embeddings", "device", "dtype") if k in overrides}
+        cfg = SAMBA_CONFIGS[name]
+        return cls(SambaConfig(**{**cfg.__dict__, **overrides}), **kw)
+
+    def forward(self, input_ids):
+        hidden, residual = self.embedding(input_ids), None
+        for block in self.blocks:
+            hidden, residual = block(hidden, residual)
+        hidden = self.norm_f(hidden, residual)
+        return self.lm_head(hidden)
+
+    def allocate_inference_cache(self, batch_size, max_seqlen=None, dtype=None) -> List[list]:
+        return [b.allocate_inference_cache(batch_size, max_seqlen, dtype) for b in self.blocks]
+
+    @torch.no_grad()
+    def step(self, input_ids, cache):
+        """Logits (b, 1, vocab) of one new token per sequence (``input_ids`` (b, 1))."""
+        if input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            raise ValueError(f"input_ids: expected shape (b, 1), got {tuple(input_ids.shape)}")
+        hidden, residual = self.embedding(input_ids), None
+        for block, c in zip(self.blocks, cache):
+            hidden, residual = block.step(hidden, residual, c)
+        return self.lm_head(self.norm_f(hidden, residual))
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens):
+        """Greedy decoding: returns (b, l + max_new_tokens) token ids. The prompt is
+        fed token by token through ``step`` (constant memory at any length)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids: expected shape (b, l) with l ≥ 1, got "
+                             f"{tuple(input_ids.shape)}")
+        cache = self.allocate_inference_cache(input_ids.shape[0])
+        logits = None
+        for t in range(input_ids.shape[1]):
+            logits = self.step(input_ids[:, t:t + 1], cache)
+        out = [input_ids]
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(nxt)
+            logits = self.step(nxt, cache)
+        return torch.cat(out, dim=1)
