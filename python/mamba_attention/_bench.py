@@ -292,7 +292,7 @@ def workloads() -> List[Workload]:
         _scan_workload("G3", "cuda", b=8, d=2048, n=16, l=8192, g=1, dtype="bfloat16"),
         _update_workload("G5-b1", "cuda", b=1, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
         _update_workload("G5-b64", "cuda", b=64, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
-    ]
+    ] + hybrid_workloads()
 
 
 # --------------------------------------------------------------------------
@@ -684,3 +684,255 @@ def format_table(rows):
 def failed(rows):
     """True if any row is a MISMATCH or an ERROR of ours (a failing peer is only reported)."""
     return any(r["status"] in ("MISMATCH", "ERROR") for r in rows)
+
+
+# --------------------------------------------------------------------------
+# Hybrid layers (issue 6): MambaAttention, the Samba block, Samba decoding
+# --------------------------------------------------------------------------
+
+
+def _fwd_bwd(module_params, fwd, x, gout):
+    """A call doing forward + backward of ``fwd`` on a fresh leaf copy of x; returns
+    (out, dx, grad of the first parameter)."""
+
+    def call():
+        xi = x.detach().requires_grad_()
+        for p in module_params:
+            p.grad = None
+        out = fwd(xi)
+        out.backward(gout)
+        return out.detach(), xi.grad, module_params[0].grad
+
+    return call
+
+
+def _mamba_attention_workload(wid, device, L, N, E, dtype="float32"):
+    """MambaAttention(E) (the documents' layer, default options: two full
+    attentions summed) forward + backward against the documents' snippet
+    (two nn.MultiheadAttention) holding the same weights."""
+
+    def setup():
+        import torch
+        from torch import nn
+
+        from .nn import MambaAttention
+
+        tdt = getattr(torch, dtype)
+
+        class Snippet(nn.Module):
+            def __init__(self, hidden_size):
+                super().__init__()
+                self.global_attention = nn.MultiheadAttention(hidden_size, num_heads=8)
+                self.local_attention = nn.MultiheadAttention(hidden_size, num_heads=8)
+
+            def forward(self, x):
+                global_out, _ = self.global_attention(x, x, x)
+                local_out, _ = self.local_attention(x, x, x)
+                return global_out + local_out
+
+        torch.manual_seed(0)
+        snip = Snippet(E).to(device=device, dtype=tdt)
+        ours = MambaAttention(E).to(device=device, dtype=tdt)
+        ours.load_state_dict(snip.state_dict(), strict=True)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(L, N, E, generator=gen).to(device=device, dtype=tdt)
+        gout = torch.randn(L, N, E, generator=gen).to(device=device, dtype=tdt)
+        return {
+            "ours": _fwd_bwd(list(ours.parameters()), ours, x, gout),
+            "snippet (nn.MultiheadAttention)": _fwd_bwd(list(snip.parameters()), snip, x, gout),
+        }
+
+    # 2 branches × (projections 4·L·N·E² ·2 flops + attention 4·N·L²·E), ×3 for fwd+bwd.
+    flops = 3 * 2 * (8 * L * N * E * E + 4 * N * L * L * E)
+    rate = 600e12 if device == "cuda" else 150e9
+    return Workload(
+        id=wid, device=device,
+        description=f"MambaAttention fwd+bwd {dtype} L{L} N{N} E{E} (8 heads) vs the snippet",
+        setup=setup, floor_ms=flops / rate * 1e3,
+        floor_note=("H100 estimate: " if device == "cuda" else "")
+        + f"fwd+bwd FLOPs / {rate / 1e12:g} TFLOP/s",
+        rtol={"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}[dtype],
+    )
+
+
+def _peer_samba_block(blk, attn):
+    """The same Samba block from PyTorch peers, with blk's weights: torch RMSNorm and
+    MLP, the Mamba layer from the PyTorch references (or mamba_ssm's, GPU), and
+    ``attn(q, k, v)`` for the sliding window (b, l, h, hd layout)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ._torch_ref import mamba_layer_ref
+    from .nn.attention import apply_rotary
+
+    mm_cls = _mamba_ssm("modules.mamba_simple", "Mamba") if blk.norms[0].weight.is_cuda else None
+    if mm_cls is not None:
+        w = blk.mamba.in_proj.weight
+        mamba = mm_cls(blk.mamba.d_model, device=w.device, dtype=w.dtype)
+        mamba.load_state_dict(blk.mamba.state_dict())
+    else:
+        def mamba(h):
+            return mamba_layer_ref(blk.mamba, h)
+
+    def mlp(m, h):
+        return m.down(F.silu(m.gate(h)) * m.up(h))
+
+    def swa(h):
+        s = blk.swa
+        b, l, _ = h.shape
+        pos = torch.arange(l, device=h.device)
+        q = apply_rotary(s.q_proj(h).view(b, l, s.n_heads, s.head_dim), pos)
+        k = apply_rotary(s.k_proj(h).view(b, l, s.n_kv_heads, s.head_dim), pos)
+        v = s.v_proj(h).view(b, l, s.n_kv_heads, s.head_dim)
+        return s.out_proj(attn(q, k, v, s.window_size).reshape(b, l, -1))
+
+    mixers = (mamba, lambda h: mlp(blk.mlp1, h), swa, lambda h: mlp(blk.mlp2, h))
+
+    def fwd(x):
+        hidden, residual = x, None
+        for norm, mixer in zip(blk.norms, mixers):
+            residual = hidden.float() if residual is None else residual + hidden.float()
+            hidden = mixer(F.rms_norm(residual.to(x.dtype), (x.shape[-1],), norm.weight, norm.eps))
+        return hidden
+
+    return fwd
+
+
+def _sdpa_window(q, k, v, window):
+    """Sliding-window attention through torch SDPA with a dense boolean mask (GQA by
+    repeating K/V): the CPU peer."""
+    import torch
+    import torch.nn.functional as F
+
+    l, rep = q.shape[1], q.shape[2] // k.shape[2]
+    i = torch.arange(l, device=q.device)
+    dist = i[:, None] - i[None, :]
+    mask = (dist >= 0) & (dist < window)
+    k, v = (t.repeat_interleave(rep, dim=2) for t in (k, v))
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask)
+    return o.transpose(1, 2)
+
+
+def _flex_window():
+    """flex_attention with a sliding-window block mask (the GPU peer), compiled."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention)
+    masks = {}
+
+    def attn(q, k, v, window):
+        b, l, hq, _ = q.shape
+        key = (l, window, q.device)
+        if key not in masks:
+            def swa(b_, h_, qi, ki):
+                return (qi >= ki) & (qi - ki < window)
+
+            masks[key] = create_block_mask(swa, None, None, l, l, device=q.device)
+        o = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                     block_mask=masks[key], enable_gqa=k.shape[2] != hq)
+        return o.transpose(1, 2)
+
+    return attn
+
+
+def _samba_block_workload(wid, device, b, l, cfg_name, dtype, backward, **overrides):
+    """One SambaBlock (sizes of a published config) forward (+ backward), ours
+    against the same block assembled from PyTorch peers with the same weights."""
+
+    def setup():
+        import torch
+
+        from .nn import SAMBA_CONFIGS, SambaBlock
+
+        c = SAMBA_CONFIGS[cfg_name]
+        c = type(c)(**{**c.__dict__, **overrides})
+        tdt = getattr(torch, dtype)
+        torch.manual_seed(0)
+        blk = SambaBlock(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.window_size,
+                         c.d_state, c.d_conv, c.expand, c.mlp_hidden, c.norm_eps,
+                         device=device, dtype=tdt)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(b, l, c.d_model, generator=gen).to(device=device, dtype=tdt)
+        gout = torch.randn(b, l, c.d_model, generator=gen).to(device=device, dtype=tdt)
+        attn = _flex_window() if device == "cuda" else _sdpa_window
+        peer = _peer_samba_block(blk, attn)
+        params = list(blk.parameters())
+
+        def ours_fwd(xi):
+            return blk(xi)[0]
+
+        if backward:
+            return {"ours": _fwd_bwd(params, ours_fwd, x, gout),
+                    "peer composition": _fwd_bwd(params, peer, x, gout)}
+        with torch.no_grad():
+            return {"ours": lambda: blk(x)[0], "peer composition": lambda: peer(x)}
+
+    what = "fwd+bwd" if backward else "fwd"
+    peer_attn = "flex_attention" if device == "cuda" else "SDPA + dense mask"
+    return Workload(
+        id=wid, device=device,
+        description=f"SambaBlock ({cfg_name} sizes) {what} {dtype} b{b} l{l}; peer: torch "
+                    f"RMSNorm/MLP + ref or mamba_ssm Mamba + {peer_attn}",
+        setup=setup,
+        rtol={"float32": 1e-3, "float16": 3e-2, "bfloat16": 6e-2}[dtype],
+    )
+
+
+def _samba_decode_workload(wid, device, context, b=16, cfg_name="samba-1.7b", n_blocks=2,
+                           dtype="bfloat16"):
+    """Per-token decode time of a Samba stack at a given context length: the caches
+    are brought to the state after ``context`` tokens (Mamba states and a full ring
+    buffer of random keys/values at position ``context``), then one ``step`` is timed.
+    Constant memory means the time should not depend on ``context``."""
+
+    def setup():
+        import torch
+
+        from .nn import SAMBA_CONFIGS, Samba
+
+        c = SAMBA_CONFIGS[cfg_name]
+        c = type(c)(**{**c.__dict__, "n_blocks": n_blocks})
+        tdt = getattr(torch, dtype)
+        torch.manual_seed(0)
+        model = Samba(c, device=device, dtype=tdt).eval()
+        cache = model.allocate_inference_cache(b)
+        for blk in cache:
+            for t in blk[:2]:
+                t.normal_()
+            kv = blk[2]
+            kv.k.normal_()
+            kv.v.normal_()
+            kv.pos = context
+        ids = torch.randint(0, c.vocab_size, (b, 1), device=device)
+
+        def ours():
+            pos = [blk[2].pos for blk in cache]
+            out = model.step(ids, cache)
+            for blk, p in zip(cache, pos):
+                blk[2].pos = p  # every call decodes at the same context
+            return out
+
+        return {"ours": ours}
+
+    return Workload(
+        id=wid, device=device,
+        description=f"Samba decode step ({cfg_name} sizes, {n_blocks} blocks) b{b} {dtype} "
+                    f"at context {context}",
+        setup=setup,
+    )
+
+
+def hybrid_workloads() -> List[Workload]:
+    return [
+        _mamba_attention_workload("CH1", "cpu", L=512, N=2, E=512),
+        _samba_block_workload("CH2", "cpu", b=1, l=2048, cfg_name="samba-421m", dtype="float32",
+                              backward=False),
+        _mamba_attention_workload("GH1", "cuda", L=4096, N=4, E=1024, dtype="bfloat16"),
+        _samba_block_workload("G10", "cuda", b=4, l=4096, cfg_name="samba-1.7b", dtype="bfloat16",
+                              backward=True),
+        _samba_decode_workload("G11-1k", "cuda", 1024),
+        _samba_decode_workload("G11-16k", "cuda", 16384),
+        _samba_decode_workload("G11-64k", "cuda", 65536),
+    ]
