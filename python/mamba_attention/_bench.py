@@ -292,6 +292,7 @@ def workloads() -> List[Workload]:
         _scan_workload("G3", "cuda", b=8, d=2048, n=16, l=8192, g=1, dtype="bfloat16"),
         _update_workload("G5-b1", "cuda", b=1, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
         _update_workload("G5-b64", "cuda", b=64, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
+        _scan_fwd_bwd_workload("G2", "cuda", b=8, d=2048, n=16, l=2048, g=1, dtype="bfloat16"),
     ]
 
 
@@ -684,3 +685,74 @@ def format_table(rows):
 def failed(rows):
     """True if any row is a MISMATCH or an ERROR of ours (a failing peer is only reported)."""
     return any(r["status"] in ("MISMATCH", "ERROR") for r in rows)
+
+
+# --------------------------------------------------------------------------
+# G2: selective scan forward + backward (scan-cuda helper)
+# --------------------------------------------------------------------------
+
+
+def _scan_fwd_bwd_workload(wid, device, b, d, n, l, g=1, dtype="bfloat16"):
+    """selective_scan_fn forward + backward (every input's gradient) with z, D,
+    delta_bias, softplus; B, C (b, g, n, l). A fixed random dout; each closure
+    returns (du, ddelta, dz, dA, dD, ddelta_bias). Peers: mamba_ssm (when importable)
+    and the float32 PyTorch reference loop through torch.autograd."""
+    main = {k: dtype for k in ("u", "delta", "z", "B", "C")}
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+    def setup():
+        import torch
+
+        from . import ops
+
+        ins, _ = _make_inputs(
+            device,
+            seed=2,
+            dtypes=main,
+            u=lambda r: r.standard_normal((b, d, l)),
+            delta=lambda r: r.standard_normal((b, d, l)) * 0.5 - 2.0,
+            A=lambda r: -np.tile(np.arange(1, n + 1, dtype=np.float64), (d, 1)),
+            B=lambda r: r.standard_normal((b, g, n, l)),
+            C=lambda r: r.standard_normal((b, g, n, l)),
+            D=lambda r: r.standard_normal(d),
+            z=lambda r: r.standard_normal((b, d, l)),
+            delta_bias=lambda r: r.uniform(-4.0, -1.0, d),
+            dout=lambda r: r.standard_normal((b, d, l)),
+        )
+        dout = ins.pop("dout").to(getattr(torch, dtype))
+        leaves = {k: v.detach().requires_grad_() for k, v in ins.items()}
+        pick = (0, 1, 6, 2, 5, 7)  # du, ddelta, dz, dA, dD, ddelta_bias
+
+        def run(fn, xs, go):
+            out = fn(*(xs[k] for k in names), delta_softplus=True)
+            grads = torch.autograd.grad(out, [xs[k] for k in names], go)
+            return tuple(grads[i] for i in pick)
+
+        fns = {"ours": lambda: run(lambda *a, **kw: ops.selective_scan_fn(*a[:5], D=a[5], z=a[6],
+                                                                          delta_bias=a[7], **kw),
+                                   leaves, dout)}
+        mm_scan = _mamba_ssm("ops.selective_scan_interface", "selective_scan_fn")
+        if mm_scan is not None:
+            fns["mamba_ssm"] = lambda: run(lambda *a, **kw: mm_scan(*a[:5], D=a[5], z=a[6],
+                                                                    delta_bias=a[7], **kw),
+                                           leaves, dout)
+        from ._torch_ref import selective_scan_ref
+
+        ref = {k: v.detach().float().requires_grad_() for k, v in ins.items()}
+        fns["torch ref loop (fp32)"] = lambda: run(
+            lambda *a, **kw: selective_scan_ref(*a[:5], D=a[5], z=a[6], delta_bias=a[7], **kw),
+            ref, dout.float())
+        return fns
+
+    m = REFERENCE_MACHINES[device]
+    exps = 3 * b * d * l * n  # forward, and the backward's state recomputation + adjoint pass
+    nbytes = _ITEMSIZE[dtype] * 11 * b * d * l  # fwd: u, delta, z, out; bwd: 4 in, 3 out
+    return Workload(
+        id=wid,
+        device=device,
+        description=f"selective_scan_fn fwd+bwd {dtype} b{b} d{d} n{n} l{l} g{g}, z D Δbias softplus",
+        setup=setup,
+        floor_ms=1e3 * max(exps / m["exp_per_s"], nbytes / m["mem_bytes_per_s"]),
+        floor_note="H100 estimate: max(3·b·d·l·n exp / exp rate, 11 (b, d, l) tensors / bandwidth)",
+        rtol=_DTYPE_RTOL[dtype],
+    )

@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod nvrtc;
 pub mod scan;
+pub mod scan_bwd;
 
 use crate::error::{Error, Result};
 use cudarc::driver::{result as cu, sys};
@@ -27,6 +28,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     (
         "selective_state_update",
         include_str!("../../kernels/selective_state_update.cu"),
+    ),
+    (
+        "selective_scan_bwd",
+        include_str!("../../kernels/selective_scan_bwd.cu"),
     ),
 ];
 
