@@ -14,8 +14,8 @@
 //   CH  = 32 * SB_IT (256) timesteps per chunk
 //   grid  = (ceil(d / W), b, 1)
 //   block = (32 * W, 1, 1) = 256 threads
-//   dynamic shared memory = 4 * (6*W*CH + W*(CH + CH/32) + 2*W*n) bytes
-//                           (59 KB for n = 16: cuFuncSetAttribute needed)
+//   dynamic shared memory = 4 * (6*W*CH + W*(CH + CH/32) + 2*W*n + 64*W) bytes
+//                           (61 KB for n = 16: cuFuncSetAttribute needed)
 //   nchunks = ceil(l / CH). When nchunks > 1, scratch is a float32
 //   (b, d, nchunks, n) buffer the kernel writes and reads (the states at
 //   chunk starts); otherwise scratch.ptr may be 0.
@@ -271,6 +271,7 @@ struct Block {
     float *aDU, *aDD, *aYY;      // accumulators over k: du, dΔ, y (pre-gate, without D u)
     float* xch;                  // per warp [SB_CH + SB_CH/32]
     float *hcar, *qcar;          // [W][n]: state at the chunk start / adjoint entering from the right
+    float* part;                 // [W][2][32]: per-lane sums of dD, ddelta_bias over the chunks
 };
 
 // Loads channel row c (warp-wide) of chunk t0 into the shared rows:
@@ -482,6 +483,7 @@ __device__ __forceinline__ void entry(const ScanBwdParams& p) {
     s.xch = s.aYY + SB_W * SB_CH;
     s.hcar = s.xch + SB_W * (SB_CH + SB_CH / 32);
     s.qcar = s.hcar + SB_W * n;
+    s.part = s.qcar + SB_W * n;
 
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31;
     const int bi = blockIdx.y, c0 = blockIdx.x * SB_W;
@@ -537,8 +539,11 @@ __device__ __forceinline__ void entry(const ScanBwdParams& p) {
         __syncthreads();
     }
 
-    // ---- main pass, chunks in reverse
-    float dD_part = 0.0f, ddb_part = 0.0f;
+    // ---- main pass, chunks in reverse. (The per-lane sums of dD and
+    // ddelta_bias live in shared memory: fewer registers live across the loop.)
+    float* part = s.part + w * 64 + lane;
+    part[0] = 0.0f;
+    part[32] = 0.0f;
     for (int j = p.nchunks - 1; j >= 0; j--) {
         const int t0 = j * SB_CH;
         load_tile(p, s, w, bi, cw, t0, lane, true);
@@ -624,11 +629,13 @@ __device__ __forceinline__ void entry(const ScanBwdParams& p) {
             ld_row(du, s.aDU + w * SB_CH, lane);
             ld_row(dd, s.aDD + w * SB_CH, lane);
             const float Dv = p.D.ptr ? ld_any(p.D.ptr, p.D.dtype, (i64)c * p.D.stride[0]) : 0.0f;
+            float dD_part = part[0];
 #pragma unroll
             for (int i = 0; i < SB_IT; i++) {
                 if (t + i < l) dD_part = fmaf(dy[i], uu[i], dD_part);
                 du[i] = fmaf(dy[i], Dv, du[i]);
             }
+            part[0] = dD_part;
             store_items(du, p.du, row_off(p.du, bi, c), t, l);
             if (p.softplus) {
                 float dl[SB_IT];
@@ -640,9 +647,11 @@ __device__ __forceinline__ void entry(const ScanBwdParams& p) {
                     dd[i] *= x > 20.0f ? 1.0f : sigmoid(x);
                 }
             }
+            float ddb_part = part[32];
 #pragma unroll
             for (int i = 0; i < SB_IT; i++)
                 if (t + i < l) ddb_part += dd[i];
+            part[32] = ddb_part;
             store_items(dd, p.ddelta, row_off(p.ddelta, bi, c), t, l);
             if (has_z) {
                 float yy[SB_IT], zz[SB_IT], go[SB_IT];
@@ -660,256 +669,8 @@ __device__ __forceinline__ void entry(const ScanBwdParams& p) {
         }
     }
     if (row_ok) {
-        dD_part = warp_sum(dD_part);
-        ddb_part = warp_sum(ddb_part);
-        if (lane == 0) {
-            if (p.dD.ptr) atomicAdd((float*)p.dD.ptr + (i64)cw * p.dD.stride[0], dD_part);
-            if (p.ddelta_bias.ptr) atomicAdd((float*)p.ddelta_bias.ptr + (i64)cw * p.ddelta_bias.stride[0], ddb_part);
-        }
-    }
-}
-
-
-// ============================================================================
-// Variant 2 (selective_scan_bwd_v2): one warp per channel, no barrier inside
-// the state loop. Warp w owns channel c0 + w for the whole kernel: Δ, u, dy of
-// its chunk and the du / dΔ / y accumulators stay in registers; it loops over
-// the states k (starting at a different k per warp, so that warps rarely
-// update the same row at once) and adds dB_t[k], dC_t[k] into block-wide
-// shared rows [k][t] with shared-memory atomics; after each block of SB_KB
-// states the block adds those rows to dB / dC in global memory with one
-// coalesced atomic per element. A block whose channels straddle B or C
-// groups runs the state loop once per run of channels of one group pair
-// (the other warps idle; correct, slower).
-// Shared memory: 4 * (2 * SB_KB * (SB_CH + 32) + 2 * W * n) bytes.
-// ============================================================================
-
-#ifndef SB_KB
-#define SB_KB 16      // states per shared dB/dC block (v2)
-#endif
-#define SB_RS (SB_CH + 32)  // row stride of the shared dB/dC rows (item-major, padded)
-
-// Shared dB/dC row slot of (item i, lane): item-major [i][33] layout, no bank conflicts.
-__device__ __forceinline__ int v2_slot(int i, int lane) { return i * 33 + lane; }
-
-// Adds the shared rows [SB_KB][SB_RS] (states kb .. kb+SB_KB-1 of group grp)
-// into dX and zeroes them. Every thread of the block takes part.
-__device__ __forceinline__ void v2_flush_rows(float* rows, const Tensor4& dX, int bi, int grp, int kb, int n,
-                                              int t0, int l) {
-    for (int idx = threadIdx.x; idx < SB_KB * SB_CH; idx += SB_THREADS) {
-        const int kk = idx / SB_CH, t = idx % SB_CH;  // t = lane * SB_IT + i
-        const int slot = kk * SB_RS + v2_slot(t % SB_IT, t / SB_IT);
-        const float v = rows[slot];
-        rows[slot] = 0.0f;
-        if (kb + kk < n && t0 + t < l)
-            atomicAdd((float*)dX.ptr + (i64)bi * dX.stride[0] + (i64)grp * dX.stride[1] +
-                          (i64)(kb + kk) * dX.stride[2] + (i64)(t0 + t) * dX.stride[3], v);
-    }
-}
-
-// dA[c, k] and (constant B/C) dB[c, k], dC[c, k]: the warp's sums, one atomic each.
-__device__ __forceinline__ void v2_reduce(const ScanBwdParams& p, int lane, int c, int k, float dA, float sB,
-                                          float sC, bool varB, bool varC) {
-    dA = warp_sum(dA);
-    if (!varB) sB = warp_sum(sB);
-    if (!varC) sC = warp_sum(sC);
-    if (lane == 0) {
-        atomicAdd((float*)p.dA.ptr + (i64)c * p.dA.stride[0] + (i64)k * p.dA.stride[1], dA);
-        if (!varB) atomicAdd((float*)p.dB.ptr + (i64)c * p.dB.stride[1] + (i64)k * p.dB.stride[2], sB);
-        if (!varC) atomicAdd((float*)p.dC.ptr + (i64)c * p.dC.stride[1] + (i64)k * p.dC.stride[2], sC);
-    }
-}
-
-__device__ __forceinline__ void entry2(const ScanBwdParams& p) {
-    extern __shared__ float4 smem4[];
-    float* sm = reinterpret_cast<float*>(smem4);
-    const int n = p.n, d = p.d, l = p.l;
-    Block s;
-    s.sD = sm;
-    s.sU = s.sD + SB_W * SB_CH;
-    s.sY = s.sU + SB_W * SB_CH;
-    s.aDU = s.sY + SB_W * SB_CH;
-    s.aDD = s.aDU + SB_W * SB_CH;
-    s.aYY = s.aDD + SB_W * SB_CH;
-    s.xch = s.aYY + SB_W * SB_CH;
-    s.hcar = s.xch + SB_W * (SB_CH + SB_CH / 32);
-    s.qcar = s.hcar + SB_W * n;
-    float* rowsB = s.qcar + SB_W * n;        // [SB_KB][SB_RS] shared dB rows
-    float* rowsC = rowsB + SB_KB * SB_RS;    // [SB_KB][SB_RS] shared dC rows
-
-    const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31;
-    const int bi = blockIdx.y, c0 = blockIdx.x * SB_W;
-    const int cw = min(c0 + w, d - 1);  // this warp's row (a clamped copy when past d: never written)
-    const bool row_ok = c0 + w < d;
-    const bool varB = p.groups_b >= 1, varC = p.groups_c >= 1;
-    const bool has_z = p.z.ptr != 0;
-    for (int idx = tid; idx < 2 * SB_KB * SB_RS; idx += SB_THREADS) rowsB[idx] = 0.0f;
-
-    for (int idx = tid; idx < SB_W * n; idx += SB_THREADS) {
-        const int c = c0 + idx / n, k = idx % n;
-        float h = 0.0f, g = 0.0f;
-        if (c < d) {
-            if (p.initial_state.ptr)
-                h = ld_any(p.initial_state.ptr, p.initial_state.dtype,
-                           row_off(p.initial_state, bi, c) + (i64)k * p.initial_state.stride[2]);
-            if (p.dlast.ptr)
-                g = ld_any(p.dlast.ptr, p.dlast.dtype, row_off(p.dlast, bi, c) + (i64)k * p.dlast.stride[2]);
-        }
-        s.hcar[idx] = h;
-        s.qcar[idx] = g;
-    }
-    const int rounds = (n + SB_W - 1) / SB_W;
-
-    // ---- forward pre-pass: the state at the start of chunks 1 .. nchunks-1
-    for (int j = 0; j + 1 < p.nchunks; j++) {
-        const int t0 = j * SB_CH;
-        load_tile(p, s, w, bi, cw, t0, lane, false);
-        __syncthreads();
-        for (int r = 0; r < rounds; r++) {
-            const int k = w + SB_W * r;
-            if (k >= n) break;
-            int keyB = -1;
-            float Bv[SB_IT];
-            for (int cc = 0; cc < SB_W; cc++) {
-                const int c = c0 + cc;
-                if (c >= d) break;
-                const int kb = varB ? c / (d / p.groups_b) : c;
-                if (kb != keyB) {
-                    load_bc(Bv, p.B, p.groups_b, d, bi, c, k, t0 + lane * SB_IT, l);
-                    keyB = kb;
-                }
-                const float a2 = ld_any(p.A.ptr, p.A.dtype, (i64)c * p.A.stride[0] + (i64)k * p.A.stride[1]) * SB_LOG2E;
-                const float h = chunk_state(s, cc, lane, a2, Bv, s.hcar[cc * n + k]);
-                __syncwarp();
-                if (lane == 0) {
-                    s.hcar[cc * n + k] = h;
-                    ((float*)p.scratch.ptr)[row_off(p.scratch, bi, c) + (i64)(j + 1) * p.scratch.stride[2] +
-                                            (i64)k * p.scratch.stride[3]] = h;
-                }
-            }
-        }
-        __syncthreads();
-    }
-
-    // ---- main pass, chunks in reverse
-    float dD_part = 0.0f, ddb_part = 0.0f;
-    for (int j = p.nchunks - 1; j >= 0; j--) {
-        const int t0 = j * SB_CH;
-        load_tile(p, s, w, bi, cw, t0, lane, true);
-        __syncthreads();
-        // Passes over the runs of channels sharing one (B group, C group): the
-        // shared rows hold one group's sums (one pass unless the block
-        // straddles groups). Within a pass every warp loops over the states
-        // of its own channel with no barrier.
-        const int clast = min(c0 + SB_W, d) - 1;
-        const int kstart = (w * SB_KB) / SB_W;  // staggered start: warps rarely add to one row at once
-        for (int pc = c0; pc <= clast;) {
-            const int pgB = varB ? pc / (d / p.groups_b) : 0, pgC = varC ? pc / (d / p.groups_c) : 0;
-            int pend_c = clast;
-            if (varB) pend_c = min(pend_c, (pgB + 1) * (d / p.groups_b) - 1);
-            if (varC) pend_c = min(pend_c, (pgC + 1) * (d / p.groups_c) - 1);
-            const bool act = row_ok && cw >= pc && cw <= pend_c;
-            for (int kb = 0; kb < n; kb += SB_KB) {
-                if (act) {
-                    float dA_pend = 0.0f, sB_pend = 0.0f, sC_pend = 0.0f;
-                    int k_pend = -1;
-                    for (int kk0 = 0; kk0 < SB_KB; kk0++) {
-                        const int kk = (kk0 + kstart) % SB_KB;
-                        const int k = kb + kk;
-                        if (k_pend >= 0) {  // the previous state's reductions, one state late
-                            v2_reduce(p, lane, cw, k_pend, dA_pend, sB_pend, sC_pend, varB, varC);
-                            k_pend = -1;
-                        }
-                        if (k >= n) continue;
-                        float Bv[SB_IT], Cv[SB_IT], xB[SB_IT], xC[SB_IT];
-                        load_bc(Bv, p.B, p.groups_b, d, bi, cw, k, t0 + lane * SB_IT, l);
-                        load_bc(Cv, p.C, p.groups_c, d, bi, cw, k, t0 + lane * SB_IT, l);
-                        float Ak = 0.0f, h0 = 0.0f;
-                        prefetch_ck(p, bi, cw, k, j, Ak, h0);
-                        const float q = s.qcar[w * n + k];
-#pragma unroll
-                        for (int i = 0; i < SB_IT; i++) xB[i] = xC[i] = 0.0f;
-                        float dAs;
-                        const float qn = process(s, w, lane, Ak, Ak * SB_LOG2E, Bv, Cv, h0, q, xB, xC, has_z, dAs);
-                        float sB = 0.0f, sC = 0.0f;
-#pragma unroll
-                        for (int i = 0; i < SB_IT; i++) {
-                            if (varB) atomicAdd(rowsB + kk * SB_RS + v2_slot(i, lane), xB[i]);
-                            else sB += xB[i];
-                            if (varC) atomicAdd(rowsC + kk * SB_RS + v2_slot(i, lane), xC[i]);
-                            else sC += xC[i];
-                        }
-                        dA_pend = dAs;
-                        sB_pend = sB;
-                        sC_pend = sC;
-                        k_pend = k;
-                        if (lane == 0) {
-                            s.qcar[w * n + k] = qn;
-                            if (j == 0 && p.dinit.ptr)
-                                st_any((void*)p.dinit.ptr, p.dinit.dtype,
-                                       row_off(p.dinit, bi, cw) + (i64)k * p.dinit.stride[2], qn);
-                        }
-                    }
-                    if (k_pend >= 0) v2_reduce(p, lane, cw, k_pend, dA_pend, sB_pend, sC_pend, varB, varC);
-                }
-                if (varB || varC) {  // block-uniform
-                    __syncthreads();
-                    if (varB) v2_flush_rows(rowsB, p.dB, bi, pgB, kb, n, t0, l);
-                    if (varC) v2_flush_rows(rowsC, p.dC, bi, pgC, kb, n, t0, l);
-                    __syncthreads();
-                }
-            }
-            pc = pend_c + 1;
-        }
-        __syncthreads();
-        // ---- the warp's own row: finish this chunk
-        if (row_ok) {
-            const int c = cw;
-            const int t = t0 + lane * SB_IT;
-            float dy[SB_IT], uu[SB_IT], du[SB_IT], dd[SB_IT];
-            ld_row(dy, s.sY + w * SB_CH, lane);
-            ld_row(uu, s.sU + w * SB_CH, lane);
-            ld_row(du, s.aDU + w * SB_CH, lane);
-            ld_row(dd, s.aDD + w * SB_CH, lane);
-            const float Dv = p.D.ptr ? ld_any(p.D.ptr, p.D.dtype, (i64)c * p.D.stride[0]) : 0.0f;
-#pragma unroll
-            for (int i = 0; i < SB_IT; i++) {
-                if (t + i < l) dD_part = fmaf(dy[i], uu[i], dD_part);
-                du[i] = fmaf(dy[i], Dv, du[i]);
-            }
-            store_items(du, p.du, row_off(p.du, bi, c), t, l);
-            if (p.softplus) {
-                float dl[SB_IT];
-                load_items(dl, p.delta, row_off(p.delta, bi, c), t, l, 0.0f);
-                const float bias = p.delta_bias.ptr ? ld_any(p.delta_bias.ptr, p.delta_bias.dtype, (i64)c * p.delta_bias.stride[0]) : 0.0f;
-#pragma unroll
-                for (int i = 0; i < SB_IT; i++) {
-                    const float x = dl[i] + bias;
-                    dd[i] *= x > 20.0f ? 1.0f : sigmoid(x);
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < SB_IT; i++)
-                if (t + i < l) ddb_part += dd[i];
-            store_items(dd, p.ddelta, row_off(p.ddelta, bi, c), t, l);
-            if (has_z) {
-                float yy[SB_IT], zz[SB_IT], go[SB_IT];
-                ld_row(yy, s.aYY + w * SB_CH, lane);
-                load_items(zz, p.z, row_off(p.z, bi, c), t, l, 0.0f);
-                load_items(go, p.dout, row_off(p.dout, bi, c), t, l, 0.0f);
-#pragma unroll
-                for (int i = 0; i < SB_IT; i++) {
-                    const float y = fmaf(Dv, uu[i], yy[i]);
-                    const float sg = sigmoid(zz[i]);
-                    yy[i] = go[i] * y * sg * fmaf(zz[i], 1.0f - sg, 1.0f);
-                }
-                store_items(yy, p.dz, row_off(p.dz, bi, c), t, l);
-            }
-        }
-    }
-    if (row_ok) {
-        dD_part = warp_sum(dD_part);
-        ddb_part = warp_sum(ddb_part);
+        const float dD_part = warp_sum(part[0]);
+        const float ddb_part = warp_sum(part[32]);
         if (lane == 0) {
             if (p.dD.ptr) atomicAdd((float*)p.dD.ptr + (i64)cw * p.dD.stride[0], dD_part);
             if (p.ddelta_bias.ptr) atomicAdd((float*)p.ddelta_bias.ptr + (i64)cw * p.ddelta_bias.stride[0], ddb_part);
@@ -922,9 +683,3 @@ __device__ __forceinline__ void entry2(const ScanBwdParams& p) {
 
 extern "C" __global__ void __launch_bounds__(SB_THREADS, SB_MINB)
 selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
-
-#ifndef SB_MINB2
-#define SB_MINB2 2
-#endif
-extern "C" __global__ void __launch_bounds__(SB_THREADS, SB_MINB2)
-selective_scan_bwd_v2(const __grid_constant__ ScanBwdParams p) { sbwd::entry2(p); }

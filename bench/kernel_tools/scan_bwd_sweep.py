@@ -88,9 +88,9 @@ def launch_variant(spec, x):
         if t is not None:
             setattr(p, f, gs.t4(t))
     p.B, p.C, p.dB, p.dC = tB, tC, bc4(o["dB"])[0], bc4(o["dC"])[0]
-    smem = 4 * (6 * W * CH + W * (CH + CH // 32) + 2 * W * n)
+    smem = 4 * (6 * W * CH + W * (CH + CH // 32) + 2 * W * n + 64 * W)
     name = "selective_scan_bwd"
-    if kern == "v2":
+    if kern == "v2":  # the warp-per-channel variant (removed from the file after it measured slower)
         smem += 4 * 2 * KB * (CH + 32)
         name = "selective_scan_bwd_v2"
     f = mod.fn(name)

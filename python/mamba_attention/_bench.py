@@ -293,6 +293,7 @@ def workloads() -> List[Workload]:
         _update_workload("G5-b1", "cuda", b=1, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
         _update_workload("G5-b64", "cuda", b=64, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
         _scan_fwd_bwd_workload("G2", "cuda", b=8, d=2048, n=16, l=2048, g=1, dtype="bfloat16"),
+        _conv_workload("G4", "cuda", b=8, d=4096, l=2048, w=4, dtype="bfloat16"),
     ]
 
 
@@ -754,5 +755,55 @@ def _scan_fwd_bwd_workload(wid, device, b, d, n, l, g=1, dtype="bfloat16"):
         setup=setup,
         floor_ms=1e3 * max(exps / m["exp_per_s"], nbytes / m["mem_bytes_per_s"]),
         floor_note="H100 estimate: max(3·b·d·l·n exp / exp rate, 11 (b, d, l) tensors / bandwidth)",
+        rtol=_DTYPE_RTOL[dtype],
+    )
+
+
+# --------------------------------------------------------------------------
+# G4: causal conv1d forward on CUDA (scan-cuda helper)
+# --------------------------------------------------------------------------
+
+
+def _conv_workload(wid, device, b, d, l, w, dtype="bfloat16"):
+    """causal_conv1d_fn forward with bias and silu; x in ``dtype``, weight and bias
+    float32. Peers: the causal_conv1d package (when importable) and torch's
+    depthwise F.conv1d + silu on the same inputs."""
+
+    def setup():
+        import torch
+
+        from . import ops
+
+        ins, _ = _make_inputs(
+            device,
+            seed=3,
+            dtypes={"x": dtype},
+            x=lambda r: r.standard_normal((b, d, l)),
+            weight=lambda r: r.standard_normal((d, w)) / math.sqrt(w),
+            bias=lambda r: r.standard_normal(d),
+        )
+        fns = {"ours": lambda: ops.causal_conv1d_fn(ins["x"], ins["weight"], ins["bias"],
+                                                    activation="silu")}
+        try:
+            from causal_conv1d import causal_conv1d_fn as peer
+
+            wt, bs = ins["weight"].to(ins["x"].dtype), ins["bias"].to(ins["x"].dtype)
+            fns["causal_conv1d"] = lambda: peer(ins["x"], wt, bs, activation="silu")
+        except Exception:  # noqa: BLE001 - not installed or no CUDA build
+            pass
+        F = torch.nn.functional
+        wt_t, bs_t = ins["weight"].to(ins["x"].dtype).unsqueeze(1), ins["bias"].to(ins["x"].dtype)
+        fns["torch conv1d"] = lambda: F.silu(F.conv1d(ins["x"], wt_t, bs_t, padding=w - 1,
+                                                      groups=d)[..., :l])
+        return fns
+
+    m = REFERENCE_MACHINES[device]
+    return Workload(
+        id=wid,
+        device=device,
+        description=f"causal_conv1d_fn fwd {dtype} b{b} d{d} l{l} w{w}, bias silu",
+        setup=setup,
+        floor_ms=1e3 * 2 * _ITEMSIZE[dtype] * b * d * l / m["mem_bytes_per_s"],
+        floor_note="H100 estimate: (x read + out written) / bandwidth",
         rtol=_DTYPE_RTOL[dtype],
     )

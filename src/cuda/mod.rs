@@ -7,6 +7,7 @@ pub mod cache;
 pub mod nvrtc;
 pub mod scan;
 pub mod scan_bwd;
+pub mod conv1d;
 
 use crate::error::{Error, Result};
 use cudarc::driver::{result as cu, sys};
@@ -32,6 +33,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     (
         "selective_scan_bwd",
         include_str!("../../kernels/selective_scan_bwd.cu"),
+    ),
+    (
+        "causal_conv1d",
+        include_str!("../../kernels/causal_conv1d.cu"),
     ),
 ];
 

@@ -53,7 +53,7 @@ pub fn bwd_chunks(l: usize) -> usize {
 /// Dynamic shared memory of one block (the kernel's launch rules).
 fn smem_bytes(n: u32) -> u32 {
     let ch = BWD_CHUNK as u32;
-    4 * (6 * BWD_W * ch + BWD_W * (ch + ch / 32) + 2 * BWD_W * n)
+    4 * (6 * BWD_W * ch + BWD_W * (ch + ch / 32) + 2 * BWD_W * n + 64 * BWD_W)
 }
 
 /// Launches the backward on `stream` of GPU `ordinal`. The caller has zeroed
