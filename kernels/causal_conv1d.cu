@@ -7,7 +7,12 @@
 // ============================================================================
 // KERNELS AND LAUNCH CONFIGURATION (the host must follow this exactly)
 // ============================================================================
-// causal_conv1d_fwd, causal_conv1d_bwd
+// causal_conv1d_fwd2 (the forward the host uses)
+//   grid  = (ceil(l / (CV_THREADS * CV_T * CV_SEGS)), d, b) = (ceil(l / 2048), d, b)
+//   block = (128, 1, 1), no shared memory. Each thread computes CV_SEGS
+//   segments of 8 steps, CV_THREADS segments apart; the halo of a segment
+//   comes from the previous lane (shuffles), lane 0 loads its own.
+// causal_conv1d_fwd (first version, kept for comparison), causal_conv1d_bwd
 //   grid  = (ceil(l / (CV_THREADS * CV_T)), d, b)   (d <= 65535, b <= 65535)
 //   block = (CV_THREADS = 128, 1, 1), no shared memory (bwd: 1 KB static)
 //   Each thread owns CV_T = 8 consecutive timesteps of one (batch, channel)
@@ -26,6 +31,7 @@
 #define CV_THREADS 128
 #define CV_T 8
 #define CV_FULL 0xffffffffu
+#define CV_SEGS 2  // causal_conv1d_fwd2: segments of 8 steps per thread
 
 struct ConvParams {
     int b, d, l, w;
@@ -169,6 +175,47 @@ __device__ __forceinline__ void fwd(const ConvParams& p) {
     store8(o, p, p.out, bi, c, t0);
 }
 
+// Forward, CV_SEGS segments of 8 steps per thread: segment k*CV_THREADS + tid
+// of the block's run (consecutive lanes, consecutive segments: coalesced),
+// taps and bias loaded once per thread, and the 7-step halo of each segment
+// taken from the previous lane by shuffles (lane 0 loads its own).
+__device__ __forceinline__ void fwd2(const ConvParams& p) {
+    const int bi = blockIdx.z, c = blockIdx.y, h = p.w - 1, lane = threadIdx.x & 31;
+    if (p.fin.ptr && blockIdx.x == 0 && threadIdx.x < h) {  // final_states = xpad[l .. l + h)
+        const int k = threadIdx.x;
+        st_any((void*)p.fin.ptr, p.fin.dtype,
+               (i64)bi * p.fin.stride[0] + (i64)c * p.fin.stride[1] + (i64)k * p.fin.stride[2],
+               xpad(p, bi, c, p.l - h + k, h));
+    }
+    const int seg0 = blockIdx.x * CV_THREADS * CV_SEGS;
+    if (seg0 * CV_T >= p.l) return;  // block-uniform
+    float v[8];
+    lag_taps(v, p, c);
+    const float bias = bias_of(p, c);
+#pragma unroll
+    for (int k = 0; k < CV_SEGS; k++) {
+        const int t0 = (seg0 + k * CV_THREADS + threadIdx.x) * CV_T;
+        if (t0 - (int)(lane * CV_T) >= p.l) break;  // the whole warp is past l (warp-uniform)
+        float cur[8], prev[8];
+        load8(cur, p, p.x, bi, c, t0, h, true);
+        // halo: the previous lane's elements (its cur), lane 0 loads them
+#pragma unroll
+        for (int i = 0; i < 8; i++) prev[i] = __shfl_up_sync(CV_FULL, cur[i], 1);
+        if (lane == 0) load8(prev, p, p.x, bi, c, t0 - 8, h, true);
+        if (t0 < p.l) {
+            float o[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                float z = bias;
+#pragma unroll
+                for (int m = 0; m < 8; m++) z = fmaf(v[m], j - m >= 0 ? cur[j - m] : prev[8 + j - m], z);
+                o[j] = p.silu ? z * sigm(z) : z;
+            }
+            store8(o, p, p.out, bi, c, t0);
+        }
+    }
+}
+
 __device__ __forceinline__ float block_sum(float v, float* sh) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(CV_FULL, v, o);
@@ -304,7 +351,9 @@ __device__ __forceinline__ void update(const ConvParams& p) {
     const Tensor4& S = p.state;
     const i64 sbase = (i64)bi * S.stride[0] + (i64)c * S.stride[1];
     const i64 pos = p.seqlens.ptr ? ld_index(p.seqlens.ptr, p.seqlens.dtype, (i64)bi * p.seqlens.stride[0]) : 0;
-    // hist[m]: the input m steps back (hist[0]: the newest)
+    // hist[m]: the input m steps before the current one once it is shifted in
+    // (hist[0]: the current input). Before the first input, hist[m - 1] holds
+    // the context value m steps back (the shift moves it to hist[m]).
     float hist[8], v[8];
 #pragma unroll
     for (int m = 1; m < 8; m++) {
@@ -313,9 +362,9 @@ __device__ __forceinline__ void update(const ConvParams& p) {
             const int q = p.seqlens.ptr ? wrap(pos - m, sl) : sl - m;
             val = ld_any(S.ptr, S.dtype, sbase + (i64)q * S.stride[2]);
         }
-        hist[m] = val;
+        hist[m - 1] = val;
     }
-    hist[0] = 0.0f;
+    hist[7] = 0.0f;
     lag_taps(v, p, c);
     const float bias = bias_of(p, c);
     const i64 xb = (i64)bi * p.x.stride[0] + (i64)c * p.x.stride[1];
@@ -346,6 +395,9 @@ __device__ __forceinline__ void update(const ConvParams& p) {
 
 extern "C" __global__ void __launch_bounds__(CV_THREADS)
 causal_conv1d_fwd(const __grid_constant__ ConvParams p) { cv::fwd(p); }
+
+extern "C" __global__ void __launch_bounds__(CV_THREADS)
+causal_conv1d_fwd2(const __grid_constant__ ConvParams p) { cv::fwd2(p); }
 
 extern "C" __global__ void __launch_bounds__(CV_THREADS)
 causal_conv1d_bwd(const __grid_constant__ ConvParams p) { cv::bwd(p); }

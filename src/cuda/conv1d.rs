@@ -33,8 +33,14 @@ pub struct ConvParams {
     pub seqlens: Tensor4,
 }
 
-/// CV_THREADS * CV_T of the kernel: timesteps per block.
-const STEPS_PER_BLOCK: u32 = 128 * 8;
+/// Timesteps per block: CV_THREADS * CV_T (bwd), times CV_SEGS (fwd2).
+fn steps_per_block(which: &str) -> u32 {
+    if which == "causal_conv1d_fwd2" {
+        128 * 8 * 2
+    } else {
+        128 * 8
+    }
+}
 
 fn check_grid(p: &ConvParams) -> Result<()> {
     if p.b > 65535 || p.d > 65535 {
@@ -46,12 +52,13 @@ fn check_grid(p: &ConvParams) -> Result<()> {
     Ok(())
 }
 
-/// `which`: "causal_conv1d_fwd" or "causal_conv1d_bwd" (the latter adds into
-/// dweight / dbias, which the caller zero-fills).
+/// `which`: "causal_conv1d_fwd2" (the forward), "causal_conv1d_fwd" (its
+/// first version) or "causal_conv1d_bwd" (adds into dweight / dbias, which
+/// the caller zero-fills).
 pub fn conv_launch(ordinal: i32, stream: u64, which: &str, p: &ConvParams) -> Result<()> {
     check_grid(p)?;
     let k = kernel(ordinal, "causal_conv1d", which)?;
-    let grid = ((p.l as u32).div_ceil(STEPS_PER_BLOCK), p.d as u32, p.b as u32);
+    let grid = ((p.l as u32).div_ceil(steps_per_block(which)), p.d as u32, p.b as u32);
     unsafe { k.launch(grid, (128, 1, 1), 0, stream, p) }
 }
 

@@ -23,6 +23,9 @@ pub fn parse_activation(a: Option<&str>) -> Result<bool> {
     }
 }
 
+/// The CUDA forward kernel (kernels/causal_conv1d.cu).
+pub const FWD_KERNEL: &str = "causal_conv1d_fwd2";
+
 /// Device-specific limits: CUDA takes torch tensors of float32/16/bf16 x.
 pub fn check_backend(t: &TensorView, _op: &str) -> Result<()> {
     crate::ops::scan::check_backend(t)
@@ -347,7 +350,7 @@ mod py {
             let stream = current_stream(py, ord)?;
             py.detach(|| {
                 catch_panic("causal_conv1d_fn", || {
-                    crate::cuda::conv1d::conv_launch(ord, stream, "causal_conv1d_fwd", &p)
+                    crate::cuda::conv1d::conv_launch(ord, stream, FWD_KERNEL, &p)
                 })
             })?;
         } else {
