@@ -32,9 +32,11 @@ pub fn check_backend(t: &TensorView, _op: &str) -> Result<()> {
 }
 
 /// A view as Tensor4 (strides padded with 0); a (b, d) tensor as (b, d, 1).
+#[cfg(feature = "python")]
 fn t4(t: &TensorView) -> crate::cuda::scan::Tensor4 {
     crate::cuda::scan::Tensor4::of(t)
 }
+#[cfg(feature = "python")]
 fn t4o(t: Option<&TensorView>) -> crate::cuda::scan::Tensor4 {
     crate::cuda::scan::Tensor4::opt(t)
 }
