@@ -1,5 +1,5 @@
 """causal_conv1d_fn / causal_conv1d_update / causal_conv1d_bwd against the float64
-reference (SPEC §2), on every SIMD level of this CPU; errors; CUDA-not-yet."""
+reference (SPEC §2), on every SIMD level of this CPU; errors. (CUDA: test_cuda_conv1d.py.)"""
 
 import itertools
 
@@ -462,15 +462,16 @@ def test_backward_errors():
                                          dout=_arr(b_, d_, l_), activation="tanh"), V, "activation")
 
 
-def test_cuda_not_supported_yet():
+def test_cuda_float64_rejected():
+    """CUDA runs float32/16/bf16 x (tests/test_cuda_conv1d.py); float64 x is CPU-only."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    x = torch.randn(1, 4, 8, device="cuda")
+    x = torch.randn(1, 4, 8, device="cuda", dtype=torch.float64)
     w = torch.randn(4, 4, device="cuda")
-    with pytest.raises(RuntimeError, match="not supported on CUDA yet"):
+    with pytest.raises(TypeError, match="float64"):
         causal_conv1d_fn(x, w)
-    with pytest.raises(RuntimeError, match="not supported on CUDA yet"):
+    with pytest.raises(TypeError, match="float64"):
         causal_conv1d_update(x[:, :, 0], torch.zeros(1, 4, 3, device="cuda"), w)
 
 

@@ -292,6 +292,8 @@ def workloads() -> List[Workload]:
         _scan_workload("G3", "cuda", b=8, d=2048, n=16, l=8192, g=1, dtype="bfloat16"),
         _update_workload("G5-b1", "cuda", b=1, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
         _update_workload("G5-b64", "cuda", b=64, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
+        _scan_fwd_bwd_workload("G2", "cuda", b=8, d=2048, n=16, l=2048, g=1, dtype="bfloat16"),
+        _conv_workload("G4", "cuda", b=8, d=4096, l=2048, w=4, dtype="bfloat16"),
     ] + hybrid_workloads()
 
 
@@ -684,6 +686,127 @@ def format_table(rows):
 def failed(rows):
     """True if any row is a MISMATCH or an ERROR of ours (a failing peer is only reported)."""
     return any(r["status"] in ("MISMATCH", "ERROR") for r in rows)
+
+
+# --------------------------------------------------------------------------
+# G2: selective scan forward + backward (scan-cuda helper)
+# --------------------------------------------------------------------------
+
+
+def _scan_fwd_bwd_workload(wid, device, b, d, n, l, g=1, dtype="bfloat16"):
+    """selective_scan_fn forward + backward (every input's gradient) with z, D,
+    delta_bias, softplus; B, C (b, g, n, l). A fixed random dout; each closure
+    returns (du, ddelta, dz, dA, dD, ddelta_bias). Peers: mamba_ssm (when importable)
+    and the float32 PyTorch reference loop through torch.autograd."""
+    main = {k: dtype for k in ("u", "delta", "z", "B", "C")}
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+    def setup():
+        import torch
+
+        from . import ops
+
+        ins, _ = _make_inputs(
+            device,
+            seed=2,
+            dtypes=main,
+            u=lambda r: r.standard_normal((b, d, l)),
+            delta=lambda r: r.standard_normal((b, d, l)) * 0.5 - 2.0,
+            A=lambda r: -np.tile(np.arange(1, n + 1, dtype=np.float64), (d, 1)),
+            B=lambda r: r.standard_normal((b, g, n, l)),
+            C=lambda r: r.standard_normal((b, g, n, l)),
+            D=lambda r: r.standard_normal(d),
+            z=lambda r: r.standard_normal((b, d, l)),
+            delta_bias=lambda r: r.uniform(-4.0, -1.0, d),
+            dout=lambda r: r.standard_normal((b, d, l)),
+        )
+        dout = ins.pop("dout").to(getattr(torch, dtype))
+        leaves = {k: v.detach().requires_grad_() for k, v in ins.items()}
+        pick = (0, 1, 6, 2, 5, 7)  # du, ddelta, dz, dA, dD, ddelta_bias
+
+        def run(fn, xs, go):
+            out = fn(*(xs[k] for k in names), delta_softplus=True)
+            grads = torch.autograd.grad(out, [xs[k] for k in names], go)
+            return tuple(grads[i] for i in pick)
+
+        fns = {"ours": lambda: run(lambda *a, **kw: ops.selective_scan_fn(*a[:5], D=a[5], z=a[6],
+                                                                          delta_bias=a[7], **kw),
+                                   leaves, dout)}
+        mm_scan = _mamba_ssm("ops.selective_scan_interface", "selective_scan_fn")
+        if mm_scan is not None:
+            fns["mamba_ssm"] = lambda: run(lambda *a, **kw: mm_scan(*a[:5], D=a[5], z=a[6],
+                                                                    delta_bias=a[7], **kw),
+                                           leaves, dout)
+        from ._torch_ref import selective_scan_ref
+
+        ref = {k: v.detach().float().requires_grad_() for k, v in ins.items()}
+        fns["torch ref loop (fp32)"] = lambda: run(
+            lambda *a, **kw: selective_scan_ref(*a[:5], D=a[5], z=a[6], delta_bias=a[7], **kw),
+            ref, dout.float())
+        return fns
+
+    m = REFERENCE_MACHINES[device]
+    exps = 3 * b * d * l * n  # forward, and the backward's state recomputation + adjoint pass
+    nbytes = _ITEMSIZE[dtype] * 11 * b * d * l  # fwd: u, delta, z, out; bwd: 4 in, 3 out
+    return Workload(
+        id=wid,
+        device=device,
+        description=f"selective_scan_fn fwd+bwd {dtype} b{b} d{d} n{n} l{l} g{g}, z D Δbias softplus",
+        setup=setup,
+        floor_ms=1e3 * max(exps / m["exp_per_s"], nbytes / m["mem_bytes_per_s"]),
+        floor_note="H100 estimate: max(3·b·d·l·n exp / exp rate, 11 (b, d, l) tensors / bandwidth)",
+        rtol=_DTYPE_RTOL[dtype],
+    )
+
+
+# --------------------------------------------------------------------------
+# G4: causal conv1d forward on CUDA (scan-cuda helper)
+# --------------------------------------------------------------------------
+
+
+def _conv_workload(wid, device, b, d, l, w, dtype="bfloat16"):
+    """causal_conv1d_fn forward with bias and silu; x in ``dtype``, weight and bias
+    float32. Peers: the causal_conv1d package (when importable) and torch's
+    depthwise F.conv1d + silu on the same inputs."""
+
+    def setup():
+        import torch
+
+        from . import ops
+
+        ins, _ = _make_inputs(
+            device,
+            seed=3,
+            dtypes={"x": dtype},
+            x=lambda r: r.standard_normal((b, d, l)),
+            weight=lambda r: r.standard_normal((d, w)) / math.sqrt(w),
+            bias=lambda r: r.standard_normal(d),
+        )
+        fns = {"ours": lambda: ops.causal_conv1d_fn(ins["x"], ins["weight"], ins["bias"],
+                                                    activation="silu")}
+        try:
+            from causal_conv1d import causal_conv1d_fn as peer
+
+            wt, bs = ins["weight"].to(ins["x"].dtype), ins["bias"].to(ins["x"].dtype)
+            fns["causal_conv1d"] = lambda: peer(ins["x"], wt, bs, activation="silu")
+        except Exception:  # noqa: BLE001 - not installed or no CUDA build
+            pass
+        F = torch.nn.functional
+        wt_t, bs_t = ins["weight"].to(ins["x"].dtype).unsqueeze(1), ins["bias"].to(ins["x"].dtype)
+        fns["torch conv1d"] = lambda: F.silu(F.conv1d(ins["x"], wt_t, bs_t, padding=w - 1,
+                                                      groups=d)[..., :l])
+        return fns
+
+    m = REFERENCE_MACHINES[device]
+    return Workload(
+        id=wid,
+        device=device,
+        description=f"causal_conv1d_fn fwd {dtype} b{b} d{d} l{l} w{w}, bias silu",
+        setup=setup,
+        floor_ms=1e3 * 2 * _ITEMSIZE[dtype] * b * d * l / m["mem_bytes_per_s"],
+        floor_note="H100 estimate: (x read + out written) / bandwidth",
+        rtol=_DTYPE_RTOL[dtype],
+    )
 
 
 # --------------------------------------------------------------------------

@@ -7,6 +7,8 @@ pub mod cache;
 pub mod norm;
 pub mod nvrtc;
 pub mod scan;
+pub mod scan_bwd;
+pub mod conv1d;
 
 use crate::error::{Error, Result};
 use cudarc::driver::{result as cu, sys};
@@ -30,6 +32,14 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../kernels/selective_state_update.cu"),
     ),
     ("norm", include_str!("../../kernels/norm.cu")),
+    (
+        "selective_scan_bwd",
+        include_str!("../../kernels/selective_scan_bwd.cu"),
+    ),
+    (
+        "causal_conv1d",
+        include_str!("../../kernels/causal_conv1d.cu"),
+    ),
 ];
 
 /// dtype codes shared with kernels/common.cuh.

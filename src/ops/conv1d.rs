@@ -1,6 +1,6 @@
 //! `causal_conv1d_fn`, `causal_conv1d_update` and the conv1d backward
-//! (SPEC §2): argument checking and the kernel plan. CPU only for now: CUDA
-//! tensors raise RuntimeError.
+//! (SPEC §2): argument checking and the kernel plan, for the CPU and CUDA
+//! (kernels/causal_conv1d.cu) backends.
 
 use crate::cpu::conv1d::{ConvBwdJob, ConvJob, ConvUpdateJob, MAX_W, MIN_W};
 use crate::error::{Error, Result};
@@ -23,15 +23,22 @@ pub fn parse_activation(a: Option<&str>) -> Result<bool> {
     }
 }
 
-/// CUDA is not implemented for conv1d yet.
-pub fn check_backend(t: &TensorView, op: &str) -> Result<()> {
-    if let Device::Cuda(_) = t.device {
-        return Err(Error::runtime(format!(
-            "{op}: {} is on {}: causal conv1d is not supported on CUDA yet (CPU only)",
-            t.name, t.device
-        )));
-    }
-    Ok(())
+/// The CUDA forward kernel (kernels/causal_conv1d.cu).
+pub const FWD_KERNEL: &str = "causal_conv1d_fwd2";
+
+/// Device-specific limits: CUDA takes torch tensors of float32/16/bf16 x.
+pub fn check_backend(t: &TensorView, _op: &str) -> Result<()> {
+    crate::ops::scan::check_backend(t)
+}
+
+/// A view as Tensor4 (strides padded with 0); a (b, d) tensor as (b, d, 1).
+#[cfg(feature = "python")]
+fn t4(t: &TensorView) -> crate::cuda::scan::Tensor4 {
+    crate::cuda::scan::Tensor4::of(t)
+}
+#[cfg(feature = "python")]
+fn t4o(t: Option<&TensorView>) -> crate::cuda::scan::Tensor4 {
+    crate::cuda::scan::Tensor4::opt(t)
 }
 
 /// Checks weight (d, w) with 2 ≤ w ≤ 8 and bias (d,); returns w.
@@ -172,6 +179,12 @@ pub fn check_conv_update(
                 )));
             }
             c.expect_shape(&[b], "(b,)")?;
+            if dev != Device::Cpu && !matches!(c.dtype, crate::tensor::DType::I32 | crate::tensor::DType::I64) {
+                return Err(Error::type_(format!(
+                    "cache_seqlens: expected an int32 or int64 tensor, got {}",
+                    c.dtype.name()
+                )));
+            }
             if dev == Device::Cpu {
                 Some(c.to_i64_vec()?)
             } else {
@@ -265,7 +278,8 @@ mod py {
     use crate::cpu::conv1d::{conv_backward, conv_forward, conv_update};
     use crate::cpu::SimdLevel;
     use crate::error::catch_panic;
-    use crate::tensor::{alloc, extract, extract_opt, DType};
+    use crate::cuda::conv1d::ConvParams;
+    use crate::tensor::{alloc, current_stream, extract, extract_opt, DType};
     use pyo3::prelude::*;
     use pyo3::types::{PyString, PyTuple};
 
@@ -310,7 +324,7 @@ mod py {
             bias: bv.as_ref(),
             initial_states: iv.as_ref(),
         };
-        // CUDA first: any CUDA x gets the "not supported yet" error.
+        // CUDA: torch tensors, float32/16/bf16 x (before any other check, as before).
         check_backend(&xv, "causal_conv1d_fn")?;
         let dims = check_conv(&args)?;
         let (b, d, l, w) = dims;
@@ -320,14 +334,37 @@ mod py {
         } else {
             None
         };
-        let level = SimdLevel::current()?;
-        let job = plan_conv(&args, dims, silu, &out, last.as_ref().map(|l| &l.1));
-        py.detach(|| {
-            catch_panic("causal_conv1d_fn", || {
-                conv_forward(&job, level);
-                Ok(())
-            })
-        })?;
+        if let Device::Cuda(ord) = xv.device {
+            let p = ConvParams {
+                b: b as i32,
+                d: d as i32,
+                l: l as i32,
+                w: w as i32,
+                silu: silu as i32,
+                x: t4(&xv),
+                weight: t4(&wv),
+                bias: t4o(bv.as_ref()),
+                init: t4o(iv.as_ref()),
+                out: t4(&out),
+                fin: t4o(last.as_ref().map(|l| &l.1)),
+                ..Default::default()
+            };
+            let stream = current_stream(py, ord)?;
+            py.detach(|| {
+                catch_panic("causal_conv1d_fn", || {
+                    crate::cuda::conv1d::conv_launch(ord, stream, FWD_KERNEL, &p)
+                })
+            })?;
+        } else {
+            let level = SimdLevel::current()?;
+            let job = plan_conv(&args, dims, silu, &out, last.as_ref().map(|l| &l.1));
+            py.detach(|| {
+                catch_panic("causal_conv1d_fn", || {
+                    conv_forward(&job, level);
+                    Ok(())
+                })
+            })?;
+        }
         match last {
             Some((lo, _)) => Ok(PyTuple::new(py, [out_obj, lo])?.into_any()),
             None => Ok(out_obj),
@@ -359,10 +396,35 @@ mod py {
             bias: bv.as_ref(),
             cache_seqlens: cv.as_ref(),
         };
-        // CUDA first: any CUDA x gets the "not supported yet" error.
+        // CUDA: torch tensors, float32/16/bf16 x (before any other check, as before).
         check_backend(&xv, "causal_conv1d_update")?;
         let dims = check_conv_update(&args)?;
         let (out_obj, out) = alloc("out", x, &xv, &xv.shape, None)?;
+        if let Device::Cuda(ord) = xv.device {
+            let (b, d, l, w, sl, _) = dims;
+            let p = ConvParams {
+                b: b as i32,
+                d: d as i32,
+                l: l as i32,
+                w: w as i32,
+                silu: silu as i32,
+                state_len: sl as i32,
+                x: t4(&xv),
+                weight: t4(&wv),
+                bias: t4o(bv.as_ref()),
+                out: t4(&out),
+                state: t4(&sv),
+                seqlens: t4o(cv.as_ref()),
+                ..Default::default()
+            };
+            let stream = current_stream(py, ord)?;
+            py.detach(|| {
+                catch_panic("causal_conv1d_update", || {
+                    crate::cuda::conv1d::conv_update(ord, stream, &p)
+                })
+            })?;
+            return Ok(out_obj);
+        }
         let job = plan_conv_update(&args, dims, silu, &out);
         py.detach(|| {
             catch_panic("causal_conv1d_update", || {
@@ -405,7 +467,7 @@ mod py {
             dout: &dov,
             dfinal_states: dfv.as_ref(),
         };
-        // CUDA first: any CUDA x gets the "not supported yet" error.
+        // CUDA: torch tensors, float32/16/bf16 x (before any other check, as before).
         check_backend(&xv, "causal_conv1d_bwd")?;
         let dims = check_conv_bwd(&args)?;
         let (b, d, l, w) = dims;
@@ -431,13 +493,45 @@ mod py {
             dbias: db.as_ref().map(|t| &t.1),
             dinit: di.as_ref().map(|t| &t.1),
         };
-        let job = plan_conv_bwd(&args, dims, silu, &outs);
-        py.detach(|| {
-            catch_panic("causal_conv1d_bwd", || {
-                conv_backward(&job);
-                Ok(())
-            })
-        })?;
+        if let Device::Cuda(ord) = xv.device {
+            // The kernel adds into dweight and dbias.
+            dw_obj.call_method0("zero_")?;
+            if let Some((o, _)) = &db {
+                o.call_method0("zero_")?;
+            }
+            let p = ConvParams {
+                b: b as i32,
+                d: d as i32,
+                l: l as i32,
+                w: w as i32,
+                silu: silu as i32,
+                x: t4(&xv),
+                weight: t4(&wv),
+                bias: t4o(bv.as_ref()),
+                init: t4o(iv.as_ref()),
+                dout: t4(&dov),
+                dfin: t4o(dfv.as_ref()),
+                dx: t4(&dx),
+                dweight: t4(&dw),
+                dbias: t4o(outs.dbias),
+                dinit: t4o(outs.dinit),
+                ..Default::default()
+            };
+            let stream = current_stream(py, ord)?;
+            py.detach(|| {
+                catch_panic("causal_conv1d_bwd", || {
+                    crate::cuda::conv1d::conv_launch(ord, stream, "causal_conv1d_bwd", &p)
+                })
+            })?;
+        } else {
+            let job = plan_conv_bwd(&args, dims, silu, &outs);
+            py.detach(|| {
+                catch_panic("causal_conv1d_bwd", || {
+                    conv_backward(&job);
+                    Ok(())
+                })
+            })?;
+        }
         let none = || py.None().into_bound(py);
         PyTuple::new(
             py,

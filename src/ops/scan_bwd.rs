@@ -82,6 +82,53 @@ pub fn plan_scan_bwd(
     }
 }
 
+/// The CUDA kernel's parameters of a checked backward; `scratch` is the
+/// float32 (b, d, nchunks, n) buffer when the sequence has several chunks.
+pub fn plan_scan_bwd_cuda(
+    a: &ScanArgs,
+    dims: ScanDims,
+    softplus: bool,
+    dout: &TensorView,
+    dlast: Option<&TensorView>,
+    o: &BwdOuts,
+    scratch: Option<&TensorView>,
+) -> crate::cuda::scan_bwd::ScanBwdParams {
+    use crate::cuda::scan::{scan_bc, Tensor4};
+    let (bm, groups_b) = scan_bc(a.b);
+    let (cm, groups_c) = scan_bc(a.c);
+    crate::cuda::scan_bwd::ScanBwdParams {
+        b: dims.b as i32,
+        d: dims.d as i32,
+        l: dims.l as i32,
+        n: dims.n as i32,
+        groups_b,
+        groups_c,
+        softplus: softplus as i32,
+        nchunks: crate::cuda::scan_bwd::bwd_chunks(dims.l) as i32,
+        u: Tensor4::of(a.u),
+        delta: Tensor4::of(a.delta),
+        z: Tensor4::opt(a.z),
+        dout: Tensor4::of(dout),
+        a: Tensor4::of(a.a),
+        bm,
+        cm,
+        dskip: Tensor4::opt(a.d),
+        delta_bias: Tensor4::opt(a.delta_bias),
+        initial_state: Tensor4::opt(a.initial_state),
+        dlast: Tensor4::opt(dlast),
+        du: Tensor4::of(o.du),
+        ddelta: Tensor4::of(o.ddelta),
+        dz: Tensor4::opt(o.dz),
+        da: Tensor4::of(o.da),
+        db: scan_bc(o.db).0,
+        dc: scan_bc(o.dc).0,
+        dd: Tensor4::opt(o.dd),
+        ddelta_bias: Tensor4::opt(o.ddbias),
+        dinit: Tensor4::opt(o.dinit),
+        scratch: Tensor4::opt(scratch),
+    }
+}
+
 #[cfg(feature = "python")]
 pub use py::register;
 
@@ -91,7 +138,7 @@ mod py {
     use crate::cpu::scan_bwd::scan_backward;
     use crate::cpu::SimdLevel;
     use crate::error::{catch_panic, Error};
-    use crate::tensor::{alloc, extract, extract_opt, DType, Device};
+    use crate::tensor::{alloc, current_stream, extract, extract_opt, DType, Device};
     use pyo3::prelude::*;
     use pyo3::types::PyTuple;
 
@@ -145,13 +192,7 @@ mod py {
             initial_state: init.as_ref(),
         };
         let dims = check_scan_bwd(&args, &gv, glast.as_ref())?;
-        if let Device::Cuda(_) = uv.device {
-            return Err(Error::runtime(
-                "u: the selective scan backward runs on the CPU only in this build; got CUDA tensors (move them to the CPU)",
-            )
-            .into());
-        }
-        let level = SimdLevel::current()?;
+        crate::ops::scan::check_backend(&uv)?;
         let ScanDims { b, d, l, n } = dims;
         let f32_ = Some(DType::F32);
         let (du_o, du) = alloc("du", u, &uv, &[b, d, l], None)?;
@@ -181,13 +222,49 @@ mod py {
             ddbias: ddb.as_ref().map(|x| &x.1),
             dinit: dinit.as_ref().map(|x| &x.1),
         };
-        let job = plan_scan_bwd(&args, dims, delta_softplus, &gv, glast.as_ref(), &outs);
-        py.detach(|| {
-            catch_panic("selective_scan_bwd", || {
-                scan_backward(&job, level);
-                Ok(())
-            })
-        })?;
+        match uv.device {
+            Device::Cpu => {
+                let level = SimdLevel::current()?;
+                let job = plan_scan_bwd(&args, dims, delta_softplus, &gv, glast.as_ref(), &outs);
+                py.detach(|| {
+                    catch_panic("selective_scan_bwd", || {
+                        scan_backward(&job, level);
+                        Ok(())
+                    })
+                })?;
+            }
+            Device::Cuda(ord) => {
+                // The kernel adds into these with atomics.
+                let mut zero = vec![&da_o, &db_o, &dc_o];
+                zero.extend(dd.as_ref().map(|x| &x.0));
+                zero.extend(ddb.as_ref().map(|x| &x.0));
+                for o in zero {
+                    o.call_method0("zero_")?;
+                }
+                let nchunks = crate::cuda::scan_bwd::bwd_chunks(l);
+                let scratch = if nchunks > 1 {
+                    Some(alloc("scratch", u, &uv, &[b, d, nchunks, n], f32_)?)
+                } else {
+                    None
+                };
+                let stream = current_stream(py, ord)?;
+                let p = plan_scan_bwd_cuda(
+                    &args,
+                    dims,
+                    delta_softplus,
+                    &gv,
+                    glast.as_ref(),
+                    &outs,
+                    scratch.as_ref().map(|x| &x.1),
+                );
+                py.detach(|| {
+                    catch_panic("selective_scan_bwd", || {
+                        crate::cuda::scan_bwd::scan_backward(ord, stream, &p)
+                    })
+                })?;
+                drop(scratch);
+            }
+        }
         let none = || py.None().into_bound(py);
         let or_none = |x: Option<(Bound<'py, PyAny>, TensorView)>| x.map_or_else(none, |x| x.0);
         PyTuple::new(
