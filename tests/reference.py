@@ -283,3 +283,36 @@ def mamba_ref_state_dict(d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto"
     if dtype is not None:
         sd = {k: v.to(torch.float32 if k in ("A_log", "D") else dtype) for k, v in sd.items()}
     return sd
+
+
+# ------------------------------------------------------- SPEC §4: hidden attention
+
+def _bc_full(X, b, d, l):
+    """B or C as a float64 (b, d, l, n) array from any of its three layouts."""
+    if X.ndim == 2:  # (d, n)
+        return np.broadcast_to(X[None, :, None, :], (b, d, l, X.shape[1]))
+    if X.ndim == 3:  # (b, n, l)
+        return np.broadcast_to(np.moveaxis(X, 1, 2)[:, None], (b, d, l, X.shape[1]))
+    g = X.shape[1]
+    return np.moveaxis(X, 2, 3)[:, np.arange(d) // (d // g)]  # (b, g, n, l) -> (b, d, l, n)
+
+
+def hidden_attention_ref(delta, A, B, C, delta_bias=None, delta_softplus=False, reduce=None):
+    """α[c, i, j] = Σ_k C_i[k]·exp(Σ_{t=j+1..i} Δ_t·A[c,k])·Δ_j·B_j[k] for j ≤ i, else 0,
+    in float64 (the decay as exp of a difference of float64 cumulative sums, masked
+    before the exp); (b, d, l, l), or the channel mean (b, l, l) with reduce="mean"."""
+    delta, A, B, C, delta_bias = map(to_f64, (delta, A, B, C, delta_bias))
+    b, d, l = delta.shape
+    dt = delta if delta_bias is None else delta + delta_bias[:, None]
+    if delta_softplus:
+        dt = softplus(dt)
+    Bf, Cf = _bc_full(B, b, d, l), _bc_full(C, b, d, l)
+    lower = np.tril(np.ones((l, l), dtype=bool))
+    out = np.zeros((b, d, l, l))
+    for c in range(d):
+        S = np.cumsum(dt[:, c, :, None] * A[c], axis=1)  # (b, l, n): Σ_{t≤i} Δ_t A
+        diff = S[:, :, None, :] - S[:, None, :, :]  # (b, i, j, n)
+        decay = np.exp(np.where(lower[None, :, :, None], diff, -np.inf))
+        DB = dt[:, c, :, None] * Bf[:, c]  # (b, j, n)
+        out[:, c] = np.einsum("bin,bijn,bjn->bij", Cf[:, c], decay, DB)
+    return out.mean(axis=1) if reduce == "mean" else out

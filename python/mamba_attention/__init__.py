@@ -8,6 +8,7 @@ dtype and device.
 from . import _core
 from .ops import selective_scan_fn, selective_state_update
 from .ops import causal_conv1d_fn, causal_conv1d_update
+from .ops import hidden_attention
 
 __version__ = _core.__version__
 
@@ -17,4 +18,5 @@ __all__ = [
     "selective_state_update",
     "causal_conv1d_fn",
     "causal_conv1d_update",
+    "hidden_attention",
 ]

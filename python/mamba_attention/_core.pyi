@@ -85,3 +85,14 @@ def causal_conv1d_bwd(
     activation: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Backward of causal_conv1d_fwd: (dx in x's dtype, dweight float32 (d, w), dbias float32 (d,) or None, dinitial_states in its dtype or None)."""
+
+def hidden_attention(
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    reduce: Optional[str] = None,
+) -> Tensor:
+    """Hidden attention of a selective scan (SPEC §4): α (b, d, l, l) float32, or (b, l, l) with reduce="mean"."""

@@ -1,6 +1,7 @@
 //! CPU kernels: AVX-512, AVX2+FMA and portable, chosen at run time, parallel with rayon.
 
 pub mod conv1d;
+pub mod hidden_attention;
 pub mod scan;
 pub mod scan_bwd;
 pub mod simd;

@@ -4,6 +4,7 @@
 //! the caller's (PyTorch's) current stream.
 
 pub mod cache;
+pub mod hidden_attention;
 pub mod nvrtc;
 pub mod scan;
 
@@ -27,6 +28,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     (
         "selective_state_update",
         include_str!("../../kernels/selective_state_update.cu"),
+    ),
+    (
+        "hidden_attention",
+        include_str!("../../kernels/hidden_attention.cu"),
     ),
 ];
 

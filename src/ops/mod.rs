@@ -2,5 +2,6 @@
 //! every backend; the `#[pyfunction]` bindings live beside them.
 
 pub mod conv1d;
+pub mod hidden_attention;
 pub mod scan;
 pub mod scan_bwd;
