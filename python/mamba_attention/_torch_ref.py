@@ -132,3 +132,34 @@ def selective_state_update_ref(
         z = z.float()
         out = out * (z * torch.sigmoid(z))
     return out.to(out_dtype)
+
+
+def mamba_layer_ref(layer, hidden_states):
+    """The forward of a :class:`mamba_attention.nn.Mamba` layer (or any module with
+    mamba_ssm's Mamba parameters) built from plain PyTorch: torch's ``F.conv1d`` for
+    the causal depthwise conv and :func:`selective_scan_ref` for the scan, with
+    autograd through everything. The "same layer from the PyTorch references" peer
+    of the Mamba-layer benchmark rows; hidden_states (b, l, d_model)."""
+    import torch
+    import torch.nn.functional as F
+
+    m = layer
+    seqlen = hidden_states.shape[1]
+    d_inner, d_state = m.A_log.shape
+    dt_rank = m.dt_proj.weight.shape[1]
+    xz = F.linear(hidden_states, m.in_proj.weight, m.in_proj.bias).transpose(1, 2)
+    x, z = xz.chunk(2, dim=1)  # (b, d_inner, l)
+    w = m.conv1d.weight.shape[-1]
+    x = F.conv1d(x, m.conv1d.weight, m.conv1d.bias, padding=w - 1, groups=d_inner)[..., :seqlen]
+    x = F.silu(x)
+    x_dbl = F.linear(x.transpose(1, 2), m.x_proj.weight)  # (b, l, r + 2n)
+    dt, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
+    delta = F.linear(dt, m.dt_proj.weight).transpose(1, 2)  # (b, d_inner, l)
+    y = selective_scan_ref(
+        x, delta, -torch.exp(m.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+        m.D.float(), z=z, delta_bias=m.dt_proj.bias.float(), delta_softplus=True,
+    )
+    return F.linear(y.transpose(1, 2), m.out_proj.weight, m.out_proj.bias)
+
+
+__all__ += ["mamba_layer_ref"]
