@@ -4,7 +4,8 @@
 //!
 //! Per (batch entry, channel) the work is O(l²·n). Vector lanes run over
 //! columns j: a block of `LANES` columns j0..j0+L carries the state
-//! s[k][lane] = exp(Σ_{t=j+1..i} Δₜ·A[k])·Δⱼ·Bⱼ[k] down the rows i ≥ j0 — at
+//! s[k][lane] = exp(Σ_{t=j+1..i} Δₜ·A[k])·Δⱼ·Bⱼ[k] (in registers, up to 16
+//! states per pass (8 on AVX2); passes over the states add up) down the rows i ≥ j0 — at
 //! each row every lane is multiplied by exp(Δᵢ·A[k]) and lane i − j0 starts
 //! (at its diagonal) with Δᵢ·Bᵢ[k] — and row i of the block is Σₖ Cᵢ[k]·s[k].
 //! This running decay from the diagonal is exact up to one rounding per step
@@ -82,8 +83,6 @@ struct Scratch {
     ct: Vec<f32>,
     bkey: Option<(usize, usize)>,
     ckey: Option<(usize, usize)>,
-    /// The running state s[k][lane], [n][MAX_LANES].
-    s: Vec<f32>,
 }
 
 impl Scratch {
@@ -99,7 +98,6 @@ impl Scratch {
             ct: vec![0.0; l * np],
             bkey: None,
             ckey: None,
-            s: vec![0.0; n * MAX_LANES],
         }
     }
 }
@@ -152,7 +150,6 @@ struct ChanTask<'a> {
     db: *mut f32,
     bt: *const f32,
     ct: *const f32,
-    s: *mut f32,
     /// Row 0 of this channel's (l, l) float32 destination, row stride l.
     out: *mut f32,
     /// Accumulate (+=) instead of store, and skip the upper triangle.
@@ -163,7 +160,8 @@ struct ChanTask<'a> {
 unsafe fn channel<S: Simd>(t: &ChanTask) {
     let (l, n, np) = (t.l, t.n, t.np);
     let lanes = S::LANES;
-    // Tables: e = exp(Δᵢ·A[k]), db = Δᵢ·Bᵢ[k], vectorised over k (padded rows).
+    // Tables: e = exp(Δᵢ·A[k]), db = Δᵢ·Bᵢ[k], vectorised over k (rows padded
+    // to np with A = 0, B = 0, C = 0, so padded states stay 0 and add nothing).
     let mut apad = [0.0f32; 256 + MAX_LANES];
     apad[..n].copy_from_slice(t.a);
     for i in 0..l {
@@ -177,13 +175,9 @@ unsafe fn channel<S: Simd>(t: &ChanTask) {
             k += lanes;
         }
     }
-    let mut tmp = [0.0f32; MAX_LANES];
     let mut j0 = 0;
     while j0 < l {
         let jn = lanes.min(l - j0);
-        for k in 0..n {
-            S::store(t.s.add(k * lanes), S::zero());
-        }
         if !t.accumulate {
             // the upper triangle above this block of columns
             for i in 0..j0 {
@@ -195,46 +189,66 @@ unsafe fn channel<S: Simd>(t: &ChanTask) {
                 }
             }
         }
-        for i in j0..l {
-            let e = t.e.add(i * np);
-            let c = t.ct.add(i * np);
-            let mut acc = S::zero();
-            if i < j0 + jn {
-                let lane = i - j0;
-                let db = t.db.add(i * np);
-                for k in 0..n {
-                    let sp = t.s.add(k * lanes);
-                    S::store(sp, S::mul(S::load(sp), S::splat(*e.add(k))));
-                    *sp.add(lane) = *db.add(k);
-                    acc = S::fma(S::splat(*c.add(k)), S::load(sp), acc);
-                }
-            } else {
-                for k in 0..n {
-                    let sp = t.s.add(k * lanes);
-                    let v = S::mul(S::load(sp), S::splat(*e.add(k)));
-                    S::store(sp, v);
-                    acc = S::fma(S::splat(*c.add(k)), v, acc);
-                }
+        // States in passes of up to 16 (8 with 16 vector registers: AVX2 and
+        // portable), held in registers; passes add up.
+        let per_pass = if lanes == 16 { 16 } else { 8 };
+        let mut k0 = 0;
+        while k0 < n {
+            let add = t.accumulate || k0 > 0;
+            match (n - k0).min(per_pass) {
+                1..=4 => walk::<S, 4>(t, j0, jn, k0, add),
+                5..=8 => walk::<S, 8>(t, j0, jn, k0, add),
+                _ => walk::<S, 16>(t, j0, jn, k0, add),
             }
-            let o = t.out.add(i * l + j0);
-            if jn == lanes {
-                if t.accumulate {
-                    S::store(o, S::add(S::load(o), acc));
+            k0 += per_pass;
+        }
+        j0 += lanes;
+    }
+}
+
+/// Rows j0..l of the column block [j0, j0 + jn) for the states [k0, k0 + NK):
+/// the running state of each column lives in `NK` vector registers.
+#[inline(always)]
+unsafe fn walk<S: Simd, const NK: usize>(t: &ChanTask, j0: usize, jn: usize, k0: usize, add: bool) {
+    let (l, np) = (t.l, t.np);
+    let lanes = S::LANES;
+    let mut s = [S::zero(); NK];
+    let mut tmp = [0.0f32; MAX_LANES];
+    for i in j0..l {
+        let e = t.e.add(i * np + k0);
+        let c = t.ct.add(i * np + k0);
+        if i < j0 + jn {
+            // lane i - j0 starts here, at its diagonal, with Δᵢ·Bᵢ
+            let lane = i - j0;
+            let db = t.db.add(i * np + k0);
+            for k in 0..NK {
+                S::store(tmp.as_mut_ptr(), S::mul(s[k], S::splat(*e.add(k))));
+                tmp[lane] = *db.add(k);
+                s[k] = S::load(tmp.as_ptr());
+            }
+        } else {
+            for k in 0..NK {
+                s[k] = S::mul(s[k], S::splat(*e.add(k)));
+            }
+        }
+        let mut acc = [S::zero(); 4];
+        for k in 0..NK {
+            acc[k % 4] = S::fma(S::splat(*c.add(k)), s[k], acc[k % 4]);
+        }
+        let a = S::add(S::add(acc[0], acc[1]), S::add(acc[2], acc[3]));
+        let o = t.out.add(i * l + j0);
+        if jn == lanes {
+            S::store(o, if add { S::add(S::load(o), a) } else { a });
+        } else {
+            S::store(tmp.as_mut_ptr(), a);
+            for q in 0..jn {
+                if add {
+                    *o.add(q) += tmp[q];
                 } else {
-                    S::store(o, acc);
-                }
-            } else {
-                S::store(tmp.as_mut_ptr(), acc);
-                for q in 0..jn {
-                    if t.accumulate {
-                        *o.add(q) += tmp[q];
-                    } else {
-                        *o.add(q) = tmp[q];
-                    }
+                    *o.add(q) = tmp[q];
                 }
             }
         }
-        j0 += lanes;
     }
 }
 
@@ -288,7 +302,6 @@ fn run_channel(
         db: sc.db.as_mut_ptr(),
         bt: sc.bt.as_ptr(),
         ct: sc.ct.as_ptr(),
-        s: sc.s.as_mut_ptr(),
         out,
         accumulate,
     };
