@@ -16,10 +16,10 @@
 //! Parallelism (rayon): `reduce = None` runs (batch entry, channel) tasks, each
 //! writing its own (l, l) matrix. `reduce = "mean"` never materialises the
 //! (b, d, l, l) tensor: per batch entry the channels are split into P ranges,
-//! each accumulated into its own (l, l) float32 partial sum, and the partials
-//! are added and scaled by 1/d into the output; P ≤ threads, and P is lowered
-//! so the partials take at most `MEAN_BUDGET` bytes (P = 1 at worst: one
-//! extra (l, l) matrix).
+//! each accumulated into its own (l, l) float32 partial sum (the first one
+//! being the output itself), and the partials are added and scaled by 1/d
+//! into the output; P ≤ threads, and P is lowered so the extra partials take
+//! at most `MEAN_BUDGET` bytes (P = 1 at worst: no extra memory).
 
 use super::simd::Simd;
 use super::SimdLevel;
@@ -324,12 +324,18 @@ pub fn hidden_attention(job: &HaJob, level: SimdLevel) {
         );
         return;
     }
-    let by_mem = (MEAN_BUDGET / (ll * 4).max(1)).max(1);
+    // Partial sums: range 0 accumulates straight into out[bi], ranges 1.. into
+    // their own (l, l) buffers (at most MEAN_BUDGET bytes together).
+    let by_mem = 1 + MEAN_BUDGET / (ll * 4).max(1);
     let parts = rayon::current_num_threads().min(d).min(by_mem).max(1);
-    let mut partial = vec![0.0f32; parts * ll];
+    let mut partial = vec![0.0f32; (parts - 1) * ll];
     let inv_d = 1.0 / d as f32;
     for bi in 0..b {
-        partial.par_chunks_mut(ll).enumerate().for_each(|(p, acc)| {
+        let dst = (out as *mut f32).wrapping_add(bi * ll) as usize;
+        let own = unsafe { std::slice::from_raw_parts_mut(dst as *mut f32, ll) };
+        let mut accs: Vec<&mut [f32]> = vec![own];
+        accs.extend(partial.chunks_mut(ll));
+        accs.into_par_iter().enumerate().for_each(|(p, acc)| {
             acc.fill(0.0);
             let mut sc = Scratch::new(l, n);
             let (c0, c1) = (p * d / parts, (p + 1) * d / parts);
@@ -337,21 +343,17 @@ pub fn hidden_attention(job: &HaJob, level: SimdLevel) {
                 run_channel(job, level, &mut sc, bi, c, acc.as_mut_ptr(), true);
             }
         });
-        // out[bi] = (Σ partials) / d, the upper triangle 0; rows in parallel.
-        let dst = (out as *mut f32).wrapping_add(bi * ll) as usize;
+        // out[bi] = (Σ partials) / d (the upper triangle stays 0); rows in parallel.
         let part = &partial;
         (0..l).into_par_iter().for_each(|i| {
-            let row = unsafe { std::slice::from_raw_parts_mut((dst as *mut f32).add(i * l), l) };
-            for j in 0..l {
-                row[j] = if j > i {
-                    0.0
-                } else {
-                    let mut s = 0.0f32;
-                    for p in 0..parts {
-                        s += part[p * ll + i * l + j];
-                    }
-                    s * inv_d
-                };
+            let row =
+                unsafe { std::slice::from_raw_parts_mut((dst as *mut f32).add(i * l), i + 1) };
+            for (j, v) in row.iter_mut().enumerate() {
+                let mut s = *v;
+                for p in 0..parts - 1 {
+                    s += part[p * ll + i * l + j];
+                }
+                *v = s * inv_d;
             }
         });
     }

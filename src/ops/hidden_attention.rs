@@ -197,17 +197,6 @@ pub fn plan_cuda(
     }
 }
 
-fn is_contiguous(t: &TensorView) -> bool {
-    let mut want = 1isize;
-    for (s, st) in t.shape.iter().zip(&t.strides).rev() {
-        if *s > 1 && *st != want {
-            return false;
-        }
-        want *= *s as isize;
-    }
-    true
-}
-
 #[cfg(feature = "python")]
 pub use py::register;
 
@@ -306,6 +295,17 @@ mod py {
             }
         }
         Ok(out_obj)
+    }
+
+    fn is_contiguous(t: &TensorView) -> bool {
+        let mut want = 1isize;
+        for (s, st) in t.shape.iter().zip(&t.strides).rev() {
+            if *s > 1 && *st != want {
+                return false;
+            }
+            want *= *s as isize;
+        }
+        true
     }
 
     pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
