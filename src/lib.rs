@@ -96,6 +96,7 @@ mod module {
         crate::ops::scan_bwd::register(m)?;
         crate::ops::conv1d::register(m)?;
         crate::ops::norm::register(m)?;
+        crate::ops::hidden_attention::register(m)?;
         Ok(())
     }
 }

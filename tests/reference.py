@@ -207,3 +207,129 @@ def swiglu_ref(gate, up):
     """float64 silu(gate) · up."""
     g = to_f64(gate)
     return g / (1.0 + np.exp(-g)) * to_f64(up)
+# ------------------------------------------------------- SPEC §5: the Mamba layer
+
+def mamba_layer_ref(params, hidden_states, d_conv=None):
+    """The Mamba (S6) mixer layer in plain PyTorch, from the published equations
+    (Gu & Dao 2023, Algorithm 2 with the mamba_simple block structure), in the
+    dtype of ``hidden_states`` (use float64 for a reference) and differentiable
+    through torch autograd.
+
+    ``params`` maps mamba_ssm's parameter names to tensors (a state_dict):
+    in_proj.weight (2d, d_model) [+ in_proj.bias], conv1d.weight (d, 1, w)
+    [+ conv1d.bias], x_proj.weight (r + 2n, d), dt_proj.weight (d, r),
+    dt_proj.bias (d,), A_log (d, n), D (d,), out_proj.weight (d_model, d)
+    [+ out_proj.bias]. Every parameter is cast to hidden_states' dtype.
+
+        x, z  = split(u W_inᵀ + b_in)                       (b, l, d) each
+        x̃_t   = silu(b_conv + Σ_i w[:, i]·x_{t-(w-1)+i})   (zeros before t = 0)
+        r|B|C = x̃ W_xᵀ;  Δ = softplus(r W_dtᵀ + b_dt);  A = −exp(A_log)
+        h_t   = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t x̃_t;   y_t = C_t·h_t + D ⊙ x̃_t
+        out   = (y ⊙ silu(z)) W_outᵀ + b_out
+    """
+    import torch
+
+    u = hidden_states
+    p = {k: (v.to(device=u.device, dtype=u.dtype) if v is not None else None)
+         for k, v in params.items()}
+    get = p.get
+    bsz, l, _ = u.shape
+    A = -torch.exp(p["A_log"])
+    d, n = A.shape
+    conv_w = p["conv1d.weight"][:, 0, :]  # (d, w)
+    w = conv_w.shape[1] if d_conv is None else d_conv
+    r = p["x_proj.weight"].shape[0] - 2 * n
+
+    xz = u @ p["in_proj.weight"].T
+    if get("in_proj.bias") is not None:
+        xz = xz + p["in_proj.bias"]
+    x, z = xz[..., :d], xz[..., d:]
+    xpad = torch.cat([x.new_zeros(bsz, w - 1, d), x], dim=1)
+    xc = sum(conv_w[:, i] * xpad[:, i:i + l] for i in range(w))
+    if get("conv1d.bias") is not None:
+        xc = xc + p["conv1d.bias"]
+    xc = xc * torch.sigmoid(xc)
+    dbl = xc @ p["x_proj.weight"].T
+    dt, B, C = dbl[..., :r], dbl[..., r:r + n], dbl[..., r + n:]
+    dt = dt @ p["dt_proj.weight"].T + p["dt_proj.bias"]
+    delta = torch.where(dt > 20.0, dt, torch.log1p(torch.exp(torch.clamp(dt, max=20.0))))
+    h = u.new_zeros(bsz, d, n)
+    ys = []
+    for t in range(l):
+        dl = delta[:, t, :, None]  # (b, d, 1)
+        h = torch.exp(dl * A) * h + dl * B[:, t, None, :] * xc[:, t, :, None]
+        ys.append((h * C[:, t, None, :]).sum(-1) + p["D"] * xc[:, t])
+    y = torch.stack(ys, dim=1) * (z * torch.sigmoid(z))
+    out = y @ p["out_proj.weight"].T
+    if get("out_proj.bias") is not None:
+        out = out + p["out_proj.bias"]
+    return out
+
+
+def mamba_ref_state_dict(d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto",
+                         conv_bias=True, bias=False, seed=0, dtype=None):
+    """A random state_dict with mamba_ssm's Mamba names and shapes, built here without
+    the module under test (plain torch tensors; values of a trained-looking scale:
+    A_log random, D random, softplus(dt_proj.bias) in about [1e-3, 1e-1])."""
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    d = int(expand * d_model)
+    r = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    sd = {"A_log": rnd(d, d_state, scale=0.5), "D": rnd(d),
+          "in_proj.weight": rnd(2 * d, d_model, scale=d_model ** -0.5)}
+    if bias:
+        sd["in_proj.bias"] = rnd(2 * d, scale=0.1)
+    sd["conv1d.weight"] = rnd(d, 1, d_conv, scale=d_conv ** -0.5)
+    if conv_bias:
+        sd["conv1d.bias"] = rnd(d, scale=0.1)
+    sd["x_proj.weight"] = rnd(r + 2 * d_state, d, scale=d ** -0.5)
+    sd["dt_proj.weight"] = rnd(d, r, scale=r ** -0.5)
+    dt = torch.exp(torch.rand(d, generator=g, dtype=torch.float64)
+                   * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    sd["dt_proj.bias"] = dt + torch.log(-torch.expm1(-dt))
+    sd["out_proj.weight"] = rnd(d_model, d, scale=d ** -0.5)
+    if bias:
+        sd["out_proj.bias"] = rnd(d_model, scale=0.1)
+    if dtype is not None:
+        sd = {k: v.to(torch.float32 if k in ("A_log", "D") else dtype) for k, v in sd.items()}
+    return sd
+
+
+# ------------------------------------------------------- SPEC §4: hidden attention
+
+def _bc_full(X, b, d, l):
+    """B or C as a float64 (b, d, l, n) array from any of its three layouts."""
+    if X.ndim == 2:  # (d, n)
+        return np.broadcast_to(X[None, :, None, :], (b, d, l, X.shape[1]))
+    if X.ndim == 3:  # (b, n, l)
+        return np.broadcast_to(np.moveaxis(X, 1, 2)[:, None], (b, d, l, X.shape[1]))
+    g = X.shape[1]
+    return np.moveaxis(X, 2, 3)[:, np.arange(d) // (d // g)]  # (b, g, n, l) -> (b, d, l, n)
+
+
+def hidden_attention_ref(delta, A, B, C, delta_bias=None, delta_softplus=False, reduce=None):
+    """α[c, i, j] = Σ_k C_i[k]·exp(Σ_{t=j+1..i} Δ_t·A[c,k])·Δ_j·B_j[k] for j ≤ i, else 0,
+    in float64 (the decay as exp of a difference of float64 cumulative sums, masked
+    before the exp); (b, d, l, l), or the channel mean (b, l, l) with reduce="mean"."""
+    delta, A, B, C, delta_bias = map(to_f64, (delta, A, B, C, delta_bias))
+    b, d, l = delta.shape
+    dt = delta if delta_bias is None else delta + delta_bias[:, None]
+    if delta_softplus:
+        dt = softplus(dt)
+    Bf, Cf = _bc_full(B, b, d, l), _bc_full(C, b, d, l)
+    lower = np.tril(np.ones((l, l), dtype=bool))
+    out = np.zeros((b, d, l, l))
+    for c in range(d):
+        S = np.cumsum(dt[:, c, :, None] * A[c], axis=1)  # (b, l, n): Σ_{t≤i} Δ_t A
+        diff = S[:, :, None, :] - S[:, None, :, :]  # (b, i, j, n)
+        decay = np.exp(np.where(lower[None, :, :, None], diff, -np.inf))
+        DB = dt[:, c, :, None] * Bf[:, c]  # (b, j, n)
+        out[:, c] = np.einsum("bin,bijn,bjn->bij", Cf[:, c], decay, DB)
+    return out.mean(axis=1) if reduce == "mean" else out

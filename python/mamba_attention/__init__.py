@@ -9,6 +9,7 @@ from . import _core
 from .ops import selective_scan_fn, selective_state_update
 from .ops import causal_conv1d_fn, causal_conv1d_update
 from .ops import rms_norm_fn, swiglu
+from .ops import hidden_attention
 
 __version__ = _core.__version__
 
@@ -20,4 +21,5 @@ __all__ = [
     "causal_conv1d_update",
     "rms_norm_fn",
     "swiglu",
+    "hidden_attention",
 ]

@@ -5,6 +5,8 @@
            table of our time, the peers' times, the ratio and the fraction of
            the (estimated) floor; ``--json PATH`` writes the same as JSON.
            Exits 1 if ours disagrees with a peer (MISMATCH) or fails.
+``hidden-attention --out map.png``  draws the channel-mean hidden attention of a
+           Mamba layer (random, or --weights) as a heatmap (needs matplotlib).
 """
 
 from __future__ import annotations
@@ -188,6 +190,9 @@ def main(argv=None):
     p = sub.add_parser("compile-kernels", help="compile every CUDA kernel through NVRTC (no GPU needed; CI runs it)")
     p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated architectures (default: sm_80,sm_90)")
     p.set_defaults(func=cmd_compile_kernels)
+    from . import _hidden_attention_cli
+
+    _hidden_attention_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

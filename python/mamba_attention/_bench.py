@@ -292,6 +292,9 @@ def workloads() -> List[Workload]:
         _scan_workload("G3", "cuda", b=8, d=2048, n=16, l=8192, g=1, dtype="bfloat16"),
         _update_workload("G5-b1", "cuda", b=1, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
         _update_workload("G5-b64", "cuda", b=64, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
+        # The Mamba layer (nn.Mamba), forward + backward.
+        _mamba_layer_workload("CM1", "cpu", b=1, d_model=256, l=1024, dtype="float32"),
+        _mamba_layer_workload("GM1", "cuda", b=4, d_model=2048, l=4096, dtype="bfloat16"),
         _scan_fwd_bwd_workload("G2", "cuda", b=8, d=2048, n=16, l=2048, g=1, dtype="bfloat16"),
         _conv_workload("G4", "cuda", b=8, d=4096, l=2048, w=4, dtype="bfloat16"),
     ] + hybrid_workloads()
@@ -686,6 +689,78 @@ def format_table(rows):
 def failed(rows):
     """True if any row is a MISMATCH or an ERROR of ours (a failing peer is only reported)."""
     return any(r["status"] in ("MISMATCH", "ERROR") for r in rows)
+
+
+# --------------------------------------------------------------------------
+# The Mamba layer (nn.Mamba): forward + backward
+# --------------------------------------------------------------------------
+
+
+def mamba_layer_floor_ms(device, b, d_model, l, d_state=16, expand=2):
+    """Forward + backward of one Mamba layer: the projections' FLOPs (in_proj,
+    x_proj, dt_proj, out_proj: 2·b·l·(2d·dm + d·(r+2n) + r·d + d·dm) forward, three
+    times that with the backward) at the fp32 FMA rate, plus the scan's exp(Δ·A)
+    (b·d·l·n forward, twice that in the backward) at the exp rate. The conv and the
+    elementwise work are not counted: an underestimate."""
+    m = REFERENCE_MACHINES[device]
+    d = expand * d_model
+    r = math.ceil(d_model / 16)
+    mm = 2 * b * l * (2 * d * d_model + d * (r + 2 * d_state) + r * d + d * d_model)
+    return 1e3 * (3 * mm / m["flops"] + 3 * b * d * l * d_state / m["exp_per_s"])
+
+
+def _mamba_layer_workload(wid, device, b, d_model, l, dtype="float32"):
+    """nn.Mamba(d_model) forward + backward (gradients of the input and every parameter)
+    on seeded (b, l, d_model) input. Peers: the same layer built from the PyTorch
+    references (:func:`._torch_ref.mamba_layer_ref`: torch F.conv1d + the reference
+    scan loop, autograd), and mamba_ssm's Mamba with the same weights (GPU, when
+    importable). Each call returns (out, d input, d in_proj.weight, d A_log)."""
+
+    def setup():
+        import torch
+
+        from ._torch_ref import mamba_layer_ref
+        from .nn import Mamba
+
+        tdt = getattr(torch, dtype)
+        torch.manual_seed(0)
+        layer = Mamba(d_model, device=device, dtype=tdt)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(b, l, d_model, generator=gen).to(device=device, dtype=tdt)
+        gout = torch.randn(b, l, d_model, generator=gen).to(device=device, dtype=tdt)
+
+        def step(module, fwd):
+            def call():
+                xi = x.detach().requires_grad_()
+                for p in module.parameters():
+                    p.grad = None
+                out = fwd(xi)
+                out.backward(gout)
+                return out.detach(), xi.grad, module.in_proj.weight.grad, module.A_log.grad
+
+            return call
+
+        fns = {"ours": step(layer, layer)}
+        mm_cls = _mamba_ssm("modules.mamba_simple", "Mamba") if device == "cuda" else None
+        if mm_cls is not None:
+            peer = mm_cls(d_model, device=device, dtype=tdt)
+            peer.load_state_dict(layer.state_dict())
+            fns["mamba_ssm"] = step(peer, peer)
+        fns["torch ref layer"] = step(layer, lambda xi: mamba_layer_ref(layer, xi))
+        return fns
+
+    return Workload(
+        id=wid,
+        device=device,
+        description=f"nn.Mamba fwd+bwd {dtype} b{b} d_model{d_model} l{l} (d_state 16, d_conv 4, expand 2)",
+        setup=setup,
+        floor_ms=mamba_layer_floor_ms(device, b, d_model, l),
+        floor_note=("H100 estimate: " if device == "cuda" else "")
+        + "3 × projection FLOPs / FMA rate + 3 × b·d·l·n exp / exp rate",
+        # max-norm agreement of outputs and gradients; fp16/bf16 layers round every
+        # intermediate tensor, so their gradients agree less tightly than one op's
+        rtol={"float32": RTOL, "float16": 2e-2, "bfloat16": 5e-2}[dtype],
+    )
 
 
 # --------------------------------------------------------------------------

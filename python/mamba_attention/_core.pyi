@@ -133,3 +133,13 @@ def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
 
 def swiglu_bwd(gate: Tensor, up: Tensor, dout: Tensor) -> Tuple[Tensor, Tensor]:
     """SwiGLU gradients: (dgate in gate's dtype, dup in up's dtype)."""
+def hidden_attention(
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    reduce: Optional[str] = None,
+) -> Tensor:
+    """Hidden attention of a selective scan (SPEC §4): α (b, d, l, l) float32, or (b, l, l) with reduce="mean"."""

@@ -314,3 +314,25 @@ def swiglu(gate, up):
 
         return swiglu_op(g2, u2).reshape(shape)
     return _core.swiglu_fwd(g2, u2).reshape(shape)
+def hidden_attention(delta, A, B, C, delta_bias=None, delta_softplus=False, reduce=None):
+    """The hidden attention matrices of a selective scan (SPEC §4; Ali, Zimerman
+    and Wolf 2024, "The Hidden Attention of Mamba Models").
+
+    Shapes as in :func:`selective_scan_fn`: ``delta`` (b, d, l); ``A`` (d, n);
+    ``B``, ``C``: (d, n) constant, (b, n, l) shared or (b, g, n, l) grouped;
+    ``delta_bias`` (d,). With Δ = delta + delta_bias (softplus'd, threshold 20,
+    if ``delta_softplus``)::
+
+        α[c, i, j] = Σ_k C_i[k] · exp(Σ_{t=j+1..i} Δ_t·A[c,k]) · Δ_j·B_j[k]   for j ≤ i, else 0
+
+    so that Σ_j α[c, i, j]·u[c, j] is the selective scan's output at i without
+    D and z. Returns α (b, d, l, l) float32, or with ``reduce="mean"`` its mean
+    over the channels (b, l, l) float32, computed without materialising the
+    (b, d, l, l) tensor. Any other ``reduce`` raises ValueError. Not
+    differentiable. O(b·d·l²·n) work; the result has the kind and device of
+    ``delta``.
+    """
+    return _core.hidden_attention(delta, A, B, C, delta_bias, bool(delta_softplus), reduce)
+
+
+__all__ += ["hidden_attention"]

@@ -2,6 +2,7 @@
 
 pub mod conv1d;
 pub mod norm;
+pub mod hidden_attention;
 pub mod scan;
 pub mod scan_bwd;
 pub mod simd;

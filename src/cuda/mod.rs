@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod norm;
+pub mod hidden_attention;
 pub mod nvrtc;
 pub mod scan;
 pub mod scan_bwd;
@@ -39,6 +40,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     (
         "causal_conv1d",
         include_str!("../../kernels/causal_conv1d.cu"),
+    ),
+    (
+        "hidden_attention",
+        include_str!("../../kernels/hidden_attention.cu"),
     ),
 ];
 

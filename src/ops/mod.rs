@@ -3,5 +3,6 @@
 
 pub mod conv1d;
 pub mod norm;
+pub mod hidden_attention;
 pub mod scan;
 pub mod scan_bwd;
