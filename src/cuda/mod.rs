@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod nvrtc;
 pub mod scan;
+pub mod attention;
 
 use crate::error::{Error, Result};
 use cudarc::driver::{result as cu, sys};
@@ -27,6 +28,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     (
         "selective_state_update",
         include_str!("../../kernels/selective_state_update.cu"),
+    ),
+    (
+        "flash_attn_fwd",
+        include_str!("../../kernels/flash_attn_fwd.cu"),
     ),
 ];
 

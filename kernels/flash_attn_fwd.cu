@@ -1,0 +1,398 @@
+// Flash-attention forward (SPEC §3) on the tensor cores: mma.sync m16n8k16
+// (f16/bf16 operands, f32 accumulators), ldmatrix, cp.async; sm_80 and later.
+//
+// One CTA per (query tile of BM = 16·NW rows, query head, batch entry); NW
+// warps, each owning 16 query rows. Q is loaded once (registers, or shared
+// memory for the widest head dim); K/V tiles of BN keys stream through two
+// shared-memory stages with cp.async, so the next tile loads while the current
+// one is used. S = Q·Kᵀ and O += P·V run on mma.sync; the online softmax stays
+// in registers in log2 units (the softmax scale folded into log2(e)), with
+// exp2 on the SFU. Key tiles outside the visible band of the tile's rows are
+// never visited (the loop bounds come from the mask), and the per-element mask
+// runs only on tiles that straddle the band's edges.
+//
+// Semantics (SPEC §3): query i sees key j iff
+//     i + sk - sq - left <= j <= i + sk - sq + right and 0 <= j < sk
+// (left/right = -1: unbounded). s = scale·q·k; softcap > 0: s = softcap·tanh(s/softcap);
+// ALiBi: s -= slope·|i + sk - sq - j|. A row with no visible key gets O = 0 and
+// lse = -inf. GQA: query head h reads kv head h / (hq / hk).
+//
+// Head dims are padded up to the instantiated width HD (32, 64, 96, 128, 256):
+// the tail columns load as zeros (cp.async zero-fill) and are never stored.
+// Layout: q/out (b, s, h, d) and k/v (b, s, hk, d) with arbitrary strides in
+// elements (the last one 1); varlen: the batch stride is 0 and row r of entry z
+// is token cu_seqlens[z] + r. lse (b, hq, sq) or, varlen, (hq, total_q).
+//
+// Launch: grid (ceil(max_sq / BM), hq, b), block NW·32 threads, dynamic shared
+// memory (BM + 4·BN)·(HD + 8)·2 bytes (rows padded by 16 bytes so ldmatrix is
+// free of bank conflicts).
+
+struct FlashFwdParams {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* out;
+    float* lse;           // may be null
+    const float* alibi;   // may be null: (b, hq) or (hq,) through the strides
+    const int* cu_q;      // null unless varlen
+    const int* cu_k;
+    i64 q_sb, q_ss, q_sh;
+    i64 k_sb, k_ss, k_sh;
+    i64 v_sb, v_ss, v_sh;
+    i64 o_sb, o_ss, o_sh;
+    i64 lse_sb, lse_sh, lse_ss;
+    i64 alibi_sb, alibi_sh;
+    int b, hq, hk, hd;
+    int sq, sk;           // sequence lengths (varlen: unused, read from cu_*)
+    int left, right;      // -1: unbounded
+    float scale_log2;     // softmax_scale · log2(e)
+    float softcap;        // 0: off
+    float softcap_in;     // softmax_scale / softcap
+    float softcap_out;    // softcap · log2(e)
+    int vec_ok;           // q/k/v rows 16-byte aligned: cp.async path
+    int o_vec_ok;         // out pairs 4-byte aligned
+};
+
+#define FA_LOG2E 1.4426950408889634f
+#define FA_LN2 0.6931471805599453f
+#define FA_NEG_INF (-__int_as_float(0x7f800000))
+
+namespace fa {
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+template <int DT> struct Mma;
+template <> struct Mma<DT_BF16> {
+    static __device__ __forceinline__ void run(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+            "{%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    // Two floats as one register: lo in the low half.
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        unsigned w;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+        return w;
+    }
+};
+template <> struct Mma<DT_F16> {
+    static __device__ __forceinline__ void run(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+            "{%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        unsigned w;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+        return w;
+    }
+};
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Loads ROWS rows of HD columns starting at row `row0` of `g` (row stride
+// `rs` elements) into `s` (row stride HD + 8). Rows at or past `nvalid` and
+// columns at or past `hd` are zero-filled.
+template <int ROWS, int HD, int NT>
+__device__ __forceinline__ void load_tile(u16* s, const u16* g, i64 rs, int row0, int nvalid, int hd,
+                                          bool vec_ok, int tid) {
+    constexpr int CH = HD / 8;
+    constexpr int RS = HD + 8;
+    constexpr int TOTAL = ROWS * CH;
+#pragma unroll
+    for (int i = 0; i < (TOTAL + NT - 1) / NT; ++i) {
+        int c = tid + i * NT;
+        if (TOTAL % NT != 0 && c >= TOTAL) break;
+        int r = c / CH, col = (c % CH) * 8;
+        bool valid = (row0 + r < nvalid) && (col < hd);
+        const u16* src = g + (i64)(row0 + r) * rs + col;
+        u16* dst = s + r * RS + col;
+        if (vec_ok) {
+            cp_async16(dst, valid ? (const void*)src : (const void*)g, valid ? 16 : 0);
+        } else {
+            unsigned w[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                unsigned lo = valid ? (unsigned)src[2 * e] : 0u;
+                unsigned hi = valid ? (unsigned)src[2 * e + 1] : 0u;
+                w[e] = lo | (hi << 16);
+            }
+            *(uint4*)dst = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+    }
+}
+
+struct RowInfo {
+    int lo[2], hi[2];  // visible key range of the thread's two rows (inclusive)
+    int diag[2];       // i + sk - sq (ALiBi distance origin)
+};
+
+// One key tile: S = Q·Kᵀ, transform + mask, online softmax, O += P·V.
+template <int DT, int HD, int BN, bool QREG, bool MASK>
+__device__ __forceinline__ void attend_tile(const unsigned (&qf)[QREG ? HD / 16 : 1][4], const u16* sQw,
+                                            const u16* sK, const u16* sV, float (&o)[HD / 8][4],
+                                            float (&mrow)[2], float (&lrow)[2], int kbase, const RowInfo& ri,
+                                            const FlashFwdParams& p, float slope_log2, int lane) {
+    constexpr int RS = HD + 8;
+    const int t = lane & 3;
+    float s[BN / 8][4];
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+        unsigned a[4];
+        if (QREG) {
+            a[0] = qf[QREG ? kk : 0][0];
+            a[1] = qf[QREG ? kk : 0][1];
+            a[2] = qf[QREG ? kk : 0][2];
+            a[3] = qf[QREG ? kk : 0][3];
+        } else {
+            ldsm_x4(a, sQw + (lane & 15) * RS + kk * 16 + (lane >> 4) * 8);
+        }
+#pragma unroll
+        for (int np = 0; np < BN / 16; ++np) {
+            unsigned b[4];
+            ldsm_x4(b, sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * RS + kk * 16 + ((lane >> 3) & 1) * 8);
+            Mma<DT>::run(s[2 * np], a, b[0], b[1]);
+            Mma<DT>::run(s[2 * np + 1], a, b[2], b[3]);
+        }
+    }
+
+    // Scores in log2 units, transformed and masked.
+    const bool capped = p.softcap > 0.f;
+    const bool alibi = slope_log2 != 0.f;
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            const int j = kbase + nt * 8 + 2 * t + (e & 1);
+            float x = s[nt][e];
+            if (capped) {
+                x = p.softcap_out * tanhf(x * p.softcap_in);
+            } else {
+                x *= p.scale_log2;
+            }
+            if (alibi) x -= slope_log2 * fabsf((float)(ri.diag[r] - j));
+            if (MASK && (j < ri.lo[r] || j > ri.hi[r])) x = FA_NEG_INF;
+            s[nt][e] = x;
+        }
+    }
+
+    // Online softmax (each row lives in 4 lanes: reduce over lane bits 0, 1).
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = FA_NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mnew = fmaxf(mrow[r], mx);
+        const float muse = (mnew == FA_NEG_INF) ? 0.f : mnew;
+        const float alpha = ex2(mrow[r] - muse);
+        mrow[r] = mnew;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) {
+            s[nt][2 * r] = ex2(s[nt][2 * r] - muse);
+            s[nt][2 * r + 1] = ex2(s[nt][2 * r + 1] - muse);
+            sum += s[nt][2 * r] + s[nt][2 * r + 1];
+        }
+        lrow[r] = lrow[r] * alpha + sum;
+#pragma unroll
+        for (int nt = 0; nt < HD / 8; ++nt) {
+            o[nt][2 * r] *= alpha;
+            o[nt][2 * r + 1] *= alpha;
+        }
+    }
+
+    // O += P·V.
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+        unsigned a[4];
+        a[0] = Mma<DT>::pack(s[2 * kk][0], s[2 * kk][1]);
+        a[1] = Mma<DT>::pack(s[2 * kk][2], s[2 * kk][3]);
+        a[2] = Mma<DT>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        a[3] = Mma<DT>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+        for (int np = 0; np < HD / 16; ++np) {
+            unsigned b[4];
+            ldsm_x4_t(b, sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * RS + np * 16 + (lane >> 4) * 8);
+            Mma<DT>::run(o[2 * np], a, b[0], b[1]);
+            Mma<DT>::run(o[2 * np + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+template <int DT, int HD, int NW, int BN, bool QREG>
+__device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
+    constexpr int BM = 16 * NW;
+    constexpr int NT = 32 * NW;
+    constexpr int RS = HD + 8;
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    u16* sQ = (u16*)fa_smem;
+    u16* sK = sQ + BM * RS;      // 2 stages
+    u16* sV = sK + 2 * BN * RS;  // 2 stages
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int m_block = gridDim.x - 1 - blockIdx.x;  // longest (causal) tiles first
+    const int h = blockIdx.y, z = blockIdx.z;
+    int q_start = 0, k_start = 0, sq = p.sq, sk = p.sk;
+    if (p.cu_q) {
+        q_start = p.cu_q[z];
+        sq = p.cu_q[z + 1] - q_start;
+        k_start = p.cu_k[z];
+        sk = p.cu_k[z + 1] - k_start;
+    }
+    const int m0 = m_block * BM;
+    if (m0 >= sq) return;
+    const int hkv = h / (p.hq / p.hk);
+    const u16* qg = (const u16*)p.q + z * p.q_sb + (i64)q_start * p.q_ss + h * p.q_sh;
+    const u16* kg = (const u16*)p.k + z * p.k_sb + (i64)k_start * p.k_ss + hkv * p.k_sh;
+    const u16* vg = (const u16*)p.v + z * p.v_sb + (i64)k_start * p.v_ss + hkv * p.v_sh;
+    const bool vec_ok = p.vec_ok != 0;
+
+    const int off = sk - sq;
+    const int m_last = min(m0 + BM, sq) - 1;
+    const int n_lo = p.left < 0 ? 0 : max(0, m0 + off - p.left);
+    const int n_hi = p.right < 0 ? sk - 1 : min(sk - 1, m_last + off + p.right);
+    // Keys every row of the tile sees: [lo_all, hi_all].
+    const int lo_all = p.left < 0 ? 0 : m_last + off - p.left;
+    const int hi_all = p.right < 0 ? sk - 1 : min(sk - 1, m0 + off + p.right);
+
+    RowInfo ri;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = m0 + warp * 16 + g + 8 * r;
+        ri.diag[r] = row + off;
+        ri.lo[r] = p.left < 0 ? 0 : max(0, row + off - p.left);
+        ri.hi[r] = p.right < 0 ? sk - 1 : min(sk - 1, row + off + p.right);
+    }
+    float slope_log2 = 0.f;
+    if (p.alibi) slope_log2 = p.alibi[z * p.alibi_sb + h * p.alibi_sh] * FA_LOG2E;
+
+    float o[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float mrow[2] = {FA_NEG_INF, FA_NEG_INF}, lrow[2] = {0.f, 0.f};
+    unsigned qf[QREG ? HD / 16 : 1][4];
+    const u16* sQw = sQ + warp * 16 * RS;
+
+    const int n_tiles = n_lo <= n_hi ? n_hi / BN - n_lo / BN + 1 : 0;
+    if (n_tiles > 0) {
+        int kb = n_hi / BN;
+        load_tile<BM, HD, NT>(sQ, qg, p.q_ss, m0, sq, p.hd, vec_ok, tid);
+        load_tile<BN, HD, NT>(sK, kg, p.k_ss, kb * BN, sk, p.hd, vec_ok, tid);
+        load_tile<BN, HD, NT>(sV, vg, p.v_ss, kb * BN, sk, p.hd, vec_ok, tid);
+        cp_async_commit();
+        if (QREG) {
+            cp_async_wait_all();
+            __syncthreads();
+#pragma unroll
+            for (int kk = 0; kk < (QREG ? HD / 16 : 0); ++kk)
+                ldsm_x4(qf[kk], sQw + (lane & 15) * RS + kk * 16 + (lane >> 4) * 8);
+        }
+        for (int it = 0; it < n_tiles; ++it, --kb) {
+            cp_async_wait_all();
+            __syncthreads();  // tile `it` visible to all; every warp is done with tile it-1
+            if (it + 1 < n_tiles) {
+                const int nb = (it + 1) & 1;
+                load_tile<BN, HD, NT>(sK + nb * BN * RS, kg, p.k_ss, (kb - 1) * BN, sk, p.hd, vec_ok, tid);
+                load_tile<BN, HD, NT>(sV + nb * BN * RS, vg, p.v_ss, (kb - 1) * BN, sk, p.hd, vec_ok, tid);
+                cp_async_commit();
+            }
+            const u16* sKb = sK + (it & 1) * BN * RS;
+            const u16* sVb = sV + (it & 1) * BN * RS;
+            const int k0 = kb * BN;
+            if (k0 >= lo_all && k0 + BN - 1 <= hi_all)
+                attend_tile<DT, HD, BN, QREG, false>(qf, sQw, sKb, sVb, o, mrow, lrow, k0, ri, p, slope_log2, lane);
+            else
+                attend_tile<DT, HD, BN, QREG, true>(qf, sQw, sKb, sVb, o, mrow, lrow, k0, ri, p, slope_log2, lane);
+        }
+    }
+
+    // Epilogue: O / l, lse; rows with no visible key give O = 0, lse = -inf.
+    u16* og = (u16*)p.out + z * p.o_sb + (i64)q_start * p.o_ss + h * p.o_sh;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = lrow[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int row = m0 + warp * 16 + g + 8 * r;
+        if (row < sq) {
+            u16* orow = og + (i64)row * p.o_ss;
+#pragma unroll
+            for (int nt = 0; nt < HD / 8; ++nt) {
+                const int col = nt * 8 + 2 * t;
+                if (col < p.hd) {
+                    const unsigned w = Mma<DT>::pack(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
+                    if (p.o_vec_ok) {
+                        *(unsigned*)(orow + col) = w;
+                    } else {
+                        orow[col] = (u16)(w & 0xffffu);
+                        orow[col + 1] = (u16)(w >> 16);
+                    }
+                }
+            }
+            if (p.lse && t == 0) {
+                float lse = l > 0.f ? (mrow[r] + __log2f(l)) * FA_LN2 : FA_NEG_INF;
+                p.lse[z * p.lse_sb + h * p.lse_sh + (i64)(q_start + row) * p.lse_ss] = lse;
+            }
+        }
+    }
+}
+
+}  // namespace fa
+
+// ----------------------------------------------------------------------------
+// Entry points: flash_fwd_<dtype>_hd<HD>_w<NW> (BN fixed per entry; the host
+// table in src/cuda/attention.rs mirrors these).
+// ----------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd32_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 32, 4, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd64_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 64, 4, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_bf16_hd64_w8(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 64, 8, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd96_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 96, 4, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd128_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 128, 4, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_bf16_hd128_w8(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 128, 8, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd256_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 256, 4, 32, false>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd32_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 32, 4, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd64_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 64, 4, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_f16_hd64_w8(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 64, 8, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd96_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 96, 4, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd128_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 128, 4, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_f16_hd128_w8(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 128, 8, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd256_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 256, 4, 32, false>(p); }
