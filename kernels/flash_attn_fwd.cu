@@ -157,35 +157,44 @@ struct RowInfo {
     int diag[2];       // i + sk - sq (ALiBi distance origin)
 };
 
-// One key tile: S = Q·Kᵀ, transform + mask, online softmax, O += P·V.
-template <int DT, int HD, int BN, bool QREG, bool MASK>
-__device__ __forceinline__ void attend_tile(const unsigned (&qf)[QREG ? HD / 16 : 1][4], const u16* sQw,
-                                            const u16* sK, const u16* sV, float (&o)[HD / 8][4],
-                                            float (&mrow)[2], float (&lrow)[2], int kbase, const RowInfo& ri,
-                                            const FlashFwdParams& p, float slope_log2, int lane) {
+// One key tile for the warp's MT m-tiles of 16 rows: S = Q·Kᵀ, transform +
+// mask, online softmax, O += P·V. Each K/V fragment read from shared memory
+// feeds all MT m-tiles.
+template <int DT, int HD, int MT, int BN, bool QREG, bool MASK>
+__device__ __forceinline__ void attend_tile(const unsigned (&qf)[MT][QREG ? HD / 16 : 1][4], const u16* sQw,
+                                            const u16* sK, const u16* sV, float (&o)[MT][HD / 8][4],
+                                            float (&mrow)[MT][2], float (&lrow)[MT][2], int kbase,
+                                            const RowInfo (&ri)[MT], const FlashFwdParams& p, float slope_log2,
+                                            int lane) {
     constexpr int RS = HD + 8;
     const int t = lane & 3;
-    float s[BN / 8][4];
+    float s[MT][BN / 8][4];
 #pragma unroll
-    for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
 
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
-        unsigned a[4];
-        if (QREG) {
-            a[0] = qf[QREG ? kk : 0][0];
-            a[1] = qf[QREG ? kk : 0][1];
-            a[2] = qf[QREG ? kk : 0][2];
-            a[3] = qf[QREG ? kk : 0][3];
-        } else {
-            ldsm_x4(a, sQw + (lane & 15) * RS + kk * 16 + (lane >> 4) * 8);
+        unsigned a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            if (QREG) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) a[mt][e] = qf[mt][QREG ? kk : 0][e];
+            } else {
+                ldsm_x4(a[mt], sQw + (mt * 16 + (lane & 15)) * RS + kk * 16 + (lane >> 4) * 8);
+            }
         }
 #pragma unroll
         for (int np = 0; np < BN / 16; ++np) {
             unsigned b[4];
             ldsm_x4(b, sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * RS + kk * 16 + ((lane >> 3) & 1) * 8);
-            Mma<DT>::run(s[2 * np], a, b[0], b[1]);
-            Mma<DT>::run(s[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                Mma<DT>::run(s[mt][2 * np], a[mt], b[0], b[1]);
+                Mma<DT>::run(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+            }
         }
     }
 
@@ -193,71 +202,84 @@ __device__ __forceinline__ void attend_tile(const unsigned (&qf)[QREG ? HD / 16 
     const bool capped = p.softcap > 0.f;
     const bool alibi = slope_log2 != 0.f;
 #pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int r = e >> 1;
-            const int j = kbase + nt * 8 + 2 * t + (e & 1);
-            float x = s[nt][e];
-            if (capped) {
-                x = p.softcap_out * tanhf(x * p.softcap_in);
-            } else {
-                x *= p.scale_log2;
+        for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = e >> 1;
+                const int j = kbase + nt * 8 + 2 * t + (e & 1);
+                float x = s[mt][nt][e];
+                if (capped) {
+                    x = p.softcap_out * tanhf(x * p.softcap_in);
+                } else {
+                    x *= p.scale_log2;
+                }
+                if (alibi) x -= slope_log2 * fabsf((float)(ri[mt].diag[r] - j));
+                if (MASK && (j < ri[mt].lo[r] || j > ri[mt].hi[r])) x = FA_NEG_INF;
+                s[mt][nt][e] = x;
             }
-            if (alibi) x -= slope_log2 * fabsf((float)(ri.diag[r] - j));
-            if (MASK && (j < ri.lo[r] || j > ri.hi[r])) x = FA_NEG_INF;
-            s[nt][e] = x;
         }
     }
 
     // Online softmax (each row lives in 4 lanes: reduce over lane bits 0, 1).
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float mx = FA_NEG_INF;
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float mnew = fmaxf(mrow[r], mx);
-        const float muse = (mnew == FA_NEG_INF) ? 0.f : mnew;
-        const float alpha = ex2(mrow[r] - muse);
-        mrow[r] = mnew;
-        float sum = 0.f;
+        for (int r = 0; r < 2; ++r) {
+            float mx = FA_NEG_INF;
 #pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) {
-            s[nt][2 * r] = ex2(s[nt][2 * r] - muse);
-            s[nt][2 * r + 1] = ex2(s[nt][2 * r + 1] - muse);
-            sum += s[nt][2 * r] + s[nt][2 * r + 1];
-        }
-        lrow[r] = lrow[r] * alpha + sum;
+            for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float mnew = fmaxf(mrow[mt][r], mx);
+            const float muse = (mnew == FA_NEG_INF) ? 0.f : mnew;
+            const float alpha = ex2(mrow[mt][r] - muse);
+            mrow[mt][r] = mnew;
+            float sum = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < HD / 8; ++nt) {
-            o[nt][2 * r] *= alpha;
-            o[nt][2 * r + 1] *= alpha;
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                s[mt][nt][2 * r] = ex2(s[mt][nt][2 * r] - muse);
+                s[mt][nt][2 * r + 1] = ex2(s[mt][nt][2 * r + 1] - muse);
+                sum += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
+            }
+            lrow[mt][r] = lrow[mt][r] * alpha + sum;
+#pragma unroll
+            for (int nt = 0; nt < HD / 8; ++nt) {
+                o[mt][nt][2 * r] *= alpha;
+                o[mt][nt][2 * r + 1] *= alpha;
+            }
         }
     }
 
     // O += P·V.
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-        unsigned a[4];
-        a[0] = Mma<DT>::pack(s[2 * kk][0], s[2 * kk][1]);
-        a[1] = Mma<DT>::pack(s[2 * kk][2], s[2 * kk][3]);
-        a[2] = Mma<DT>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        a[3] = Mma<DT>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        unsigned a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            a[mt][0] = Mma<DT>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+            a[mt][1] = Mma<DT>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+            a[mt][2] = Mma<DT>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+            a[mt][3] = Mma<DT>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
 #pragma unroll
         for (int np = 0; np < HD / 16; ++np) {
             unsigned b[4];
             ldsm_x4_t(b, sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * RS + np * 16 + (lane >> 4) * 8);
-            Mma<DT>::run(o[2 * np], a, b[0], b[1]);
-            Mma<DT>::run(o[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                Mma<DT>::run(o[mt][2 * np], a[mt], b[0], b[1]);
+                Mma<DT>::run(o[mt][2 * np + 1], a[mt], b[2], b[3]);
+            }
         }
     }
 }
 
-template <int DT, int HD, int NW, int BN, bool QREG>
+template <int DT, int HD, int NW, int MT, int BN, bool QREG>
 __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
-    constexpr int BM = 16 * NW;
+    constexpr int WM = 16 * MT;  // rows per warp
+    constexpr int BM = WM * NW;
     constexpr int NT = 32 * NW;
     constexpr int RS = HD + 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
@@ -292,23 +314,30 @@ __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
     const int lo_all = p.left < 0 ? 0 : m_last + off - p.left;
     const int hi_all = p.right < 0 ? sk - 1 : min(sk - 1, m0 + off + p.right);
 
-    RowInfo ri;
+    RowInfo ri[MT];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = m0 + warp * 16 + g + 8 * r;
-        ri.diag[r] = row + off;
-        ri.lo[r] = p.left < 0 ? 0 : max(0, row + off - p.left);
-        ri.hi[r] = p.right < 0 ? sk - 1 : min(sk - 1, row + off + p.right);
-    }
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = m0 + warp * WM + mt * 16 + g + 8 * r;
+            ri[mt].diag[r] = row + off;
+            ri[mt].lo[r] = p.left < 0 ? 0 : max(0, row + off - p.left);
+            ri[mt].hi[r] = p.right < 0 ? sk - 1 : min(sk - 1, row + off + p.right);
+        }
     float slope_log2 = 0.f;
     if (p.alibi) slope_log2 = p.alibi[z * p.alibi_sb + h * p.alibi_sh] * FA_LOG2E;
 
-    float o[HD / 8][4];
+    float o[MT][HD / 8][4];
+    float mrow[MT][2], lrow[MT][2];
 #pragma unroll
-    for (int i = 0; i < HD / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float mrow[2] = {FA_NEG_INF, FA_NEG_INF}, lrow[2] = {0.f, 0.f};
-    unsigned qf[QREG ? HD / 16 : 1][4];
-    const u16* sQw = sQ + warp * 16 * RS;
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int i = 0; i < HD / 8; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+        mrow[mt][0] = mrow[mt][1] = FA_NEG_INF;
+        lrow[mt][0] = lrow[mt][1] = 0.f;
+    }
+    unsigned qf[MT][QREG ? HD / 16 : 1][4];
+    const u16* sQw = sQ + warp * WM * RS;
 
     const int n_tiles = n_lo <= n_hi ? n_hi / BN - n_lo / BN + 1 : 0;
     if (n_tiles > 0) {
@@ -321,8 +350,10 @@ __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
             cp_async_wait_all();
             __syncthreads();
 #pragma unroll
-            for (int kk = 0; kk < (QREG ? HD / 16 : 0); ++kk)
-                ldsm_x4(qf[kk], sQw + (lane & 15) * RS + kk * 16 + (lane >> 4) * 8);
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int kk = 0; kk < (QREG ? HD / 16 : 0); ++kk)
+                    ldsm_x4(qf[mt][kk], sQw + (mt * 16 + (lane & 15)) * RS + kk * 16 + (lane >> 4) * 8);
         }
         for (int it = 0; it < n_tiles; ++it, --kb) {
             cp_async_wait_all();
@@ -337,39 +368,44 @@ __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
             const u16* sVb = sV + (it & 1) * BN * RS;
             const int k0 = kb * BN;
             if (k0 >= lo_all && k0 + BN - 1 <= hi_all)
-                attend_tile<DT, HD, BN, QREG, false>(qf, sQw, sKb, sVb, o, mrow, lrow, k0, ri, p, slope_log2, lane);
+                attend_tile<DT, HD, MT, BN, QREG, false>(qf, sQw, sKb, sVb, o, mrow, lrow, k0, ri, p, slope_log2,
+                                                         lane);
             else
-                attend_tile<DT, HD, BN, QREG, true>(qf, sQw, sKb, sVb, o, mrow, lrow, k0, ri, p, slope_log2, lane);
+                attend_tile<DT, HD, MT, BN, QREG, true>(qf, sQw, sKb, sVb, o, mrow, lrow, k0, ri, p, slope_log2,
+                                                        lane);
         }
     }
 
     // Epilogue: O / l, lse; rows with no visible key give O = 0, lse = -inf.
     u16* og = (u16*)p.out + z * p.o_sb + (i64)q_start * p.o_ss + h * p.o_sh;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = lrow[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int row = m0 + warp * 16 + g + 8 * r;
-        if (row < sq) {
-            u16* orow = og + (i64)row * p.o_ss;
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-            for (int nt = 0; nt < HD / 8; ++nt) {
-                const int col = nt * 8 + 2 * t;
-                if (col < p.hd) {
-                    const unsigned w = Mma<DT>::pack(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
-                    if (p.o_vec_ok) {
-                        *(unsigned*)(orow + col) = w;
-                    } else {
-                        orow[col] = (u16)(w & 0xffffu);
-                        orow[col + 1] = (u16)(w >> 16);
+        for (int r = 0; r < 2; ++r) {
+            float l = lrow[mt][r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const int row = m0 + warp * WM + mt * 16 + g + 8 * r;
+            if (row < sq) {
+                u16* orow = og + (i64)row * p.o_ss;
+#pragma unroll
+                for (int nt = 0; nt < HD / 8; ++nt) {
+                    const int col = nt * 8 + 2 * t;
+                    if (col < p.hd) {
+                        const unsigned w = Mma<DT>::pack(o[mt][nt][2 * r] * inv, o[mt][nt][2 * r + 1] * inv);
+                        if (p.o_vec_ok) {
+                            *(unsigned*)(orow + col) = w;
+                        } else {
+                            orow[col] = (u16)(w & 0xffffu);
+                            orow[col + 1] = (u16)(w >> 16);
+                        }
                     }
                 }
-            }
-            if (p.lse && t == 0) {
-                float lse = l > 0.f ? (mrow[r] + __log2f(l)) * FA_LN2 : FA_NEG_INF;
-                p.lse[z * p.lse_sb + h * p.lse_sh + (i64)(q_start + row) * p.lse_ss] = lse;
+                if (p.lse && t == 0) {
+                    float lse = l > 0.f ? (mrow[mt][r] + __log2f(l)) * FA_LN2 : FA_NEG_INF;
+                    p.lse[z * p.lse_sb + h * p.lse_sh + (i64)(q_start + row) * p.lse_ss] = lse;
+                }
             }
         }
     }
@@ -378,21 +414,25 @@ __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
 }  // namespace fa
 
 // ----------------------------------------------------------------------------
-// Entry points: flash_fwd_<dtype>_hd<HD>_w<NW> (BN fixed per entry; the host
-// table in src/cuda/attention.rs mirrors these).
+// Entry points: flash_fwd_<dtype>_hd<HD>_w<NW>m<MT>n<BN> (NW warps of MT·16
+// rows, BN keys a tile); the table in src/cuda/attention.rs mirrors these.
 // ----------------------------------------------------------------------------
 
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd32_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 32, 4, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd64_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 64, 4, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_bf16_hd64_w8(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 64, 8, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd96_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 96, 4, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd128_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 128, 4, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_bf16_hd128_w8(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 128, 8, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd256_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 256, 4, 32, false>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd32_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 32, 4, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd64_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 64, 4, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_f16_hd64_w8(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 64, 8, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd96_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 96, 4, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd128_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 128, 4, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_f16_hd128_w8(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 128, 8, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd256_w4(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 256, 4, 32, false>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd32_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 32, 4, 1, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd64_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 64, 4, 1, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_bf16_hd64_w8m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 64, 8, 1, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd96_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 96, 4, 1, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd128_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 128, 4, 1, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_bf16_hd128_w8m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 128, 8, 1, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd128_w4m2n32(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 128, 4, 2, 32, false>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd128_w4m2n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 128, 4, 2, 64, false>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd256_w4m1n32(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 256, 4, 1, 32, false>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd32_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 32, 4, 1, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd64_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 64, 4, 1, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_f16_hd64_w8m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 64, 8, 1, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd96_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 96, 4, 1, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd128_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 128, 4, 1, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_f16_hd128_w8m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 128, 8, 1, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd128_w4m2n32(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 128, 4, 2, 32, false>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd128_w4m2n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 128, 4, 2, 64, false>(p); }
+extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd256_w4m1n32(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 256, 4, 1, 32, false>(p); }

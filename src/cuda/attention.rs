@@ -52,18 +52,24 @@ pub struct FlashFwdParams {
 }
 
 /// One compiled configuration: head dim the kernel is specialised for (the
-/// real one is padded up to it), warps per CTA (16 query rows each) and keys
-/// per tile. Mirrors the entry points at the end of flash_attn_fwd.cu.
+/// real one is padded up to it), warps per CTA, m-tiles of 16 query rows per
+/// warp, and keys per tile. Mirrors the entry points at the end of
+/// flash_attn_fwd.cu.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FwdConfig {
     pub hd: i32,
     pub warps: i32,
+    pub mt: i32,
     pub bn: i32,
 }
 
 impl FwdConfig {
     pub fn block_m(&self) -> i32 {
-        16 * self.warps
+        16 * self.warps * self.mt
+    }
+    /// The entry-point suffix, e.g. "hd128_w8m1n64".
+    pub fn tag(&self) -> String {
+        format!("hd{}_w{}m{}n{}", self.hd, self.warps, self.mt, self.bn)
     }
     /// Dynamic shared memory: Q tile + 2 stages of K and V, rows padded by 16 bytes.
     pub fn smem_bytes(&self) -> u32 {
@@ -73,30 +79,30 @@ impl FwdConfig {
 
 /// Every instantiated configuration, per padded head dim (first = default).
 const CONFIGS: &[FwdConfig] = &[
-    FwdConfig { hd: 32, warps: 4, bn: 64 },
-    FwdConfig { hd: 64, warps: 4, bn: 64 },
-    FwdConfig { hd: 64, warps: 8, bn: 64 },
-    FwdConfig { hd: 96, warps: 4, bn: 64 },
-    FwdConfig { hd: 128, warps: 8, bn: 64 },
-    FwdConfig { hd: 128, warps: 4, bn: 64 },
-    FwdConfig { hd: 256, warps: 4, bn: 32 },
+    FwdConfig { hd: 32, warps: 4, mt: 1, bn: 64 },
+    FwdConfig { hd: 64, warps: 4, mt: 1, bn: 64 },
+    FwdConfig { hd: 64, warps: 8, mt: 1, bn: 64 },
+    FwdConfig { hd: 96, warps: 4, mt: 1, bn: 64 },
+    FwdConfig { hd: 128, warps: 8, mt: 1, bn: 64 },
+    FwdConfig { hd: 128, warps: 4, mt: 1, bn: 64 },
+    FwdConfig { hd: 128, warps: 4, mt: 2, bn: 32 },
+    FwdConfig { hd: 128, warps: 4, mt: 2, bn: 64 },
+    FwdConfig { hd: 256, warps: 4, mt: 1, bn: 32 },
 ];
 
 /// Largest head dim the kernel supports.
 pub const MAX_HEAD_DIM: usize = 256;
 
 /// The configurations that fit head dim `hd`, best first. The environment
-/// variable MAMBA_ATTENTION_FA_WARPS (4 or 8) prefers that many warps where
-/// both exist (a benchmarking knob).
+/// variable MAMBA_ATTENTION_FA_CFG (e.g. "w4m2n32") puts the configuration
+/// of that shape first where it exists (a benchmarking knob).
 pub fn configs_for(hd: i32) -> Vec<FwdConfig> {
     let padded = CONFIGS.iter().map(|c| c.hd).filter(|&p| p >= hd).min();
     let Some(padded) = padded else { return Vec::new() };
     let mut v: Vec<FwdConfig> = CONFIGS.iter().copied().filter(|c| c.hd == padded).collect();
-    if let Some(w) = std::env::var("MAMBA_ATTENTION_FA_WARPS")
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-    {
-        v.sort_by_key(|c| c.warps != w);
+    if let Ok(want) = std::env::var("MAMBA_ATTENTION_FA_CFG") {
+        let want = want.trim().to_string();
+        v.sort_by_key(|c| !c.tag().ends_with(&want));
     }
     v
 }
@@ -171,7 +177,7 @@ pub fn flash_fwd(ordinal: i32, stream: u64, p: &FlashFwdParams, dtype: DType, ma
         )));
     }
     let cfg = choose_config(ordinal, p.hd)?;
-    let name = format!("flash_fwd_{}_hd{}_w{}", suffix(dtype)?, cfg.hd, cfg.warps);
+    let name = format!("flash_fwd_{}_{}", suffix(dtype)?, cfg.tag());
     let k = kernel(ordinal, "flash_attn_fwd", &name)?;
     let smem = cfg.smem_bytes();
     k.set_max_dynamic_smem(smem)?;
