@@ -121,11 +121,13 @@ __device__ __forceinline__ float ex2(float x) {
 }
 
 // Loads ROWS rows of HD columns starting at row `row0` of `g` (row stride
-// `rs` elements) into `s` (row stride HD + 8). Rows at or past `nvalid` and
-// columns at or past `hd` are zero-filled.
-template <int ROWS, int HD, int NT>
-__device__ __forceinline__ void load_tile(u16* s, const u16* g, i64 rs, int row0, int nvalid, int hd,
-                                          bool vec_ok, int tid) {
+// `rs` elements) into `s` (row stride HD + 8). Rows at or past `nvalid`,
+// columns at or past `hd`, and everything when `active` is false are
+// zero-filled (so the caller needs no branch around a load past the end).
+// VEC: 16-byte cp.async (rows 16-byte aligned); else plain 2-byte loads.
+template <int ROWS, int HD, int NT, bool VEC>
+__device__ __forceinline__ void load_tile(u16* s, const u16* g, i64 rs, int row0, int nvalid, int hd, bool active,
+                                          int tid) {
     constexpr int CH = HD / 8;
     constexpr int RS = HD + 8;
     constexpr int TOTAL = ROWS * CH;
@@ -134,10 +136,10 @@ __device__ __forceinline__ void load_tile(u16* s, const u16* g, i64 rs, int row0
         int c = tid + i * NT;
         if (TOTAL % NT != 0 && c >= TOTAL) break;
         int r = c / CH, col = (c % CH) * 8;
-        bool valid = (row0 + r < nvalid) && (col < hd);
+        bool valid = active && (row0 + r < nvalid) && (col < hd);
         const u16* src = g + (i64)(row0 + r) * rs + col;
         u16* dst = s + r * RS + col;
-        if (vec_ok) {
+        if (VEC) {
             cp_async16(dst, valid ? (const void*)src : (const void*)g, valid ? 16 : 0);
         } else {
             unsigned w[4];
@@ -157,23 +159,16 @@ struct RowInfo {
     int diag[2];       // i + sk - sq (ALiBi distance origin)
 };
 
-// One key tile for the warp's MT m-tiles of 16 rows: S = Q·Kᵀ, transform +
-// mask, online softmax, O += P·V. Each K/V fragment read from shared memory
-// feeds all MT m-tiles.
-template <int DT, int HD, int MT, int BN, bool QREG, bool MASK>
-__device__ __forceinline__ void attend_tile(const unsigned (&qf)[MT][QREG ? HD / 16 : 1][4], const u16* sQw,
-                                            const u16* sK, const u16* sV, float (&o)[MT][HD / 8][4],
-                                            float (&mrow)[MT][2], float (&lrow)[MT][2], int kbase,
-                                            const RowInfo (&ri)[MT], const FlashFwdParams& p, float slope_log2,
-                                            int lane) {
+// S = Q·Kᵀ for one key tile and the warp's MT m-tiles of 16 rows; each K
+// fragment read from shared memory feeds all MT m-tiles.
+template <int DT, int HD, int MT, int BN, bool QREG>
+__device__ __forceinline__ void qk_tile(float (&s)[MT][BN / 8][4], const unsigned (&qf)[MT][QREG ? HD / 16 : 1][4],
+                                        const u16* sQw, const u16* sK, int lane) {
     constexpr int RS = HD + 8;
-    const int t = lane & 3;
-    float s[MT][BN / 8][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int i = 0; i < BN / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
-
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
         unsigned a[MT][4];
@@ -197,10 +192,19 @@ __device__ __forceinline__ void attend_tile(const unsigned (&qf)[MT][QREG ? HD /
             }
         }
     }
+}
 
-    // Scores in log2 units, transformed and masked.
-    const bool capped = p.softcap > 0.f;
-    const bool alibi = slope_log2 != 0.f;
+// Scores of one tile → log2 units (scale, softcap, ALiBi, mask), online
+// softmax update, O += P·V. FEAT: softcap/ALiBi may be on (else plain scale).
+template <int DT, int HD, int MT, int BN, bool MASK, bool FEAT>
+__device__ __forceinline__ void softmax_pv(float (&s)[MT][BN / 8][4], const u16* sV, float (&o)[MT][HD / 8][4],
+                                           float (&mrow)[MT][2], float (&lrow)[MT][2], int kbase,
+                                           const RowInfo (&ri)[MT], const FlashFwdParams& p, float slope_log2,
+                                           int lane) {
+    constexpr int RS = HD + 8;
+    const int t = lane & 3;
+    const bool capped = FEAT && p.softcap > 0.f;
+    const bool alibi = FEAT && slope_log2 != 0.f;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -252,7 +256,7 @@ __device__ __forceinline__ void attend_tile(const unsigned (&qf)[MT][QREG ? HD /
         }
     }
 
-    // O += P·V.
+    // O += P·V; each V fragment feeds all MT m-tiles.
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
         unsigned a[MT][4];
@@ -276,11 +280,85 @@ __device__ __forceinline__ void attend_tile(const unsigned (&qf)[MT][QREG ? HD /
     }
 }
 
+// Everything a CTA needs to know about its work, set up once.
+struct Ctx {
+    const u16 *qg, *kg, *vg;
+    int sq, sk, m0, n_tiles, kb0, lo_all, hi_all;
+    float slope_log2;
+};
+
+// The key-tile loop. Tiles are visited from the last (kb0) down. Shared
+// memory holds K and V in two stages each; K runs one tile ahead of V, so
+// iteration `it` issues S(it+1) = Q·K(it+1)ᵀ on the tensor cores before the
+// softmax of S(it) (independent work the scheduler interleaves), then
+// O += P(it)·V(it). One barrier per iteration; the loads of K(it+2) and
+// V(it+1) fly during it.
+template <int DT, int HD, int NW, int MT, int BN, bool QREG, bool VEC, bool FEAT>
+__device__ __forceinline__ void main_loop(const FlashFwdParams& p, const Ctx& c, u16* sQ, u16* sK, u16* sV,
+                                          float (&o)[MT][HD / 8][4], float (&mrow)[MT][2], float (&lrow)[MT][2],
+                                          const RowInfo (&ri)[MT], int tid, int warp, int lane) {
+    constexpr int WM = 16 * MT;
+    constexpr int BM = WM * NW;
+    constexpr int NT = 32 * NW;
+    constexpr int RS = HD + 8;
+    const int n = c.n_tiles;
+    unsigned qf[MT][QREG ? HD / 16 : 1][4];
+    const u16* sQw = sQ + warp * WM * RS;
+
+    load_tile<BM, HD, NT, VEC>(sQ, c.qg, p.q_ss, c.m0, c.sq, p.hd, true, tid);
+    load_tile<BN, HD, NT, VEC>(sK, c.kg, p.k_ss, c.kb0 * BN, c.sk, p.hd, true, tid);
+    cp_async_commit();
+    load_tile<BN, HD, NT, VEC>(sK + BN * RS, c.kg, p.k_ss, (c.kb0 - 1) * BN, c.sk, p.hd, n > 1, tid);
+    load_tile<BN, HD, NT, VEC>(sV, c.vg, p.v_ss, c.kb0 * BN, c.sk, p.hd, true, tid);
+    cp_async_commit();
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+    __syncthreads();
+    if (QREG) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int kk = 0; kk < (QREG ? HD / 16 : 0); ++kk)
+                ldsm_x4(qf[mt][kk], sQw + (mt * 16 + (lane & 15)) * RS + kk * 16 + (lane >> 4) * 8);
+    }
+    float s_cur[MT][BN / 8][4];
+    qk_tile<DT, HD, MT, BN, QREG>(s_cur, qf, sQw, sK, lane);
+
+    for (int it = 0; it < n; ++it) {
+        cp_async_wait_all();
+        __syncthreads();  // K(it+1), V(it) landed; every warp is done with K(it), V(it-1)
+        const int kb = c.kb0 - it;
+        load_tile<BN, HD, NT, VEC>(sK + (it & 1) * BN * RS, c.kg, p.k_ss, (kb - 2) * BN, c.sk, p.hd, it + 2 < n,
+                                   tid);
+        load_tile<BN, HD, NT, VEC>(sV + ((it + 1) & 1) * BN * RS, c.vg, p.v_ss, (kb - 1) * BN, c.sk, p.hd,
+                                   it + 1 < n, tid);
+        cp_async_commit();
+        const u16* sKn = sK + ((it + 1) & 1) * BN * RS;
+        const u16* sVc = sV + (it & 1) * BN * RS;
+        const int k0 = kb * BN;
+        float s_next[MT][BN / 8][4];
+        // S(it+1) and the softmax of S(it) in one basic block per branch, so
+        // the scheduler can interleave them. (On the last iteration qk_tile
+        // reads a stale stage; the result is unused.)
+        if (k0 >= c.lo_all && k0 + BN - 1 <= c.hi_all) {
+            qk_tile<DT, HD, MT, BN, QREG>(s_next, qf, sQw, sKn, lane);
+            softmax_pv<DT, HD, MT, BN, false, FEAT>(s_cur, sVc, o, mrow, lrow, k0, ri, p, c.slope_log2, lane);
+        } else {
+            qk_tile<DT, HD, MT, BN, QREG>(s_next, qf, sQw, sKn, lane);
+            softmax_pv<DT, HD, MT, BN, true, FEAT>(s_cur, sVc, o, mrow, lrow, k0, ri, p, c.slope_log2, lane);
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s_cur[mt][i][e] = s_next[mt][i][e];
+    }
+}
+
 template <int DT, int HD, int NW, int MT, int BN, bool QREG>
 __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
     constexpr int WM = 16 * MT;  // rows per warp
     constexpr int BM = WM * NW;
-    constexpr int NT = 32 * NW;
     constexpr int RS = HD + 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
     u16* sQ = (u16*)fa_smem;
@@ -291,28 +369,34 @@ __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
     const int g = lane >> 2, t = lane & 3;
     const int m_block = gridDim.x - 1 - blockIdx.x;  // longest (causal) tiles first
     const int h = blockIdx.y, z = blockIdx.z;
-    int q_start = 0, k_start = 0, sq = p.sq, sk = p.sk;
+    Ctx c;
+    int q_start = 0, k_start = 0;
+    c.sq = p.sq;
+    c.sk = p.sk;
     if (p.cu_q) {
         q_start = p.cu_q[z];
-        sq = p.cu_q[z + 1] - q_start;
+        c.sq = p.cu_q[z + 1] - q_start;
         k_start = p.cu_k[z];
-        sk = p.cu_k[z + 1] - k_start;
+        c.sk = p.cu_k[z + 1] - k_start;
     }
-    const int m0 = m_block * BM;
+    const int sq = c.sq, sk = c.sk;
+    c.m0 = m_block * BM;
+    const int m0 = c.m0;
     if (m0 >= sq) return;
     const int hkv = h / (p.hq / p.hk);
-    const u16* qg = (const u16*)p.q + z * p.q_sb + (i64)q_start * p.q_ss + h * p.q_sh;
-    const u16* kg = (const u16*)p.k + z * p.k_sb + (i64)k_start * p.k_ss + hkv * p.k_sh;
-    const u16* vg = (const u16*)p.v + z * p.v_sb + (i64)k_start * p.v_ss + hkv * p.v_sh;
-    const bool vec_ok = p.vec_ok != 0;
+    c.qg = (const u16*)p.q + z * p.q_sb + (i64)q_start * p.q_ss + h * p.q_sh;
+    c.kg = (const u16*)p.k + z * p.k_sb + (i64)k_start * p.k_ss + hkv * p.k_sh;
+    c.vg = (const u16*)p.v + z * p.v_sb + (i64)k_start * p.v_ss + hkv * p.v_sh;
 
     const int off = sk - sq;
     const int m_last = min(m0 + BM, sq) - 1;
     const int n_lo = p.left < 0 ? 0 : max(0, m0 + off - p.left);
     const int n_hi = p.right < 0 ? sk - 1 : min(sk - 1, m_last + off + p.right);
     // Keys every row of the tile sees: [lo_all, hi_all].
-    const int lo_all = p.left < 0 ? 0 : m_last + off - p.left;
-    const int hi_all = p.right < 0 ? sk - 1 : min(sk - 1, m0 + off + p.right);
+    c.lo_all = p.left < 0 ? 0 : m_last + off - p.left;
+    c.hi_all = p.right < 0 ? sk - 1 : min(sk - 1, m0 + off + p.right);
+    c.n_tiles = n_lo <= n_hi ? n_hi / BN - n_lo / BN + 1 : 0;
+    c.kb0 = n_lo <= n_hi ? n_hi / BN : 0;
 
     RowInfo ri[MT];
 #pragma unroll
@@ -324,8 +408,7 @@ __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
             ri[mt].lo[r] = p.left < 0 ? 0 : max(0, row + off - p.left);
             ri[mt].hi[r] = p.right < 0 ? sk - 1 : min(sk - 1, row + off + p.right);
         }
-    float slope_log2 = 0.f;
-    if (p.alibi) slope_log2 = p.alibi[z * p.alibi_sb + h * p.alibi_sh] * FA_LOG2E;
+    c.slope_log2 = p.alibi ? p.alibi[z * p.alibi_sb + h * p.alibi_sh] * FA_LOG2E : 0.f;
 
     float o[MT][HD / 8][4];
     float mrow[MT][2], lrow[MT][2];
@@ -336,44 +419,15 @@ __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
         mrow[mt][0] = mrow[mt][1] = FA_NEG_INF;
         lrow[mt][0] = lrow[mt][1] = 0.f;
     }
-    unsigned qf[MT][QREG ? HD / 16 : 1][4];
-    const u16* sQw = sQ + warp * WM * RS;
 
-    const int n_tiles = n_lo <= n_hi ? n_hi / BN - n_lo / BN + 1 : 0;
-    if (n_tiles > 0) {
-        int kb = n_hi / BN;
-        load_tile<BM, HD, NT>(sQ, qg, p.q_ss, m0, sq, p.hd, vec_ok, tid);
-        load_tile<BN, HD, NT>(sK, kg, p.k_ss, kb * BN, sk, p.hd, vec_ok, tid);
-        load_tile<BN, HD, NT>(sV, vg, p.v_ss, kb * BN, sk, p.hd, vec_ok, tid);
-        cp_async_commit();
-        if (QREG) {
-            cp_async_wait_all();
-            __syncthreads();
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int kk = 0; kk < (QREG ? HD / 16 : 0); ++kk)
-                    ldsm_x4(qf[mt][kk], sQw + (mt * 16 + (lane & 15)) * RS + kk * 16 + (lane >> 4) * 8);
-        }
-        for (int it = 0; it < n_tiles; ++it, --kb) {
-            cp_async_wait_all();
-            __syncthreads();  // tile `it` visible to all; every warp is done with tile it-1
-            if (it + 1 < n_tiles) {
-                const int nb = (it + 1) & 1;
-                load_tile<BN, HD, NT>(sK + nb * BN * RS, kg, p.k_ss, (kb - 1) * BN, sk, p.hd, vec_ok, tid);
-                load_tile<BN, HD, NT>(sV + nb * BN * RS, vg, p.v_ss, (kb - 1) * BN, sk, p.hd, vec_ok, tid);
-                cp_async_commit();
-            }
-            const u16* sKb = sK + (it & 1) * BN * RS;
-            const u16* sVb = sV + (it & 1) * BN * RS;
-            const int k0 = kb * BN;
-            if (k0 >= lo_all && k0 + BN - 1 <= hi_all)
-                attend_tile<DT, HD, MT, BN, QREG, false>(qf, sQw, sKb, sVb, o, mrow, lrow, k0, ri, p, slope_log2,
-                                                         lane);
-            else
-                attend_tile<DT, HD, MT, BN, QREG, true>(qf, sQw, sKb, sVb, o, mrow, lrow, k0, ri, p, slope_log2,
-                                                        lane);
-        }
+    if (c.n_tiles > 0) {
+        const bool feat = p.softcap > 0.f || c.slope_log2 != 0.f;
+        if (!p.vec_ok)
+            main_loop<DT, HD, NW, MT, BN, QREG, false, true>(p, c, sQ, sK, sV, o, mrow, lrow, ri, tid, warp, lane);
+        else if (feat)
+            main_loop<DT, HD, NW, MT, BN, QREG, true, true>(p, c, sQ, sK, sV, o, mrow, lrow, ri, tid, warp, lane);
+        else
+            main_loop<DT, HD, NW, MT, BN, QREG, true, false>(p, c, sQ, sK, sV, o, mrow, lrow, ri, tid, warp, lane);
     }
 
     // Epilogue: O / l, lse; rows with no visible key give O = 0, lse = -inf.
@@ -419,20 +473,14 @@ __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
 // ----------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd32_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 32, 4, 1, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd64_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 64, 4, 1, 64, true>(p); }
 extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_bf16_hd64_w8m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 64, 8, 1, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd96_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 96, 4, 1, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd128_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 128, 4, 1, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_bf16_hd96_w8m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 96, 8, 1, 64, true>(p); }
 extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_bf16_hd128_w8m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 128, 8, 1, 64, true>(p); }
 extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd128_w4m2n32(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 128, 4, 2, 32, false>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd128_w4m2n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 128, 4, 2, 64, false>(p); }
 extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd256_w4m1n32(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 256, 4, 1, 32, false>(p); }
 extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd32_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 32, 4, 1, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd64_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 64, 4, 1, 64, true>(p); }
 extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_f16_hd64_w8m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 64, 8, 1, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd96_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 96, 4, 1, 64, true>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd128_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 128, 4, 1, 64, true>(p); }
+extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_f16_hd96_w8m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 96, 8, 1, 64, true>(p); }
 extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_f16_hd128_w8m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 128, 8, 1, 64, true>(p); }
 extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd128_w4m2n32(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 128, 4, 2, 32, false>(p); }
-extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd128_w4m2n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 128, 4, 2, 64, false>(p); }
 extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd256_w4m1n32(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 256, 4, 1, 32, false>(p); }

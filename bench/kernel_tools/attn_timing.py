@@ -43,7 +43,7 @@ def rel(a, b):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cfg", default="w8m1n64,w4m1n64,w4m2n32,w4m2n64")
+    ap.add_argument("--cfg", default="w8m1n64,w4m2n32")
     ap.add_argument("--only", default="G6,G7,G8,G9")
     ap.add_argument("--rep", type=int, default=300)
     a = ap.parse_args()

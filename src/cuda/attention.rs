@@ -80,13 +80,10 @@ impl FwdConfig {
 /// Every instantiated configuration, per padded head dim (first = default).
 const CONFIGS: &[FwdConfig] = &[
     FwdConfig { hd: 32, warps: 4, mt: 1, bn: 64 },
-    FwdConfig { hd: 64, warps: 4, mt: 1, bn: 64 },
     FwdConfig { hd: 64, warps: 8, mt: 1, bn: 64 },
-    FwdConfig { hd: 96, warps: 4, mt: 1, bn: 64 },
+    FwdConfig { hd: 96, warps: 8, mt: 1, bn: 64 },
     FwdConfig { hd: 128, warps: 8, mt: 1, bn: 64 },
-    FwdConfig { hd: 128, warps: 4, mt: 1, bn: 64 },
     FwdConfig { hd: 128, warps: 4, mt: 2, bn: 32 },
-    FwdConfig { hd: 128, warps: 4, mt: 2, bn: 64 },
     FwdConfig { hd: 256, warps: 4, mt: 1, bn: 32 },
 ];
 
