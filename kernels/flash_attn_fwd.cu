@@ -72,17 +72,18 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
-__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
+// On 32-bit shared-memory addresses: callers add compile-time byte offsets to a
+// per-lane base computed once, which ptxas folds into the instruction.
+__device__ __forceinline__ void ldsm_x4_a(unsigned (&r)[4], unsigned addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p)));
+                 : "r"(addr));
 }
-__device__ __forceinline__ void ldsm_x4_t(unsigned (&r)[4], const void* p) {
+__device__ __forceinline__ void ldsm_x4_t_a(unsigned (&r)[4], unsigned addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p)));
+                 : "r"(addr));
 }
-
 template <int DT> struct Mma;
 template <> struct Mma<DT_BF16> {
     static __device__ __forceinline__ void run(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
@@ -131,6 +132,34 @@ __device__ __forceinline__ void load_tile(u16* s, const u16* g, i64 rs, int row0
     constexpr int CH = HD / 8;
     constexpr int RS = HD + 8;
     constexpr int TOTAL = ROWS * CH;
+    // Chunk i of this thread is c = tid + i·NT: row r0 + i·(NT / CH) when CH
+    // divides NT (every instantiation but HD 96), so one base pointer serves all.
+    if constexpr (NT % CH == 0) {
+        constexpr int RSTEP = NT % CH == 0 ? NT / CH : 1;
+        const int r0 = tid / CH, col = (tid % CH) * 8;
+        const u16* src = g + (i64)(row0 + r0) * rs + col;
+        const i64 step = (i64)RSTEP * rs;
+        u16* dst = s + r0 * RS + col;
+        const bool colok = active && col < hd;
+#pragma unroll
+        for (int i = 0; i < TOTAL / NT; ++i) {
+            const bool valid = colok && (row0 + r0 + i * RSTEP < nvalid);
+            if (VEC) {
+                cp_async16(dst + i * RSTEP * RS, valid ? (const void*)(src + i * step) : (const void*)g,
+                           valid ? 16 : 0);
+            } else {
+                const u16* sp = src + i * step;
+                unsigned w[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    unsigned lo = valid ? (unsigned)sp[2 * e] : 0u;
+                    unsigned hi = valid ? (unsigned)sp[2 * e + 1] : 0u;
+                    w[e] = lo | (hi << 16);
+                }
+                *(uint4*)(dst + i * RSTEP * RS) = make_uint4(w[0], w[1], w[2], w[3]);
+            }
+        }
+    } else {
 #pragma unroll
     for (int i = 0; i < (TOTAL + NT - 1) / NT; ++i) {
         int c = tid + i * NT;
@@ -152,6 +181,7 @@ __device__ __forceinline__ void load_tile(u16* s, const u16* g, i64 rs, int row0
             *(uint4*)dst = make_uint4(w[0], w[1], w[2], w[3]);
         }
     }
+    }
 }
 
 struct RowInfo {
@@ -160,11 +190,12 @@ struct RowInfo {
 };
 
 // S = Q·Kᵀ for one key tile and the warp's MT m-tiles of 16 rows; each K
-// fragment read from shared memory feeds all MT m-tiles.
+// fragment read from shared memory feeds all MT m-tiles. kaddr: this lane's
+// ldmatrix address in the K stage; qaddr: in the warp's Q rows (QREG false).
 template <int DT, int HD, int MT, int BN, bool QREG>
 __device__ __forceinline__ void qk_tile(float (&s)[MT][BN / 8][4], const unsigned (&qf)[MT][QREG ? HD / 16 : 1][4],
-                                        const u16* sQw, const u16* sK, int lane) {
-    constexpr int RS = HD + 8;
+                                        unsigned qaddr, unsigned kaddr) {
+    constexpr int RSB = (HD + 8) * 2;  // row stride in bytes
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -178,13 +209,13 @@ __device__ __forceinline__ void qk_tile(float (&s)[MT][BN / 8][4], const unsigne
 #pragma unroll
                 for (int e = 0; e < 4; ++e) a[mt][e] = qf[mt][QREG ? kk : 0][e];
             } else {
-                ldsm_x4(a[mt], sQw + (mt * 16 + (lane & 15)) * RS + kk * 16 + (lane >> 4) * 8);
+                ldsm_x4_a(a[mt], qaddr + mt * 16 * RSB + kk * 32);
             }
         }
 #pragma unroll
         for (int np = 0; np < BN / 16; ++np) {
             unsigned b[4];
-            ldsm_x4(b, sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * RS + kk * 16 + ((lane >> 3) & 1) * 8);
+            ldsm_x4_a(b, kaddr + np * 16 * RSB + kk * 32);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 Mma<DT>::run(s[mt][2 * np], a[mt], b[0], b[1]);
@@ -197,11 +228,11 @@ __device__ __forceinline__ void qk_tile(float (&s)[MT][BN / 8][4], const unsigne
 // Scores of one tile → log2 units (scale, softcap, ALiBi, mask), online
 // softmax update, O += P·V. FEAT: softcap/ALiBi may be on (else plain scale).
 template <int DT, int HD, int MT, int BN, bool MASK, bool FEAT>
-__device__ __forceinline__ void softmax_pv(float (&s)[MT][BN / 8][4], const u16* sV, float (&o)[MT][HD / 8][4],
+__device__ __forceinline__ void softmax_pv(float (&s)[MT][BN / 8][4], unsigned vaddr, float (&o)[MT][HD / 8][4],
                                            float (&mrow)[MT][2], float (&lrow)[MT][2], int kbase,
                                            const RowInfo (&ri)[MT], const FlashFwdParams& p, float slope_log2,
                                            int lane) {
-    constexpr int RS = HD + 8;
+    constexpr int RSB = (HD + 8) * 2;
     const int t = lane & 3;
     const bool capped = FEAT && p.softcap > 0.f;
     const bool alibi = FEAT && slope_log2 != 0.f;
@@ -214,9 +245,10 @@ __device__ __forceinline__ void softmax_pv(float (&s)[MT][BN / 8][4], const u16*
                 const int r = e >> 1;
                 const int j = kbase + nt * 8 + 2 * t + (e & 1);
                 float x = s[mt][nt][e];
+                // Plain path: x stays in raw units (scale > 0 is folded into the exp below).
                 if (capped) {
                     x = p.softcap_out * tanhf(x * p.softcap_in);
-                } else {
+                } else if (FEAT) {
                     x *= p.scale_log2;
                 }
                 if (alibi) x -= slope_log2 * fabsf((float)(ri[mt].diag[r] - j));
@@ -236,15 +268,17 @@ __device__ __forceinline__ void softmax_pv(float (&s)[MT][BN / 8][4], const u16*
             for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            if (!FEAT) mx *= p.scale_log2;  // raw → log2 units (scale > 0 on this path)
             const float mnew = fmaxf(mrow[mt][r], mx);
             const float muse = (mnew == FA_NEG_INF) ? 0.f : mnew;
             const float alpha = ex2(mrow[mt][r] - muse);
             mrow[mt][r] = mnew;
+            const float sl2 = FEAT ? 1.f : p.scale_log2;
             float sum = 0.f;
 #pragma unroll
             for (int nt = 0; nt < BN / 8; ++nt) {
-                s[mt][nt][2 * r] = ex2(s[mt][nt][2 * r] - muse);
-                s[mt][nt][2 * r + 1] = ex2(s[mt][nt][2 * r + 1] - muse);
+                s[mt][nt][2 * r] = ex2(fmaf(s[mt][nt][2 * r], sl2, -muse));
+                s[mt][nt][2 * r + 1] = ex2(fmaf(s[mt][nt][2 * r + 1], sl2, -muse));
                 sum += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
             }
             lrow[mt][r] = lrow[mt][r] * alpha + sum;
@@ -270,7 +304,7 @@ __device__ __forceinline__ void softmax_pv(float (&s)[MT][BN / 8][4], const u16*
 #pragma unroll
         for (int np = 0; np < HD / 16; ++np) {
             unsigned b[4];
-            ldsm_x4_t(b, sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * RS + np * 16 + (lane >> 4) * 8);
+            ldsm_x4_t_a(b, vaddr + kk * 16 * RSB + np * 32);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 Mma<DT>::run(o[mt][2 * np], a[mt], b[0], b[1]);
@@ -287,12 +321,48 @@ struct Ctx {
     float slope_log2;
 };
 
+// One iteration of the key-tile loop (see main_loop): loads for it+2 / it+1,
+// S(it+1) into s_next, softmax of s_cur and O += P·V for tile it.
+template <int DT, int HD, int NW, int MT, int BN, bool QREG, bool VEC, bool FEAT>
+__device__ __forceinline__ void loop_step(int it, const FlashFwdParams& p, const Ctx& c, u16* sK, u16* sV,
+                                          unsigned kaddr0, unsigned vaddr0, unsigned qaddr,
+                                          const unsigned (&qf)[MT][QREG ? HD / 16 : 1][4],
+                                          float (&s_cur)[MT][BN / 8][4], float (&s_next)[MT][BN / 8][4],
+                                          float (&o)[MT][HD / 8][4], float (&mrow)[MT][2], float (&lrow)[MT][2],
+                                          const RowInfo (&ri)[MT], int tid, int lane) {
+    constexpr int NT = 32 * NW;
+    constexpr int RS = HD + 8;
+    constexpr unsigned STAGE_B = BN * RS * 2;
+    const int n = c.n_tiles;
+    cp_async_wait_all();
+    __syncthreads();  // K(it+1), V(it) landed; every warp is done with K(it), V(it-1)
+    const int kb = c.kb0 - it;
+    load_tile<BN, HD, NT, VEC>(sK + (it & 1) * BN * RS, c.kg, p.k_ss, (kb - 2) * BN, c.sk, p.hd, it + 2 < n, tid);
+    load_tile<BN, HD, NT, VEC>(sV + ((it + 1) & 1) * BN * RS, c.vg, p.v_ss, (kb - 1) * BN, c.sk, p.hd, it + 1 < n,
+                               tid);
+    cp_async_commit();
+    const unsigned kaddr = kaddr0 + ((it + 1) & 1) * STAGE_B;
+    const unsigned vaddr = vaddr0 + (it & 1) * STAGE_B;
+    const int k0 = kb * BN;
+    // S(it+1) and the softmax of S(it) in one basic block per branch, so the
+    // scheduler can interleave them. (On the last iteration qk_tile reads a
+    // stale stage; the result is unused.)
+    if (k0 >= c.lo_all && k0 + BN - 1 <= c.hi_all) {
+        qk_tile<DT, HD, MT, BN, QREG>(s_next, qf, qaddr, kaddr);
+        softmax_pv<DT, HD, MT, BN, false, FEAT>(s_cur, vaddr, o, mrow, lrow, k0, ri, p, c.slope_log2, lane);
+    } else {
+        qk_tile<DT, HD, MT, BN, QREG>(s_next, qf, qaddr, kaddr);
+        softmax_pv<DT, HD, MT, BN, true, FEAT>(s_cur, vaddr, o, mrow, lrow, k0, ri, p, c.slope_log2, lane);
+    }
+}
+
 // The key-tile loop. Tiles are visited from the last (kb0) down. Shared
 // memory holds K and V in two stages each; K runs one tile ahead of V, so
 // iteration `it` issues S(it+1) = Q·K(it+1)ᵀ on the tensor cores before the
 // softmax of S(it) (independent work the scheduler interleaves), then
 // O += P(it)·V(it). One barrier per iteration; the loads of K(it+2) and
-// V(it+1) fly during it.
+// V(it+1) fly during it. Unrolled by two so S(it) / S(it+1) swap roles
+// without copies.
 template <int DT, int HD, int NW, int MT, int BN, bool QREG, bool VEC, bool FEAT>
 __device__ __forceinline__ void main_loop(const FlashFwdParams& p, const Ctx& c, u16* sQ, u16* sK, u16* sV,
                                           float (&o)[MT][HD / 8][4], float (&mrow)[MT][2], float (&lrow)[MT][2],
@@ -303,7 +373,11 @@ __device__ __forceinline__ void main_loop(const FlashFwdParams& p, const Ctx& c,
     constexpr int RS = HD + 8;
     const int n = c.n_tiles;
     unsigned qf[MT][QREG ? HD / 16 : 1][4];
-    const u16* sQw = sQ + warp * WM * RS;
+    // Per-lane ldmatrix addresses (bytes, shared window): Q rows of this warp
+    // (A operand), K stage 0 (B operand of Q·Kᵀ), V stage 0 (B of P·V, transposed).
+    const unsigned qaddr = smem_u32(sQ + (warp * WM + (lane & 15)) * RS + (lane >> 4) * 8);
+    const unsigned kaddr0 = smem_u32(sK + ((lane & 7) + ((lane >> 4) << 3)) * RS + ((lane >> 3) & 1) * 8);
+    const unsigned vaddr0 = smem_u32(sV + ((lane & 7) + ((lane >> 3) & 1) * 8) * RS + (lane >> 4) * 8);
 
     load_tile<BM, HD, NT, VEC>(sQ, c.qg, p.q_ss, c.m0, c.sq, p.hd, true, tid);
     load_tile<BN, HD, NT, VEC>(sK, c.kg, p.k_ss, c.kb0 * BN, c.sk, p.hd, true, tid);
@@ -318,40 +392,17 @@ __device__ __forceinline__ void main_loop(const FlashFwdParams& p, const Ctx& c,
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int kk = 0; kk < (QREG ? HD / 16 : 0); ++kk)
-                ldsm_x4(qf[mt][kk], sQw + (mt * 16 + (lane & 15)) * RS + kk * 16 + (lane >> 4) * 8);
+                ldsm_x4_a(qf[mt][kk], qaddr + (mt * 16 * RS + kk * 16) * 2);
     }
-    float s_cur[MT][BN / 8][4];
-    qk_tile<DT, HD, MT, BN, QREG>(s_cur, qf, sQw, sK, lane);
+    float sa[MT][BN / 8][4], sb[MT][BN / 8][4];
+    qk_tile<DT, HD, MT, BN, QREG>(sa, qf, qaddr, kaddr0);
 
-    for (int it = 0; it < n; ++it) {
-        cp_async_wait_all();
-        __syncthreads();  // K(it+1), V(it) landed; every warp is done with K(it), V(it-1)
-        const int kb = c.kb0 - it;
-        load_tile<BN, HD, NT, VEC>(sK + (it & 1) * BN * RS, c.kg, p.k_ss, (kb - 2) * BN, c.sk, p.hd, it + 2 < n,
-                                   tid);
-        load_tile<BN, HD, NT, VEC>(sV + ((it + 1) & 1) * BN * RS, c.vg, p.v_ss, (kb - 1) * BN, c.sk, p.hd,
-                                   it + 1 < n, tid);
-        cp_async_commit();
-        const u16* sKn = sK + ((it + 1) & 1) * BN * RS;
-        const u16* sVc = sV + (it & 1) * BN * RS;
-        const int k0 = kb * BN;
-        float s_next[MT][BN / 8][4];
-        // S(it+1) and the softmax of S(it) in one basic block per branch, so
-        // the scheduler can interleave them. (On the last iteration qk_tile
-        // reads a stale stage; the result is unused.)
-        if (k0 >= c.lo_all && k0 + BN - 1 <= c.hi_all) {
-            qk_tile<DT, HD, MT, BN, QREG>(s_next, qf, sQw, sKn, lane);
-            softmax_pv<DT, HD, MT, BN, false, FEAT>(s_cur, sVc, o, mrow, lrow, k0, ri, p, c.slope_log2, lane);
-        } else {
-            qk_tile<DT, HD, MT, BN, QREG>(s_next, qf, sQw, sKn, lane);
-            softmax_pv<DT, HD, MT, BN, true, FEAT>(s_cur, sVc, o, mrow, lrow, k0, ri, p, c.slope_log2, lane);
-        }
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s_cur[mt][i][e] = s_next[mt][i][e];
+    for (int it = 0; it < n; it += 2) {
+        loop_step<DT, HD, NW, MT, BN, QREG, VEC, FEAT>(it, p, c, sK, sV, kaddr0, vaddr0, qaddr, qf, sa, sb, o, mrow,
+                                                       lrow, ri, tid, lane);
+        if (it + 1 < n)
+            loop_step<DT, HD, NW, MT, BN, QREG, VEC, FEAT>(it + 1, p, c, sK, sV, kaddr0, vaddr0, qaddr, qf, sb, sa,
+                                                           o, mrow, lrow, ri, tid, lane);
     }
 }
 
@@ -421,7 +472,7 @@ __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
     }
 
     if (c.n_tiles > 0) {
-        const bool feat = p.softcap > 0.f || c.slope_log2 != 0.f;
+        const bool feat = p.softcap > 0.f || c.slope_log2 != 0.f || !(p.scale_log2 > 0.f);
         if (!p.vec_ok)
             main_loop<DT, HD, NW, MT, BN, QREG, false, true>(p, c, sQ, sK, sV, o, mrow, lrow, ri, tid, warp, lane);
         else if (feat)
