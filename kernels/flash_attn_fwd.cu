@@ -521,17 +521,45 @@ __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
 // ----------------------------------------------------------------------------
 // Entry points: flash_fwd_<dtype>_hd<HD>_w<NW>m<MT>n<BN> (NW warps of MT·16
 // rows, BN keys a tile); the table in src/cuda/attention.rs mirrors these.
+// The host registers this file once per (dtype, HD) as module
+// flash_attn_fwd_<dtype>_hd<HD>, with FA_ONLY_DT / FA_ONLY_HD defined, so a
+// first call compiles only the kernels it needs; without them (CI's checker)
+// every entry compiles.
 // ----------------------------------------------------------------------------
 
+#if !defined(FA_ONLY_HD) || (FA_ONLY_HD == 32 && FA_ONLY_DT == DT_BF16)
 extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd32_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 32, 4, 1, 64, true>(p); }
+#endif
+#if !defined(FA_ONLY_HD) || (FA_ONLY_HD == 64 && FA_ONLY_DT == DT_BF16)
 extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_bf16_hd64_w8m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 64, 8, 1, 64, true>(p); }
+#endif
+#if !defined(FA_ONLY_HD) || (FA_ONLY_HD == 96 && FA_ONLY_DT == DT_BF16)
 extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_bf16_hd96_w8m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 96, 8, 1, 64, true>(p); }
+#endif
+#if !defined(FA_ONLY_HD) || (FA_ONLY_HD == 128 && FA_ONLY_DT == DT_BF16)
 extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_bf16_hd128_w8m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 128, 8, 1, 64, true>(p); }
+#endif
+#if !defined(FA_ONLY_HD) || (FA_ONLY_HD == 128 && FA_ONLY_DT == DT_BF16)
 extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd128_w4m2n32(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 128, 4, 2, 32, false>(p); }
+#endif
+#if !defined(FA_ONLY_HD) || (FA_ONLY_HD == 256 && FA_ONLY_DT == DT_BF16)
 extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_bf16_hd256_w4m1n32(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_BF16, 256, 4, 1, 32, false>(p); }
+#endif
+#if !defined(FA_ONLY_HD) || (FA_ONLY_HD == 32 && FA_ONLY_DT == DT_F16)
 extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd32_w4m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 32, 4, 1, 64, true>(p); }
+#endif
+#if !defined(FA_ONLY_HD) || (FA_ONLY_HD == 64 && FA_ONLY_DT == DT_F16)
 extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_f16_hd64_w8m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 64, 8, 1, 64, true>(p); }
+#endif
+#if !defined(FA_ONLY_HD) || (FA_ONLY_HD == 96 && FA_ONLY_DT == DT_F16)
 extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_f16_hd96_w8m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 96, 8, 1, 64, true>(p); }
+#endif
+#if !defined(FA_ONLY_HD) || (FA_ONLY_HD == 128 && FA_ONLY_DT == DT_F16)
 extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_f16_hd128_w8m1n64(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 128, 8, 1, 64, true>(p); }
+#endif
+#if !defined(FA_ONLY_HD) || (FA_ONLY_HD == 128 && FA_ONLY_DT == DT_F16)
 extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd128_w4m2n32(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 128, 4, 2, 32, false>(p); }
+#endif
+#if !defined(FA_ONLY_HD) || (FA_ONLY_HD == 256 && FA_ONLY_DT == DT_F16)
 extern "C" __global__ void __launch_bounds__(128, 1) flash_fwd_f16_hd256_w4m1n32(const __grid_constant__ FlashFwdParams p) { fa::flash_fwd<DT_F16, 256, 4, 1, 32, false>(p); }
+#endif

@@ -292,7 +292,8 @@ def workloads() -> List[Workload]:
         _scan_workload("G3", "cuda", b=8, d=2048, n=16, l=8192, g=1, dtype="bfloat16"),
         _update_workload("G5-b1", "cuda", b=1, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
         _update_workload("G5-b64", "cuda", b=64, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
-    ] + attention_workloads()
+        *attention_workloads(),
+    ]
 
 
 # --------------------------------------------------------------------------

@@ -174,8 +174,11 @@ pub fn flash_fwd(ordinal: i32, stream: u64, p: &FlashFwdParams, dtype: DType, ma
         )));
     }
     let cfg = choose_config(ordinal, p.hd)?;
-    let name = format!("flash_fwd_{}_{}", suffix(dtype)?, cfg.tag());
-    let k = kernel(ordinal, "flash_attn_fwd", &name)?;
+    let dt = suffix(dtype)?;
+    let name = format!("flash_fwd_{dt}_{}", cfg.tag());
+    // One module per (dtype, head dim): a first call compiles only its kernels.
+    let module = format!("flash_attn_fwd_{dt}_hd{}", cfg.hd);
+    let k = kernel(ordinal, &module, &name)?;
     let smem = cfg.smem_bytes();
     k.set_max_dynamic_smem(smem)?;
     let grid_x = (max_sq as u64).div_ceil(cfg.block_m() as u64);
@@ -194,6 +197,19 @@ mod tests {
     fn params_layout_matches_the_kernel() {
         // 8 pointers, 17 i64 strides, 8 ints, 4 floats, 2 flags.
         assert_eq!(std::mem::size_of::<FlashFwdParams>(), 8 * 8 + 17 * 8 + 14 * 4);
+    }
+
+    #[test]
+    fn every_config_has_a_module_and_entry_point() {
+        let src = include_str!("../../kernels/flash_attn_fwd.cu");
+        for c in CONFIGS {
+            for dt in ["bf16", "f16"] {
+                let module = format!("flash_attn_fwd_{dt}_hd{}", c.hd);
+                assert!(super::super::SOURCES.iter().any(|(m, _)| *m == module), "{module}");
+                let entry = format!(" flash_fwd_{dt}_{}(", c.tag());
+                assert!(src.contains(&entry), "{entry}");
+            }
+        }
     }
 
     #[test]

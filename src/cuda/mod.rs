@@ -30,8 +30,74 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../kernels/selective_state_update.cu"),
     ),
     (
-        "flash_attn_fwd",
-        include_str!("../../kernels/flash_attn_fwd.cu"),
+        "flash_attn_fwd_bf16_hd32",
+        concat!(
+            "#define FA_ONLY_DT DT_BF16\n#define FA_ONLY_HD 32\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_bf16_hd64",
+        concat!(
+            "#define FA_ONLY_DT DT_BF16\n#define FA_ONLY_HD 64\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_bf16_hd96",
+        concat!(
+            "#define FA_ONLY_DT DT_BF16\n#define FA_ONLY_HD 96\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_bf16_hd128",
+        concat!(
+            "#define FA_ONLY_DT DT_BF16\n#define FA_ONLY_HD 128\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_bf16_hd256",
+        concat!(
+            "#define FA_ONLY_DT DT_BF16\n#define FA_ONLY_HD 256\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_f16_hd32",
+        concat!(
+            "#define FA_ONLY_DT DT_F16\n#define FA_ONLY_HD 32\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_f16_hd64",
+        concat!(
+            "#define FA_ONLY_DT DT_F16\n#define FA_ONLY_HD 64\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_f16_hd96",
+        concat!(
+            "#define FA_ONLY_DT DT_F16\n#define FA_ONLY_HD 96\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_f16_hd128",
+        concat!(
+            "#define FA_ONLY_DT DT_F16\n#define FA_ONLY_HD 128\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_f16_hd256",
+        concat!(
+            "#define FA_ONLY_DT DT_F16\n#define FA_ONLY_HD 256\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
     ),
 ];
 
