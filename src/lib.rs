@@ -97,6 +97,7 @@ mod module {
         crate::ops::conv1d::register(m)?;
         crate::ops::norm::register(m)?;
         crate::ops::hidden_attention::register(m)?;
+        crate::ops::attention_cuda::register(m)?;
         Ok(())
     }
 }

@@ -292,6 +292,7 @@ def workloads() -> List[Workload]:
         _scan_workload("G3", "cuda", b=8, d=2048, n=16, l=8192, g=1, dtype="bfloat16"),
         _update_workload("G5-b1", "cuda", b=1, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
         _update_workload("G5-b64", "cuda", b=64, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
+        *attention_workloads(),
         # The Mamba layer (nn.Mamba), forward + backward.
         _mamba_layer_workload("CM1", "cpu", b=1, d_model=256, l=1024, dtype="float32"),
         _mamba_layer_workload("GM1", "cuda", b=4, d_model=2048, l=4096, dtype="bfloat16"),
@@ -689,6 +690,118 @@ def format_table(rows):
 def failed(rows):
     """True if any row is a MISMATCH or an ERROR of ours (a failing peer is only reported)."""
     return any(r["status"] in ("MISMATCH", "ERROR") for r in rows)
+
+
+# --------------------------------------------------------------------------
+# Attention (G6–G9): the CUDA flash-attention forward through the private
+# binding ``_core._flash_attn_fwd_cuda`` (the public flash_attn_func wraps it).
+# --------------------------------------------------------------------------
+
+#: bf16 dense rate the attention floors assume (BENCHMARKS.md: "~2.75 ms at 800 TFLOP/s").
+ATTN_TFLOPS_REF = 800e12
+
+
+def attn_fwd_flops(b, hq, sq, sk, hd, causal=False, window=None):
+    """BENCHMARKS.md's convention: 4·b·hq·sq·sk·hd, halved for causal; a window of W
+    keys: 4·b·hq·hd·(s·W − W(W−1)/2)."""
+    if window is not None:
+        return 4 * b * hq * hd * (sq * window - window * (window - 1) / 2)
+    f = 4 * b * hq * sq * sk * hd
+    return f / 2 if causal else f
+
+
+def _attn_ours(q, k, v, causal, window):
+    """Our CUDA forward with flash_attn's options normalised: causal → right = 0;
+    a sliding window of W keys including the query → left = W − 1."""
+    import torch
+
+    from . import _core
+
+    b, sq, hq, hd = q.shape
+    left = -1 if window is None else window - 1
+    right = 0 if causal else (-1 if window is None else window - 1)
+    out = torch.empty_like(q)
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    _core._flash_attn_fwd_cuda(q, k, v, out, lse, 1.0 / math.sqrt(hd), left, right, 0.0, None)
+    return out
+
+
+def _attn_workload(wid, b, s, hq, hk, hd, causal=True, window=None, peers=("cudnn", "flash", "flex")):
+    """flash_attn_func forward, bf16, layout (b, s, h, d). Peers: SDPA's cuDNN and
+    flash (FlashAttention-2) backends (k/v expanded to hq heads beforehand for GQA,
+    outside the timing) where the mask is plain causal, and flex_attention
+    (torch.compile'd, block mask; enable_gqa) for every mask."""
+    flops = attn_fwd_flops(b, hq, s, s, hd, causal=causal, window=window)
+
+    def setup():
+        import torch
+        import torch.nn.functional as F
+
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(b, s, h, hd, device="cuda", generator=g, dtype=torch.bfloat16)
+                   for h in (hq, hk, hk))
+        fns = {"ours": lambda: _attn_ours(q, k, v, causal, window)}
+        # Peers use (b, h, s, d).
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        if window is None:
+            ke, ve = (t.repeat_interleave(hq // hk, dim=1) if hq != hk else t for t in (kt, vt))
+            try:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                def sdpa(backend):
+                    def fn():
+                        with sdpa_kernel(backend):
+                            o = F.scaled_dot_product_attention(qt, ke, ve, is_causal=causal)
+                        return o.transpose(1, 2)
+                    return fn
+
+                if "cudnn" in peers:
+                    fns["SDPA cuDNN"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+                if "flash" in peers:
+                    fns["SDPA flash (FA2)"] = sdpa(SDPBackend.FLASH_ATTENTION)
+            except ImportError:
+                pass
+        if "flex" in peers:
+            try:
+                from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+                def mask_mod(bb, hh, qi, kj):
+                    m = kj <= qi if causal else (kj >= 0)
+                    if window is not None:
+                        m = m & (qi - kj < window)
+                        if not causal:
+                            m = m & (kj - qi < window)
+                    return m
+
+                bm = create_block_mask(mask_mod, None, None, s, s, device="cuda")
+                flex = torch.compile(flex_attention, dynamic=False)
+                fns["flex_attention"] = lambda: flex(qt, kt, vt, block_mask=bm,
+                                                     enable_gqa=hq != hk).transpose(1, 2)
+            except Exception:  # noqa: BLE001 - flex unavailable on this torch
+                pass
+        return fns
+
+    mask = "causal" if causal and window is None else (
+        f"window {window}{' causal' if causal else ''}" if window else "full")
+    return Workload(
+        id=wid,
+        device="cuda",
+        description=f"flash_attn fwd bf16 {mask} b{b} s{s} hq{hq} hk{hk} hd{hd} ({flops / 1e12:.3g} TFLOP)",
+        setup=setup,
+        floor_ms=1e3 * flops / ATTN_TFLOPS_REF,
+        floor_note="FLOPs (BENCHMARKS.md convention) at 800 TFLOP/s bf16: TFLOP/s = 800 × floor fraction",
+        rtol=_DTYPE_RTOL["bfloat16"],
+    )
+
+
+def attention_workloads() -> List[Workload]:
+    """G6–G9 of BENCHMARKS.md."""
+    return [
+        _attn_workload("G6", b=4, s=8192, hq=32, hk=32, hd=128, causal=True),
+        _attn_workload("G7", b=4, s=8192, hq=32, hk=8, hd=128, causal=True),
+        _attn_workload("G8", b=2, s=16384, hq=32, hk=8, hd=128, causal=True, window=2048),
+        _attn_workload("G9", b=1, s=65536, hq=32, hk=1, hd=128, causal=True, window=2048),
+    ]
 
 
 # --------------------------------------------------------------------------

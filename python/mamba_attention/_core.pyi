@@ -143,3 +143,26 @@ def hidden_attention(
     reduce: Optional[str] = None,
 ) -> Tensor:
     """Hidden attention of a selective scan (SPEC §4): α (b, d, l, l) float32, or (b, l, l) with reduce="mean"."""
+def _flash_attn_fwd_cuda(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Optional[Tensor],
+    softmax_scale: float,
+    left: int,
+    right: int,
+    softcap: float,
+    alibi_slopes: Optional[Tensor] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+) -> None:
+    """Private: CUDA flash-attention forward into caller-allocated out (like q) and lse
+    (float32 (b, hq, sq); varlen (hq, total_q); or None). Options already normalised:
+    left/right window bounds, -1 = unbounded (causal: right = 0, bottom-right aligned).
+    Batched: q/out (b, sq, hq, hd), k/v (b, sk, hk, hd); varlen (cu_seqlens_q/k int32
+    (b + 1,), max_seqlen_q/k): q/out (total_q, hq, hd), k/v (total_k, hk, hd).
+    alibi_slopes float32 (hq,) or (b, hq). float16/bfloat16 torch CUDA tensors only
+    (float32: TypeError); hd a multiple of 8 up to 256; last dim contiguous."""

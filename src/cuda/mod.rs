@@ -10,6 +10,7 @@ pub mod nvrtc;
 pub mod scan;
 pub mod scan_bwd;
 pub mod conv1d;
+pub mod attention;
 
 use crate::error::{Error, Result};
 use cudarc::driver::{result as cu, sys};
@@ -44,6 +45,76 @@ pub const SOURCES: &[(&str, &str)] = &[
     (
         "hidden_attention",
         include_str!("../../kernels/hidden_attention.cu"),
+    ),
+    (
+        "flash_attn_fwd_bf16_hd32",
+        concat!(
+            "#define FA_ONLY_DT DT_BF16\n#define FA_ONLY_HD 32\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_bf16_hd64",
+        concat!(
+            "#define FA_ONLY_DT DT_BF16\n#define FA_ONLY_HD 64\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_bf16_hd96",
+        concat!(
+            "#define FA_ONLY_DT DT_BF16\n#define FA_ONLY_HD 96\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_bf16_hd128",
+        concat!(
+            "#define FA_ONLY_DT DT_BF16\n#define FA_ONLY_HD 128\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_bf16_hd256",
+        concat!(
+            "#define FA_ONLY_DT DT_BF16\n#define FA_ONLY_HD 256\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_f16_hd32",
+        concat!(
+            "#define FA_ONLY_DT DT_F16\n#define FA_ONLY_HD 32\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_f16_hd64",
+        concat!(
+            "#define FA_ONLY_DT DT_F16\n#define FA_ONLY_HD 64\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_f16_hd96",
+        concat!(
+            "#define FA_ONLY_DT DT_F16\n#define FA_ONLY_HD 96\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_f16_hd128",
+        concat!(
+            "#define FA_ONLY_DT DT_F16\n#define FA_ONLY_HD 128\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_f16_hd256",
+        concat!(
+            "#define FA_ONLY_DT DT_F16\n#define FA_ONLY_HD 256\n",
+            include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
     ),
 ];
 

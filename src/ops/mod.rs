@@ -6,3 +6,4 @@ pub mod norm;
 pub mod hidden_attention;
 pub mod scan;
 pub mod scan_bwd;
+pub mod attention_cuda;
