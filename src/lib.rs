@@ -95,6 +95,7 @@ mod module {
         crate::ops::scan::register(m)?;
         crate::ops::scan_bwd::register(m)?;
         crate::ops::conv1d::register(m)?;
+        crate::ops::attention::register(m)?;
         Ok(())
     }
 }

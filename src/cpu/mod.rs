@@ -4,6 +4,7 @@ pub mod conv1d;
 pub mod scan;
 pub mod scan_bwd;
 pub mod simd;
+pub mod attention;
 
 use crate::error::{Error, Result};
 

@@ -4,3 +4,4 @@
 pub mod conv1d;
 pub mod scan;
 pub mod scan_bwd;
+pub mod attention;

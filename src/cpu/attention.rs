@@ -1,0 +1,509 @@
+//! CPU attention forward (SPEC §3): FlashAttention's tiled online softmax in
+//! float32, for float32 / float16 / bfloat16 (and float64) inputs.
+//!
+//! Layout of the work. A task is (sequence, kv head, block of up to
+//! `MVC·LANES` "rows"), where the rows of a kv head are the (query, query head
+//! of its group) pairs in query-major order: with GQA/MQA the query heads that
+//! share a kv head are processed together, so each K/V element is read once
+//! per block, never copied per head. rayon runs the tasks.
+//!
+//! Everything inside a task is transposed so that the vector lanes run over
+//! rows (queries): Qᵀ [hd][BQ] is packed once per task (pre-multiplied by the
+//! softmax scale and log2 e), scores are Sᵀ [BK][BQ] = K·Qᵀ — a register-blocked
+//! GEMM that broadcasts K[j][d] and streams Qᵀ rows — and the accumulator is
+//! Oᵀ [hd][BQ] += Vᵀ·Pᵀ, broadcasting V[j][d] and streaming Pᵀ rows. The
+//! softmax's running max / sum are then plain vectors over rows: no horizontal
+//! reductions anywhere. exp is the Simd trait's accurate exp2 (scores are kept in
+//! the log2 domain).
+//!
+//! Keys come as a list of segments (`KeySeg`): a run of logical key indices
+//! stored at consecutive rows of some K/V memory. A batch entry is one segment;
+//! a ring-buffer KV cache is two (the wrapped halves) plus the new tokens.
+//! Only keys the mask can reach are visited (a window of W costs O(s·W)); a
+//! tile wholly inside the mask skips the masking, a tile partly outside gets
+//! it element-wise. float32 K/V with unit stride along hd are read in place;
+//! other dtypes/strides are converted one tile at a time.
+
+use super::simd::{Simd, LOG2E};
+use super::SimdLevel;
+use crate::simd_dispatch;
+use crate::tensor::{load_row, store_row, DType, Raw};
+use rayon::prelude::*;
+
+/// Keys per tile.
+pub const BK: usize = 64;
+/// Most vectors of rows per block.
+const MAX_MVC: usize = 4;
+
+/// Logical keys `j0 .. j0 + len` of a sequence, stored at rows 0.. of `k`/`v`
+/// ([row][kv head][d] views whose pointer is the segment's first row).
+#[derive(Clone, Copy, Debug)]
+pub struct KeySeg {
+    pub j0: usize,
+    pub len: usize,
+    pub k: Raw<3>,
+    pub v: Raw<3>,
+}
+
+/// One sequence: q/out are [row][head][d] views at its first query; lse is
+/// [head][row] float32 at its first query.
+#[derive(Clone, Debug)]
+pub struct SeqDesc {
+    pub q: Raw<3>,
+    pub out: Raw<3>,
+    pub lse: Option<Raw<2>>,
+    pub sq: usize,
+    /// Logical number of keys (the mask is bottom-right aligned on sk − sq).
+    pub sk: usize,
+    pub segs: Vec<KeySeg>,
+    /// ALiBi slope of each query head (already chosen for this sequence).
+    pub slopes: Option<Vec<f32>>,
+}
+
+/// A validated attention problem (built by `ops::attention`).
+#[derive(Clone, Debug)]
+pub struct AttnJob {
+    pub hq: usize,
+    pub hk: usize,
+    pub hd: usize,
+    pub scale: f32,
+    /// Window sides after causal normalisation; -1 = unbounded.
+    pub left: i64,
+    pub right: i64,
+    pub softcap: f32,
+    pub seqs: Vec<SeqDesc>,
+}
+
+struct Task<'a> {
+    job: &'a AttnJob,
+    seq: &'a SeqDesc,
+    kvh: usize,
+    r0: usize,
+    nrows: usize,
+}
+
+fn lanes_of(level: SimdLevel) -> usize {
+    match level {
+        SimdLevel::Avx512 => 16,
+        _ => 8,
+    }
+}
+
+/// Runs the forward pass of `job`, writing out (and lse) of every sequence.
+pub fn attn_forward(job: &AttnJob, level: SimdLevel) {
+    let grp = job.hq / job.hk;
+    let bq = MAX_MVC * lanes_of(level);
+    let mut tasks = Vec::new();
+    for seq in &job.seqs {
+        let rows = seq.sq * grp;
+        for kvh in 0..job.hk {
+            let mut r0 = 0;
+            while r0 < rows {
+                let n = bq.min(rows - r0);
+                tasks.push(Task {
+                    job,
+                    seq,
+                    kvh,
+                    r0,
+                    nrows: n,
+                });
+                r0 += n;
+            }
+        }
+    }
+    let run = |t: &Task| simd_dispatch!(level, task_any, t, &Task);
+    let work: usize = job
+        .seqs
+        .iter()
+        .map(|s| s.sq * s.sk.max(1))
+        .sum::<usize>()
+        * job.hq
+        * job.hd;
+    if tasks.len() > 1 && work >= 1 << 15 {
+        tasks.par_iter().for_each(run);
+    } else {
+        tasks.iter().for_each(run);
+    }
+}
+
+#[inline(always)]
+unsafe fn task_any<S: Simd>(t: &Task) {
+    let v = t.nrows.div_ceil(S::LANES);
+    match v {
+        1 => task::<S, 1>(t),
+        2 => task::<S, 2>(t),
+        _ => task::<S, 4>(t),
+    }
+}
+
+/// Per-tile score epilogue: softcap, ALiBi, mask.
+struct Epi<S: Simd, const MVC: usize> {
+    softcap: bool,
+    c2: S::V,
+    alibi: bool,
+    /// −slope·log2 e per lane.
+    nslope: [S::V; MVC],
+    mask: bool,
+    /// Allowed distances (i + sk − sq − j) are lo < dist < hi.
+    lo: S::V,
+    hi: S::V,
+    /// dist at the tile's first key, per lane.
+    dtile: [S::V; MVC],
+}
+
+impl<S: Simd, const MVC: usize> Epi<S, MVC> {
+    #[inline(always)]
+    unsafe fn apply(&self, acc: S::V, v: usize, jj: usize) -> S::V {
+        let mut s = acc;
+        if self.softcap {
+            // tanh(x) = 1 − 2 / (e^{2x} + 1): saturates cleanly at ±1.
+            let e = S::exp(S::add(s, s));
+            let t = S::sub(S::splat(1.0), S::div(S::splat(2.0), S::add(e, S::splat(1.0))));
+            s = S::mul(t, self.c2);
+        }
+        if self.alibi || self.mask {
+            let dist = S::sub(self.dtile[v], S::splat(jj as f32));
+            if self.alibi {
+                s = S::fma(S::abs(dist), self.nslope[v], s);
+            }
+            if self.mask {
+                let ninf = S::splat(f32::NEG_INFINITY);
+                s = S::select_gt(dist, self.hi, ninf, s);
+                s = S::select_gt(self.lo, dist, ninf, s);
+            }
+        }
+        s
+    }
+}
+
+/// Sᵀ rows jj0 .. jj0+NR of the tile: K rows (broadcast) · Qᵀ (streamed),
+/// through the epilogue, stored into `st`, with the running per-lane max.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn qk_rows<S: Simd, const NR: usize, const MVC: usize>(
+    krows: *const f32,
+    kstride: isize,
+    jj0: usize,
+    qt: *const f32,
+    bq: usize,
+    hd: usize,
+    st: *mut f32,
+    epi: &Epi<S, MVC>,
+    tmax: &mut [S::V; MVC],
+) {
+    let kp: [*const f32; NR] = std::array::from_fn(|r| krows.offset((jj0 + r) as isize * kstride));
+    let mut acc = [[S::zero(); MVC]; NR];
+    for d in 0..hd {
+        let qrow = qt.add(d * bq);
+        let q: [S::V; MVC] = std::array::from_fn(|v| S::load(qrow.add(v * S::LANES)));
+        for r in 0..NR {
+            let kb = S::splat(*kp[r].add(d));
+            for v in 0..MVC {
+                acc[r][v] = S::fma(kb, q[v], acc[r][v]);
+            }
+        }
+    }
+    for r in 0..NR {
+        let srow = st.add((jj0 + r) * bq);
+        for v in 0..MVC {
+            let s = epi.apply(acc[r][v], v, jj0 + r);
+            tmax[v] = S::max(tmax[v], s);
+            S::store(srow.add(v * S::LANES), s);
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn qk_tile<S: Simd, const NR: usize, const MVC: usize>(
+    krows: *const f32,
+    kstride: isize,
+    nj: usize,
+    qt: *const f32,
+    bq: usize,
+    hd: usize,
+    st: *mut f32,
+    epi: &Epi<S, MVC>,
+    tmax: &mut [S::V; MVC],
+) {
+    let mut jj = 0;
+    while jj + NR <= nj {
+        qk_rows::<S, NR, MVC>(krows, kstride, jj, qt, bq, hd, st, epi, tmax);
+        jj += NR;
+    }
+    while jj < nj {
+        qk_rows::<S, 1, MVC>(krows, kstride, jj, qt, bq, hd, st, epi, tmax);
+        jj += 1;
+    }
+}
+
+/// Oᵀ rows d0 .. d0+ND: Oᵀ·factor + Σ_j V[j][d] (broadcast) · Pᵀ[j] (streamed).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_rows<S: Simd, const ND: usize, const MVC: usize>(
+    vrows: *const f32,
+    vstride: isize,
+    nj: usize,
+    d0: usize,
+    pt: *const f32,
+    bq: usize,
+    ot: *mut f32,
+    factor: &[S::V; MVC],
+) {
+    let mut acc: [[S::V; MVC]; ND] = std::array::from_fn(|r| {
+        std::array::from_fn(|v| S::mul(S::load(ot.add((d0 + r) * bq + v * S::LANES)), factor[v]))
+    });
+    let mut vp = vrows.add(d0);
+    for j in 0..nj {
+        let prow = pt.add(j * bq);
+        let p: [S::V; MVC] = std::array::from_fn(|v| S::load(prow.add(v * S::LANES)));
+        for r in 0..ND {
+            let vb = S::splat(*vp.add(r));
+            for v in 0..MVC {
+                acc[r][v] = S::fma(vb, p[v], acc[r][v]);
+            }
+        }
+        vp = vp.offset(vstride);
+    }
+    for r in 0..ND {
+        for v in 0..MVC {
+            S::store(ot.add((d0 + r) * bq + v * S::LANES), acc[r][v]);
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_tile<S: Simd, const ND: usize, const MVC: usize>(
+    vrows: *const f32,
+    vstride: isize,
+    nj: usize,
+    hd: usize,
+    pt: *const f32,
+    bq: usize,
+    ot: *mut f32,
+    factor: &[S::V; MVC],
+) {
+    let mut d0 = 0;
+    while d0 + ND <= hd {
+        pv_rows::<S, ND, MVC>(vrows, vstride, nj, d0, pt, bq, ot, factor);
+        d0 += ND;
+    }
+    while d0 < hd {
+        pv_rows::<S, 1, MVC>(vrows, vstride, nj, d0, pt, bq, ot, factor);
+        d0 += 1;
+    }
+}
+
+/// Pointer to `nj` float32 rows of a segment's K or V for kv head `h`, rows
+/// `row0..`: in place when float32 with unit stride along hd, else converted
+/// into `buf` ([BK][hd]). Returns (pointer, row stride in elements).
+#[inline(always)]
+unsafe fn rows_f32(
+    r: &Raw<3>,
+    h: usize,
+    row0: usize,
+    nj: usize,
+    hd: usize,
+    buf: &mut [f32],
+) -> (*const f32, isize) {
+    let esz = r.dtype.size() as isize;
+    let base = r.ptr as isize + (row0 as isize * r.strides[0] + h as isize * r.strides[1]) * esz;
+    if r.dtype == DType::F32 && r.strides[2] == 1 {
+        return (base as *const f32, r.strides[0]);
+    }
+    for j in 0..nj {
+        let p = base + j as isize * r.strides[0] * esz;
+        load_row(&mut buf[j * hd..(j + 1) * hd], p as usize, r.dtype, r.strides[2]);
+    }
+    (buf.as_ptr(), hd as isize)
+}
+
+#[inline(always)]
+unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
+    let job = t.job;
+    let seq = t.seq;
+    let hd = job.hd;
+    let grp = job.hq / job.hk;
+    let lanes = S::LANES;
+    let bq = MVC * lanes;
+    let (r0, nrows) = (t.r0, t.nrows);
+    let off = seq.sk as i64 - seq.sq as i64;
+    let (left, right) = (job.left, job.right);
+    let softcap = job.softcap > 0.0;
+    // Scores are kept in the log2 domain: s₂ = s · log2 e.
+    let c1 = if softcap {
+        job.scale / job.softcap
+    } else {
+        job.scale * LOG2E
+    };
+
+    // Qᵀ, pre-scaled; padding lanes are zero.
+    let mut qt = vec![0.0f32; hd * bq];
+    let mut tmp = vec![0.0f32; hd];
+    let q = &seq.q;
+    let qsz = q.dtype.size() as isize;
+    for rl in 0..nrows {
+        let r = r0 + rl;
+        let (i, h) = (r / grp, t.kvh * grp + r % grp);
+        let p = q.ptr as isize + (i as isize * q.strides[0] + h as isize * q.strides[1]) * qsz;
+        load_row(&mut tmp, p as usize, q.dtype, q.strides[2]);
+        for d in 0..hd {
+            qt[d * bq + rl] = tmp[d] * c1;
+        }
+    }
+    // Per-lane query index (relative to the block's first) and ALiBi slopes.
+    let i_min = r0 / grp;
+    let i_max = (r0 + nrows - 1) / grp;
+    let mut lane_rel = vec![0.0f32; bq];
+    let mut lane_slope = vec![0.0f32; bq];
+    for rl in 0..bq {
+        let r = r0 + rl.min(nrows - 1);
+        lane_rel[rl] = (r / grp - i_min) as f32;
+        if let Some(sl) = &seq.slopes {
+            lane_slope[rl] = -sl[t.kvh * grp + r % grp] * LOG2E;
+        }
+    }
+    let alibi = seq.slopes.is_some();
+    let lo = if right >= 0 {
+        -(right as f32) - 0.5
+    } else {
+        f32::NEG_INFINITY
+    };
+    let hi = if left >= 0 {
+        left as f32 + 0.5
+    } else {
+        f32::INFINITY
+    };
+    let mut epi = Epi::<S, MVC> {
+        softcap,
+        c2: S::splat(job.softcap * LOG2E),
+        alibi,
+        nslope: std::array::from_fn(|v| S::load(lane_slope.as_ptr().add(v * lanes))),
+        mask: false,
+        lo: S::splat(lo),
+        hi: S::splat(hi),
+        dtile: [S::zero(); MVC],
+    };
+
+    // Keys any row of the block can see: [j_lo, j_hi).
+    let sk = seq.sk as i64;
+    let j_lo = if left >= 0 {
+        (i_min as i64 + off - left).max(0)
+    } else {
+        0
+    };
+    let j_hi = if right >= 0 {
+        (i_max as i64 + off + right + 1).min(sk)
+    } else {
+        sk
+    };
+
+    let mut ot = vec![0.0f32; hd * bq];
+    let mut st = vec![0.0f32; BK * bq];
+    let mut kbuf = vec![0.0f32; BK * hd];
+    let mut vbuf = vec![0.0f32; BK * hd];
+    let mut m = [S::splat(f32::NEG_INFINITY); MVC];
+    let mut l = [S::zero(); MVC];
+    let big = lanes >= 16;
+
+    for seg in &seq.segs {
+        let a = j_lo.max(seg.j0 as i64);
+        let e = j_hi.min((seg.j0 + seg.len) as i64);
+        let mut jt = a;
+        while jt < e {
+            let nj = (BK as i64).min(e - jt) as usize;
+            // Distances i + off − j over the block × tile.
+            let dmin = i_min as i64 + off - (jt + nj as i64 - 1);
+            let dmax = i_max as i64 + off - jt;
+            let empty = (left >= 0 && dmin > left) || (right >= 0 && dmax < -right);
+            if empty {
+                jt += nj as i64;
+                continue;
+            }
+            epi.mask = !((left < 0 || dmax <= left) && (right < 0 || dmin >= -right));
+            if epi.mask || alibi {
+                let base = (i_min as i64 + off - jt) as f32;
+                epi.dtile = std::array::from_fn(|v| {
+                    S::add(S::load(lane_rel.as_ptr().add(v * lanes)), S::splat(base))
+                });
+            }
+            let row0 = jt as usize - seg.j0;
+            let (kp, ks) = rows_f32(&seg.k, t.kvh, row0, nj, hd, &mut kbuf);
+            let mut tmax = [S::splat(f32::NEG_INFINITY); MVC];
+            let stp = st.as_mut_ptr();
+            if big || MVC <= 2 {
+                if MVC == 1 {
+                    qk_tile::<S, 8, MVC>(kp, ks, nj, qt.as_ptr(), bq, hd, stp, &epi, &mut tmax);
+                } else {
+                    qk_tile::<S, 4, MVC>(kp, ks, nj, qt.as_ptr(), bq, hd, stp, &epi, &mut tmax);
+                }
+            } else {
+                qk_tile::<S, 2, MVC>(kp, ks, nj, qt.as_ptr(), bq, hd, stp, &epi, &mut tmax);
+            }
+            // Online softmax update.
+            let ninf = S::splat(f32::NEG_INFINITY);
+            let mut mu = [S::zero(); MVC];
+            let mut factor = [S::zero(); MVC];
+            for v in 0..MVC {
+                let mn = S::max(m[v], tmax[v]);
+                // A row that has seen no visible key yet keeps m = −inf; use 0
+                // as its offset so exp2(−inf − 0) = 0 instead of NaN.
+                mu[v] = S::select_gt(mn, ninf, mn, S::zero());
+                factor[v] = S::exp2(S::sub(m[v], mu[v]));
+                m[v] = mn;
+            }
+            let mut lsum = [S::zero(); MVC];
+            for jj in 0..nj {
+                let row = stp.add(jj * bq);
+                for v in 0..MVC {
+                    let p = S::exp2(S::sub(S::load(row.add(v * lanes)), mu[v]));
+                    lsum[v] = S::add(lsum[v], p);
+                    S::store(row.add(v * lanes), p);
+                }
+            }
+            for v in 0..MVC {
+                l[v] = S::fma(l[v], factor[v], lsum[v]);
+            }
+            let (vp, vs) = rows_f32(&seg.v, t.kvh, row0, nj, hd, &mut vbuf);
+            if big || MVC <= 2 {
+                pv_tile::<S, 4, MVC>(vp, vs, nj, hd, st.as_ptr(), bq, ot.as_mut_ptr(), &factor);
+            } else {
+                pv_tile::<S, 2, MVC>(vp, vs, nj, hd, st.as_ptr(), bq, ot.as_mut_ptr(), &factor);
+            }
+            jt += nj as i64;
+        }
+    }
+
+    // Normalise and store: out = Oᵀ / l; lse = ln 2 · (m + log2 l).
+    let mut mv = vec![0.0f32; bq];
+    let mut lv = vec![0.0f32; bq];
+    for v in 0..MVC {
+        S::store(mv.as_mut_ptr().add(v * lanes), m[v]);
+        S::store(lv.as_mut_ptr().add(v * lanes), l[v]);
+    }
+    let o = &seq.out;
+    let osz = o.dtype.size() as isize;
+    for rl in 0..nrows {
+        let r = r0 + rl;
+        let (i, h) = (r / grp, t.kvh * grp + r % grp);
+        let lr = lv[rl];
+        let (inv, lse) = if lr > 0.0 {
+            (
+                1.0 / lr,
+                (std::f64::consts::LN_2 * (mv[rl] as f64 + (lr as f64).log2())) as f32,
+            )
+        } else {
+            (0.0, f32::NEG_INFINITY)
+        };
+        for d in 0..hd {
+            tmp[d] = ot[d * bq + rl] * inv;
+        }
+        let p = o.ptr as isize + (i as isize * o.strides[0] + h as isize * o.strides[1]) * osz;
+        store_row(&tmp, p as usize, o.dtype, o.strides[2]);
+        if let Some(ls) = &seq.lse {
+            let p = ls.ptr as isize + (h as isize * ls.strides[0] + i as isize * ls.strides[1]) * 4;
+            *(p as *mut f32) = lse;
+        }
+    }
+}
