@@ -27,7 +27,7 @@
 use super::simd::{Simd, LOG2E};
 use super::SimdLevel;
 use crate::simd_dispatch;
-use crate::tensor::{load_row, store_row, DType, Raw};
+use crate::tensor::{load_row, store_row, Raw};
 use rayon::prelude::*;
 
 /// Keys per tile.
@@ -177,10 +177,11 @@ impl<S: Simd, const MVC: usize> Epi<S, MVC> {
 }
 
 /// Sᵀ rows jj0 .. jj0+NR of the tile: K rows (broadcast) · Qᵀ (streamed),
-/// through the epilogue, stored into `st`, with the running per-lane max.
+/// stored into `st`. Without an epilogue (`EPI` false: a tile inside the mask,
+/// no softcap, no ALiBi) the per-lane running max is taken here too.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn qk_rows<S: Simd, const NR: usize, const MVC: usize>(
+unsafe fn qk_rows<S: Simd, const NR: usize, const MVC: usize, const EPI: bool>(
     krows: *const f32,
     kstride: isize,
     jj0: usize,
@@ -188,7 +189,6 @@ unsafe fn qk_rows<S: Simd, const NR: usize, const MVC: usize>(
     bq: usize,
     hd: usize,
     st: *mut f32,
-    epi: &Epi<S, MVC>,
     tmax: &mut [S::V; MVC],
 ) {
     let kp: [*const f32; NR] = std::array::from_fn(|r| krows.offset((jj0 + r) as isize * kstride));
@@ -206,16 +206,17 @@ unsafe fn qk_rows<S: Simd, const NR: usize, const MVC: usize>(
     for r in 0..NR {
         let srow = st.add((jj0 + r) * bq);
         for v in 0..MVC {
-            let s = epi.apply(acc[r][v], v, jj0 + r);
-            tmax[v] = S::max(tmax[v], s);
-            S::store(srow.add(v * S::LANES), s);
+            if !EPI {
+                tmax[v] = S::max(tmax[v], acc[r][v]);
+            }
+            S::store(srow.add(v * S::LANES), acc[r][v]);
         }
     }
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn qk_tile<S: Simd, const NR: usize, const MVC: usize>(
+unsafe fn qk_tile<S: Simd, const NR: usize, const MVC: usize, const EPI: bool>(
     krows: *const f32,
     kstride: isize,
     nj: usize,
@@ -223,17 +224,35 @@ unsafe fn qk_tile<S: Simd, const NR: usize, const MVC: usize>(
     bq: usize,
     hd: usize,
     st: *mut f32,
-    epi: &Epi<S, MVC>,
     tmax: &mut [S::V; MVC],
 ) {
     let mut jj = 0;
     while jj + NR <= nj {
-        qk_rows::<S, NR, MVC>(krows, kstride, jj, qt, bq, hd, st, epi, tmax);
+        qk_rows::<S, NR, MVC, EPI>(krows, kstride, jj, qt, bq, hd, st, tmax);
         jj += NR;
     }
     while jj < nj {
-        qk_rows::<S, 1, MVC>(krows, kstride, jj, qt, bq, hd, st, epi, tmax);
+        qk_rows::<S, 1, MVC, EPI>(krows, kstride, jj, qt, bq, hd, st, tmax);
         jj += 1;
+    }
+}
+
+/// Applies the epilogue to the tile's scores in place, with the running max.
+#[inline(always)]
+unsafe fn epi_tile<S: Simd, const MVC: usize>(
+    st: *mut f32,
+    nj: usize,
+    bq: usize,
+    epi: &Epi<S, MVC>,
+    tmax: &mut [S::V; MVC],
+) {
+    for jj in 0..nj {
+        let row = st.add(jj * bq);
+        for v in 0..MVC {
+            let s = epi.apply(S::load(row.add(v * S::LANES)), v, jj);
+            tmax[v] = S::max(tmax[v], s);
+            S::store(row.add(v * S::LANES), s);
+        }
     }
 }
 
@@ -296,8 +315,8 @@ unsafe fn pv_tile<S: Simd, const ND: usize, const MVC: usize>(
 }
 
 /// Pointer to `nj` float32 rows of a segment's K or V for kv head `h`, rows
-/// `row0..`: in place when float32 with unit stride along hd, else converted
-/// into `buf` ([BK][hd]). Returns (pointer, row stride in elements).
+/// `row0..`, converted into the contiguous `buf` ([BK][hd]): packing also avoids
+/// the cache-set conflicts of rows h·hd·4 bytes apart. Returns (pointer, row stride in elements).
 #[inline(always)]
 unsafe fn rows_f32(
     r: &Raw<3>,
@@ -309,9 +328,6 @@ unsafe fn rows_f32(
 ) -> (*const f32, isize) {
     let esz = r.dtype.size() as isize;
     let base = r.ptr as isize + (row0 as isize * r.strides[0] + h as isize * r.strides[1]) * esz;
-    if r.dtype == DType::F32 && r.strides[2] == 1 {
-        return (base as *const f32, r.strides[0]);
-    }
     for j in 0..nj {
         let p = base + j as isize * r.strides[0] * esz;
         load_row(&mut buf[j * hd..(j + 1) * hd], p as usize, r.dtype, r.strides[2]);
@@ -432,14 +448,24 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
             let (kp, ks) = rows_f32(&seg.k, t.kvh, row0, nj, hd, &mut kbuf);
             let mut tmax = [S::splat(f32::NEG_INFINITY); MVC];
             let stp = st.as_mut_ptr();
-            if big || MVC <= 2 {
-                if MVC == 1 {
-                    qk_tile::<S, 8, MVC>(kp, ks, nj, qt.as_ptr(), bq, hd, stp, &epi, &mut tmax);
-                } else {
-                    qk_tile::<S, 4, MVC>(kp, ks, nj, qt.as_ptr(), bq, hd, stp, &epi, &mut tmax);
-                }
+            let qtp = qt.as_ptr();
+            let need_epi = epi.mask || alibi || softcap;
+            macro_rules! qk {
+                ($nr:literal) => {
+                    if need_epi {
+                        qk_tile::<S, $nr, MVC, true>(kp, ks, nj, qtp, bq, hd, stp, &mut tmax);
+                        epi_tile::<S, MVC>(stp, nj, bq, &epi, &mut tmax);
+                    } else {
+                        qk_tile::<S, $nr, MVC, false>(kp, ks, nj, qtp, bq, hd, stp, &mut tmax);
+                    }
+                };
+            }
+            if MVC == 1 {
+                qk!(8);
+            } else if big || MVC == 2 {
+                qk!(4);
             } else {
-                qk_tile::<S, 2, MVC>(kp, ks, nj, qt.as_ptr(), bq, hd, stp, &epi, &mut tmax);
+                qk!(2);
             }
             // Online softmax update.
             let ninf = S::splat(f32::NEG_INFINITY);
