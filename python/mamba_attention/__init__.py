@@ -8,6 +8,8 @@ dtype and device.
 from . import _core
 from .ops import selective_scan_fn, selective_state_update
 from .ops import causal_conv1d_fn, causal_conv1d_update
+from .ops import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from .ops import sliding_window_attention
 
 __version__ = _core.__version__
 
@@ -17,4 +19,8 @@ __all__ = [
     "selective_state_update",
     "causal_conv1d_fn",
     "causal_conv1d_update",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
+    "sliding_window_attention",
 ]

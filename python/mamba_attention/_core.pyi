@@ -85,3 +85,50 @@ def causal_conv1d_bwd(
     activation: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Backward of causal_conv1d_fwd: (dx in x's dtype, dweight float32 (d, w), dbias float32 (d,) or None, dinitial_states in its dtype or None)."""
+
+def attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Optional[Tuple[int, int]] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+    softmax_lse: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Attention forward (SPEC §3): (out (b, sq, hq, hd) in q's dtype, softmax_lse (b, hq, sq) float32); writes into out / softmax_lse when given."""
+
+def attention_varlen_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Optional[Tuple[int, int]] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+    softmax_lse: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Packed variable-length attention forward: (out (total_q, hq, hd), softmax_lse (hq, total_q) float32)."""
+
+def attention_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    cache_seqlens: Union[int, Tensor, None] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Optional[Tuple[int, int]] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Appends k/v into the caches in place at cache_seqlens, then attends over cache[:, :cache_seqlens + s_new]: (out, softmax_lse (b, hq, sq) float32)."""
