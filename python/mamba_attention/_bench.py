@@ -292,6 +292,8 @@ def workloads() -> List[Workload]:
         _scan_workload("G3", "cuda", b=8, d=2048, n=16, l=8192, g=1, dtype="bfloat16"),
         _update_workload("G5-b1", "cuda", b=1, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
         _update_workload("G5-b64", "cuda", b=64, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
+        _attn_workload("C4", "cpu", b=1, s=4096, h=16, hd=64),
+        _attn_workload("C5", "cpu", b=1, s=4096, h=16, hd=64, window=512),
     ]
 
 
@@ -684,3 +686,66 @@ def format_table(rows):
 def failed(rows):
     """True if any row is a MISMATCH or an ERROR of ours (a failing peer is only reported)."""
     return any(r["status"] in ("MISMATCH", "ERROR") for r in rows)
+
+
+# --------------------------------------------------------------------------
+# Attention (SPEC §3)
+# --------------------------------------------------------------------------
+
+
+def attn_flops(b, hq, sq, sk, hd, causal=True, window=None):
+    """BENCHMARKS.md's convention: 4·b·hq·sq·sk·hd, halved for causal; a causal
+    window of W keys: 4·b·hq·hd·(s·W − W(W−1)/2)."""
+    if window is not None:
+        return 4 * b * hq * hd * (sq * window - window * (window - 1) / 2)
+    return 4 * b * hq * sq * sk * hd / (2 if causal else 1)
+
+
+def _attn_workload(wid, device, b, s, h, hd, window=None, dtype="float32"):
+    """flash_attn_func causal (``window``: sliding window of that many keys, i.e.
+    window_size=(window − 1, 0)) on (b, s, h, hd) tensors. Peer: torch's
+    scaled_dot_product_attention on the (b, h, s, hd) views — is_causal=True, or
+    with a dense boolean mask for the window (what a torch user writes)."""
+
+    def setup():
+        from . import ops
+
+        ins, is_torch = _make_inputs(
+            device, seed=3, dtypes={k: dtype for k in "qkv"},
+            q=lambda r: r.standard_normal((b, s, h, hd)),
+            k=lambda r: r.standard_normal((b, s, h, hd)),
+            v=lambda r: r.standard_normal((b, s, h, hd)),
+        )
+        q, k, v = ins["q"], ins["k"], ins["v"]
+        if window is None:
+            fns = {"ours": lambda: ops.flash_attn_func(q, k, v, causal=True)}
+        else:
+            fns = {"ours": lambda: ops.sliding_window_attention(q, k, v, window)}
+        if is_torch:
+            import torch
+            import torch.nn.functional as F
+
+            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+            if window is None:
+                fns["torch SDPA"] = lambda: F.scaled_dot_product_attention(
+                    qt, kt, vt, is_causal=True).transpose(1, 2)
+            else:
+                i = torch.arange(s, device=device)
+                mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+                fns["torch SDPA (dense mask)"] = lambda: F.scaled_dot_product_attention(
+                    qt, kt, vt, attn_mask=mask).transpose(1, 2)
+        return fns
+
+    flops = attn_flops(b, h, s, s, hd, causal=True, window=window)
+    m = REFERENCE_MACHINES[device]
+    what = "causal" if window is None else f"sliding window {window}, causal"
+    return Workload(
+        id=wid,
+        device=device,
+        description=f"flash_attn_func {what} b{b} s{s} h{h} hd{hd} {dtype} ({flops / 1e9:.2f} GFLOP)",
+        setup=setup,
+        floor_ms=1e3 * flops / m["flops"],
+        floor_note=("H100 estimate: " if device == "cuda" else "")
+        + "attention FLOPs (BENCHMARKS.md convention) / float32 FMA rate",
+        rtol=_DTYPE_RTOL[dtype],
+    )

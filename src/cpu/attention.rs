@@ -231,6 +231,10 @@ unsafe fn qk_tile<S: Simd, const NR: usize, const MVC: usize, const EPI: bool>(
         qk_rows::<S, NR, MVC, EPI>(krows, kstride, jj, qt, bq, hd, st, tmax);
         jj += NR;
     }
+    if NR > 4 && jj + 4 <= nj {
+        qk_rows::<S, 4, MVC, EPI>(krows, kstride, jj, qt, bq, hd, st, tmax);
+        jj += 4;
+    }
     while jj < nj {
         qk_rows::<S, 1, MVC, EPI>(krows, kstride, jj, qt, bq, hd, st, tmax);
         jj += 1;
@@ -307,6 +311,10 @@ unsafe fn pv_tile<S: Simd, const ND: usize, const MVC: usize>(
     while d0 + ND <= hd {
         pv_rows::<S, ND, MVC>(vrows, vstride, nj, d0, pt, bq, ot, factor);
         d0 += ND;
+    }
+    if ND > 4 && d0 + 4 <= hd {
+        pv_rows::<S, 4, MVC>(vrows, vstride, nj, d0, pt, bq, ot, factor);
+        d0 += 4;
     }
     while d0 < hd {
         pv_rows::<S, 1, MVC>(vrows, vstride, nj, d0, pt, bq, ot, factor);
@@ -462,6 +470,8 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
             }
             if MVC == 1 {
                 qk!(8);
+            } else if big && MVC == 4 {
+                qk!(6);
             } else if big || MVC == 2 {
                 qk!(4);
             } else {
@@ -483,7 +493,11 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
             for jj in 0..nj {
                 let row = stp.add(jj * bq);
                 for v in 0..MVC {
-                    let p = S::exp2(S::sub(S::load(row.add(v * lanes)), mu[v]));
+                    let x = S::sub(S::load(row.add(v * lanes)), mu[v]);
+                    // exp2_fast wants a finite argument: masked scores are
+                    // −inf, clamped here to −150 (→ 0); max(−150, NaN) stays NaN.
+                    // Measured: ~5% of C4 against the accurate exp2.
+                    let p = S::exp2_fast(S::max(S::splat(-150.0), x));
                     lsum[v] = S::add(lsum[v], p);
                     S::store(row.add(v * lanes), p);
                 }
@@ -492,7 +506,9 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
                 l[v] = S::fma(l[v], factor[v], lsum[v]);
             }
             let (vp, vs) = rows_f32(&seg.v, t.kvh, row0, nj, hd, &mut vbuf);
-            if big || MVC <= 2 {
+            if big && MVC == 4 {
+                pv_tile::<S, 6, MVC>(vp, vs, nj, hd, st.as_ptr(), bq, ot.as_mut_ptr(), &factor);
+            } else if big || MVC <= 2 {
                 pv_tile::<S, 4, MVC>(vp, vs, nj, hd, st.as_ptr(), bq, ot.as_mut_ptr(), &factor);
             } else {
                 pv_tile::<S, 2, MVC>(vp, vs, nj, hd, st.as_ptr(), bq, ot.as_mut_ptr(), &factor);
