@@ -5,6 +5,7 @@ pub mod scan;
 pub mod scan_bwd;
 pub mod simd;
 pub mod attention;
+pub mod attention_bwd;
 
 use crate::error::{Error, Result};
 

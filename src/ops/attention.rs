@@ -574,6 +574,109 @@ pub fn plan_kvcache(
     job_of(p, seqs)
 }
 
+/// Gradient destinations and inputs of the backward, per call.
+pub struct BwdViews<'a> {
+    pub dout: &'a TensorView,
+    pub out: &'a TensorView,
+    pub lse: &'a TensorView,
+    pub dlse: Option<&'a TensorView>,
+    pub dq: &'a TensorView,
+    pub dk: &'a TensorView,
+    pub dv: &'a TensorView,
+}
+
+/// Checks the backward's extra inputs: dout and out with q's shape and dtype,
+/// lse (and dlse) float32 of `lse_shape`.
+pub fn check_bwd_inputs(
+    q: &TensorView,
+    dout: &TensorView,
+    out: &TensorView,
+    lse: &TensorView,
+    dlse: Option<&TensorView>,
+    lse_shape: &[usize],
+    lse_desc: &str,
+) -> Result<()> {
+    for t in [dout, out] {
+        t.expect_float()?;
+        t.expect_same_dtype(q)?;
+        t.expect_device(q.device, "q")?;
+        t.expect_shape(&q.shape, "of q")?;
+    }
+    for t in std::iter::once(lse).chain(dlse) {
+        t.expect_dtype(DType::F32)?;
+        t.expect_device(q.device, "q")?;
+        t.expect_shape(lse_shape, lse_desc)?;
+    }
+    Ok(())
+}
+
+/// Wraps a forward job's sequences into the backward's (batched layout).
+pub fn plan_attn_bwd(p: &AttnParams, a: &AttnArgs, b: &BwdViews) -> crate::cpu::attention_bwd::AttnBwdJob {
+    let fwd = plan_attn(p, a, b.out, Some(b.lse));
+    let (d, dq, dk, dv) = (b.dout.raw::<4>(), b.dq.raw::<4>(), b.dk.raw::<4>(), b.dv.raw::<4>());
+    let dl = b.dlse.map(|t| t.raw::<3>());
+    let seqs = fwd
+        .seqs
+        .into_iter()
+        .enumerate()
+        .map(|(bi, f)| crate::cpu::attention_bwd::BwdSeq {
+            fwd: f,
+            dout: sub3(&d, bi, 0),
+            dlse: dl.as_ref().map(|l| lse_b(l, bi)),
+            dq: sub3(&dq, bi, 0),
+            dk: sub3(&dk, bi, 0),
+            dv: sub3(&dv, bi, 0),
+        })
+        .collect();
+    bwd_job_of(p, seqs)
+}
+
+fn bwd_job_of(p: &AttnParams, seqs: Vec<crate::cpu::attention_bwd::BwdSeq>) -> crate::cpu::attention_bwd::AttnBwdJob {
+    crate::cpu::attention_bwd::AttnBwdJob {
+        hq: p.hq,
+        hk: p.hk,
+        hd: p.hd,
+        scale: p.scale,
+        left: p.left,
+        right: p.right,
+        softcap: p.softcap,
+        seqs,
+    }
+}
+
+/// The backward's job for varlen (lse, dlse (hq, total_q)).
+pub fn plan_varlen_bwd(
+    p: &AttnParams,
+    a: &AttnArgs,
+    cu_q: &[i64],
+    cu_k: &[i64],
+    b: &BwdViews,
+) -> crate::cpu::attention_bwd::AttnBwdJob {
+    let fwd = plan_varlen(p, a, cu_q, cu_k, b.out, Some(b.lse));
+    let (d, dq, dk, dv) = (b.dout.raw::<3>(), b.dq.raw::<3>(), b.dk.raw::<3>(), b.dv.raw::<3>());
+    let dl = b.dlse.map(|t| t.raw::<2>());
+    let seqs = fwd
+        .seqs
+        .into_iter()
+        .enumerate()
+        .map(|(bi, f)| {
+            let (q0, k0) = (cu_q[bi] as usize, cu_k[bi] as usize);
+            crate::cpu::attention_bwd::BwdSeq {
+                fwd: f,
+                dout: row3(&d, q0),
+                dlse: dl.map(|r| Raw {
+                    ptr: (r.ptr as isize + q0 as isize * r.strides[1] * 4) as usize,
+                    ..r
+                }),
+                dq: row3(&dq, q0),
+                dk: row3(&dk, k0),
+                dv: row3(&dv, k0),
+            }
+        })
+        .collect();
+    bwd_job_of(p, seqs)
+}
+
 /// The one backend switch: CPU runs `cpu`, CUDA is not implemented yet.
 pub fn launch<T>(op: &str, device: Device, cpu: impl FnOnce() -> Result<T>) -> Result<T> {
     match device {
@@ -890,7 +993,191 @@ mod py {
         .and_then(|r| PyTuple::new(py, r))
     }
 
+    fn run_bwd(op: &'static str, job: &crate::cpu::attention_bwd::AttnBwdJob) -> Result<()> {
+        let level = SimdLevel::current()?;
+        catch_panic(op, || {
+            crate::cpu::attention_bwd::attn_backward(job, level);
+            Ok(())
+        })
+    }
+
+    /// Backward of flash_attn_func: (dq, dk, dv) in the dtypes of q, k, v, from
+    /// the forward's out and softmax_lse; `dsoftmax_lse` is the gradient reaching
+    /// lse, if any.
+    #[pyfunction]
+    #[pyo3(signature = (dout, q, k, v, out, softmax_lse, softmax_scale=None, causal=false, window_size=None, softcap=None, alibi_slopes=None, dsoftmax_lse=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd<'py>(
+        py: Python<'py>,
+        dout: &Bound<'py, PyAny>,
+        q: &Bound<'py, PyAny>,
+        k: &Bound<'py, PyAny>,
+        v: &Bound<'py, PyAny>,
+        out: &Bound<'py, PyAny>,
+        softmax_lse: &Bound<'py, PyAny>,
+        softmax_scale: Option<&Bound<'py, PyAny>>,
+        causal: bool,
+        window_size: Option<&Bound<'py, PyAny>>,
+        softcap: Option<&Bound<'py, PyAny>>,
+        alibi_slopes: Option<&Bound<'py, PyAny>>,
+        dsoftmax_lse: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let scale = scale_arg(softmax_scale)?;
+        let window = match window_size {
+            Some(w) if !w.is_none() => window_arg(w)?,
+            _ => (-1, -1),
+        };
+        let softcap = match softcap {
+            Some(s) if !s.is_none() => float_arg("softcap", s)?,
+            _ => 0.0,
+        };
+        let qv = extract("q", q)?;
+        let kv = extract("k", k)?;
+        let vv = extract("v", v)?;
+        let av = extract_opt("alibi_slopes", alibi_slopes)?;
+        let dov = extract("dout", dout)?;
+        let ov = extract("out", out)?;
+        let lv = extract("softmax_lse", softmax_lse)?;
+        let dlv = extract_opt("dsoftmax_lse", dsoftmax_lse)?;
+        let args = AttnArgs {
+            q: &qv,
+            k: &kv,
+            v: &vv,
+            alibi: av.as_ref(),
+        };
+        let p = check_attn(&args, scale, causal, window, softcap)?;
+        check_bwd_inputs(&qv, &dov, &ov, &lv, dlv.as_ref(), &[p.b, p.hq, p.sq], "(b, hq, sq)")?;
+        launch("flash_attn_func backward", qv.device, || {
+            let (dqo, dq) = alloc("dq", q, &qv, &qv.shape, None)?;
+            let (dko, dk) = alloc("dk", k, &kv, &kv.shape, None)?;
+            let (dvo, dvv) = alloc("dv", v, &vv, &vv.shape, None)?;
+            let views = BwdViews {
+                dout: &dov,
+                out: &ov,
+                lse: &lv,
+                dlse: dlv.as_ref(),
+                dq: &dq,
+                dk: &dk,
+                dv: &dvv,
+            };
+            let job = plan_attn_bwd(&p, &args, &views);
+            py.detach(|| run_bwd("flash_attn_func backward", &job))?;
+            Ok([dqo, dko, dvo])
+        })
+        .map_err(PyErr::from)
+        .and_then(|r| PyTuple::new(py, r))
+    }
+
+    /// Zeroes rows `from..` of a packed (total, h, d) tensor.
+    fn zero_rows(t: &TensorView, from: usize) {
+        let (h, d) = (t.shape[1], t.shape[2]);
+        let zeros = vec![0.0f32; d];
+        let r = t.raw::<3>();
+        for row in from..t.shape[0] {
+            for hh in 0..h {
+                let p = crate::tensor::addr(&r, [row, hh, 0]);
+                unsafe { crate::tensor::store_row(&zeros, p, r.dtype, r.strides[2]) };
+            }
+        }
+    }
+
+    /// Backward of flash_attn_varlen_func: (dq, dk, dv); rows outside every
+    /// sequence get 0.
+    #[pyfunction]
+    #[pyo3(signature = (dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=false, window_size=None, softcap=None, alibi_slopes=None, dsoftmax_lse=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn attention_varlen_bwd<'py>(
+        py: Python<'py>,
+        dout: &Bound<'py, PyAny>,
+        q: &Bound<'py, PyAny>,
+        k: &Bound<'py, PyAny>,
+        v: &Bound<'py, PyAny>,
+        out: &Bound<'py, PyAny>,
+        softmax_lse: &Bound<'py, PyAny>,
+        cu_seqlens_q: &Bound<'py, PyAny>,
+        cu_seqlens_k: &Bound<'py, PyAny>,
+        max_seqlen_q: &Bound<'py, PyAny>,
+        max_seqlen_k: &Bound<'py, PyAny>,
+        softmax_scale: Option<&Bound<'py, PyAny>>,
+        causal: bool,
+        window_size: Option<&Bound<'py, PyAny>>,
+        softcap: Option<&Bound<'py, PyAny>>,
+        alibi_slopes: Option<&Bound<'py, PyAny>>,
+        dsoftmax_lse: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let scale = scale_arg(softmax_scale)?;
+        let window = match window_size {
+            Some(w) if !w.is_none() => window_arg(w)?,
+            _ => (-1, -1),
+        };
+        let softcap = match softcap {
+            Some(s) if !s.is_none() => float_arg("softcap", s)?,
+            _ => 0.0,
+        };
+        let mq = int_arg("max_seqlen_q", max_seqlen_q)?.max(0) as usize;
+        let mk = int_arg("max_seqlen_k", max_seqlen_k)?.max(0) as usize;
+        let qv = extract("q", q)?;
+        let kv = extract("k", k)?;
+        let vv = extract("v", v)?;
+        let cq = extract("cu_seqlens_q", cu_seqlens_q)?;
+        let ck = extract("cu_seqlens_k", cu_seqlens_k)?;
+        let av = extract_opt("alibi_slopes", alibi_slopes)?;
+        let dov = extract("dout", dout)?;
+        let ov = extract("out", out)?;
+        let lv = extract("softmax_lse", softmax_lse)?;
+        let dlv = extract_opt("dsoftmax_lse", dsoftmax_lse)?;
+        let args = AttnArgs {
+            q: &qv,
+            k: &kv,
+            v: &vv,
+            alibi: av.as_ref(),
+        };
+        let p = check_varlen(&args, &cq, &ck, scale, causal, window, softcap)?;
+        check_bwd_inputs(&qv, &dov, &ov, &lv, dlv.as_ref(), &[p.hq, p.sq], "(hq, total_q)")?;
+        launch("flash_attn_varlen_func backward", qv.device, || {
+            let cu_q = cu_host(&cq, p.sq, mq)?;
+            let cu_k = cu_host(&ck, p.sk, mk)?;
+            let (dqo, dq) = alloc("dq", q, &qv, &qv.shape, None)?;
+            let (dko, dk) = alloc("dk", k, &kv, &kv.shape, None)?;
+            let (dvo, dvv) = alloc("dv", v, &vv, &vv.shape, None)?;
+            let views = BwdViews {
+                dout: &dov,
+                out: &ov,
+                lse: &lv,
+                dlse: dlv.as_ref(),
+                dq: &dq,
+                dk: &dk,
+                dv: &dvv,
+            };
+            let job = plan_varlen_bwd(&p, &args, &cu_q, &cu_k, &views);
+            let (lq, lk) = (*cu_q.last().unwrap_or(&0) as usize, *cu_k.last().unwrap_or(&0) as usize);
+            let (fq, fk) = (cu_q[0] as usize, cu_k[0] as usize);
+            py.detach(|| {
+                zero_rows(&dq, lq);
+                zero_rows(&dk, lk);
+                zero_rows(&dvv, lk);
+                // Rows before the first sequence, too.
+                for (t, n) in [(&dq, fq), (&dk, fk), (&dvv, fk)] {
+                    let r = t.raw::<3>();
+                    let zeros = vec![0.0f32; t.shape[2]];
+                    for row in 0..n {
+                        for hh in 0..t.shape[1] {
+                            let a = crate::tensor::addr(&r, [row, hh, 0]);
+                            unsafe { crate::tensor::store_row(&zeros, a, r.dtype, r.strides[2]) };
+                        }
+                    }
+                }
+                run_bwd("flash_attn_varlen_func backward", &job)
+            })?;
+            Ok([dqo, dko, dvo])
+        })
+        .map_err(PyErr::from)
+        .and_then(|r| PyTuple::new(py, r))
+    }
+
     pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_function(wrap_pyfunction!(attention_bwd, m)?)?;
+        m.add_function(wrap_pyfunction!(attention_varlen_bwd, m)?)?;
         m.add_function(wrap_pyfunction!(attention_fwd, m)?)?;
         m.add_function(wrap_pyfunction!(attention_varlen_fwd, m)?)?;
         m.add_function(wrap_pyfunction!(attention_kvcache, m)?)?;
