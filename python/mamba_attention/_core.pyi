@@ -132,3 +132,39 @@ def attention_kvcache(
     alibi_slopes: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Appends k/v into the caches in place at cache_seqlens, then attends over cache[:, :cache_seqlens + s_new]: (out, softmax_lse (b, hq, sq) float32)."""
+
+def attention_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    softmax_lse: Tensor,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Optional[Tuple[int, int]] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    dsoftmax_lse: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of attention_fwd from its out and softmax_lse: (dq, dk, dv) in the dtypes of q, k, v (GQA: dk/dv summed over each group's query heads)."""
+
+def attention_varlen_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    softmax_lse: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Optional[Tuple[int, int]] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    dsoftmax_lse: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of attention_varlen_fwd: (dq, dk, dv); rows outside every sequence get 0."""
