@@ -428,3 +428,46 @@ def test_sliding_window_errors():
     q = _arr(1, 4, 2, 8)
     _check(sliding_window_attention, dict(q=q, k=q, v=q, window=0), V, ["window"])
     _check(sliding_window_attention, dict(q=q, k=q, v=q, window=2.5), T, ["window"])
+
+
+# ------------------------------------------------------- sliding-window ring cache
+
+from mamba_attention import SlidingWindowKVCache  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["torch-float32", "numpy-float32", "torch-bfloat16"])
+def test_ring_cache_long_stream(simd_level, kind):
+    """A stream of 150 tokens through a window-16 ring (steps of 1..20 tokens, some
+    larger than the window) equals full sliding-window attention over the stream,
+    ALiBi at true positions included; the cache never grows."""
+    fw, dt = split_kind(kind)
+    b, total, hq, hk, hd, w = 2, 150, 4, 2, 16, 16
+    q, k, v = (convert(x, kind) for x in qkv64(21, b, total, total, hq, hk, hd))
+    slopes = convert(slopes64(2, hq), f"{fw}-float32")
+    for kw in (dict(), dict(alibi_slopes=slopes, softcap=5.0, softmax_scale=0.4)):
+        dtype = getattr(torch, dt) if fw == "torch" else dt
+        cache = SlidingWindowKVCache(b, w, hk, hd, dtype=dtype)
+        outs, t = [], 0
+        for n in [1, 1, 3, 20, 1, 7, 16, 2] * 10:
+            if t >= total:
+                break
+            n = min(n, total - t)
+            outs.append(cache.append_and_attend(q[:, t:t + n], k[:, t:t + n], v[:, t:t + n], **kw))
+            t += n
+            assert cache.pos == t and tuple(cache.k.shape) == (b, w, hk, hd)
+        got = torch.cat(outs, 1) if fw == "torch" else np.concatenate(outs, 1)
+        check(got, None, q, k, v, kind, "ring", causal=True, window_size=(w - 1, 0), **kw)
+        full = flash_attn_func(q, k, v, causal=True, window_size=(w - 1, 0), **kw)
+        assert rel_err(got, full) <= 1e-6
+
+
+def test_ring_cache_errors():
+    cache = SlidingWindowKVCache(2, 8, 2, 16, dtype=torch.float32)
+    q, k = torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 16)
+    _check(cache.append_and_attend, dict(q=q, k=k[:, :, :1], v=k), V, ["k"])
+    _check(cache.append_and_attend, dict(q=q, k=k, v=k.double()), T, ["v"])
+    _check(cache.append_and_attend, dict(q=q[:1], k=k, v=k), V, ["k_ring", "k"])
+    _check(cache.append_and_attend, dict(q=q, k=k, v=k, softcap=-1.0), V, ["softcap"])
+    assert cache.pos == 0
+    _check(SlidingWindowKVCache, dict(batch=1, window=0, n_kv_heads=1, head_dim=8), V, ["window"])
+    _check(SlidingWindowKVCache, dict(batch=1, window=4.0, n_kv_heads=1, head_dim=8), T, ["window"])

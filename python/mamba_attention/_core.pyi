@@ -168,3 +168,16 @@ def attention_varlen_bwd(
     dsoftmax_lse: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward of attention_varlen_fwd: (dq, dk, dv); rows outside every sequence get 0."""
+
+def attention_ring(
+    q: Tensor,
+    k_ring: Tensor,
+    v_ring: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos: int,
+    softmax_scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """One sliding-window ring-cache step: the n new tokens (positions pos..pos+n) attend causally to the window = k_ring.shape[1] most recent positions (ring slot = position mod window, plus the new k/v), then k/v are written into the rings. (out, softmax_lse (b, hq, n) float32)."""

@@ -574,6 +574,145 @@ pub fn plan_kvcache(
     job_of(p, seqs)
 }
 
+pub struct RingArgs<'a> {
+    pub q: &'a TensorView,
+    pub k_ring: &'a TensorView,
+    pub v_ring: &'a TensorView,
+    pub k: &'a TensorView,
+    pub v: &'a TensorView,
+    pub alibi: Option<&'a TensorView>,
+}
+
+/// Sliding-window ring cache step: q (b, n, hq, hd), rings (b, W, hk, hd),
+/// new k/v (b, n, hk, hd). The params describe the logical problem at `pos`:
+/// sq = n, sk = pos + n, causal window (W − 1, 0).
+pub fn check_ring(a: &RingArgs, pos: i64, scale: Option<f64>, softcap: f64) -> Result<AttnParams> {
+    let q = a.q;
+    check_main(q, None)?;
+    q.expect_rank(4, "(b, n, hq, hd)")?;
+    q.expect_nonempty()?;
+    let (b, n, hq, hd) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let kr = a.k_ring;
+    check_main(kr, Some(q))?;
+    kr.expect_rank(4, "(b, window, hk, hd)")?;
+    kr.expect_nonempty()?;
+    let (w, hk) = (kr.shape[1], kr.shape[2]);
+    if kr.shape[0] != b || kr.shape[3] != hd {
+        return Err(Error::value(format!(
+            "k_ring: expected shape (b, window, hk, hd) with b = {b} and hd = {hd} (from q), got {}",
+            kr.shape_str()
+        )));
+    }
+    check_heads(q, kr, hq, hk)?;
+    kr.expect_writable()?;
+    check_main(a.v_ring, Some(q))?;
+    a.v_ring.expect_shape(&kr.shape, "(b, window, hk, hd) of k_ring")?;
+    a.v_ring.expect_writable()?;
+    check_main(a.k, Some(q))?;
+    a.k.expect_shape(&[b, n, hk, hd], "(b, n, hk, hd)")?;
+    check_main(a.v, Some(q))?;
+    a.v.expect_shape(&[b, n, hk, hd], "(b, n, hk, hd)")?;
+    if pos < 0 {
+        return Err(Error::value(format!("pos: expected an int ≥ 0, got {pos}")));
+    }
+    let alibi = check_alibi(a.alibi, q, b, hq)?;
+    let (scale, softcap) = check_scale_softcap(scale, softcap, hd)?;
+    Ok(AttnParams {
+        b,
+        sq: n,
+        sk: pos as usize + n,
+        hq,
+        hk,
+        hd,
+        scale,
+        left: w as i64 - 1,
+        right: 0,
+        softcap,
+        alibi,
+        varlen: None,
+    })
+}
+
+/// The CPU job of a ring step: logical key j is token position j; positions
+/// max(0, pos − W) .. pos live in the ring at slot j mod W (at most two runs),
+/// positions pos .. pos + n are the new k/v.
+pub fn plan_ring(p: &AttnParams, a: &RingArgs, out: &TensorView, lse: Option<&TensorView>) -> AttnJob {
+    let w = a.k_ring.shape[1];
+    let n = p.sq;
+    let pos = p.sk - n;
+    let (q, kr, vr, k, v, o) = (
+        a.q.raw::<4>(),
+        a.k_ring.raw::<4>(),
+        a.v_ring.raw::<4>(),
+        a.k.raw::<4>(),
+        a.v.raw::<4>(),
+        out.raw::<4>(),
+    );
+    let seqs = (0..p.b)
+        .map(|bi| {
+            let mut segs = Vec::with_capacity(3);
+            let mut j = pos.saturating_sub(w);
+            while j < pos {
+                let slot = j % w;
+                let len = (w - slot).min(pos - j);
+                segs.push(KeySeg {
+                    j0: j,
+                    len,
+                    k: sub3(&kr, bi, slot),
+                    v: sub3(&vr, bi, slot),
+                });
+                j += len;
+            }
+            segs.push(KeySeg {
+                j0: pos,
+                len: n,
+                k: sub3(&k, bi, 0),
+                v: sub3(&v, bi, 0),
+            });
+            SeqDesc {
+                q: sub3(&q, bi, 0),
+                out: sub3(&o, bi, 0),
+                lse: lse.map(|l| lse_b(&l.raw::<3>(), bi)),
+                sq: n,
+                sk: p.sk,
+                segs,
+                slopes: slopes_for(a.alibi, p.alibi, bi, p.hq),
+            }
+        })
+        .collect();
+    job_of(p, seqs)
+}
+
+/// Writes the new tokens into the ring: token t goes to slot (pos + t) mod W
+/// (in order, so with n > W the last W tokens remain).
+pub fn ring_write(src: &Raw<4>, ring: &Raw<4>, shape: [usize; 4], w: usize, pos: usize) {
+    let [b, n, h, d] = shape;
+    let first = n.saturating_sub(w);
+    let es = src.dtype.size() as isize;
+    for bi in 0..b {
+        for t in first..n {
+            let slot = (pos + t) % w;
+            for hh in 0..h {
+                for dd in 0..d {
+                    let s = src.ptr as isize
+                        + (bi as isize * src.strides[0]
+                            + t as isize * src.strides[1]
+                            + hh as isize * src.strides[2]
+                            + dd as isize * src.strides[3])
+                            * es;
+                    let o = ring.ptr as isize
+                        + (bi as isize * ring.strides[0]
+                            + slot as isize * ring.strides[1]
+                            + hh as isize * ring.strides[2]
+                            + dd as isize * ring.strides[3])
+                            * es;
+                    unsafe { std::ptr::copy_nonoverlapping(s as *const u8, o as *mut u8, es as usize) };
+                }
+            }
+        }
+    }
+}
+
 /// Gradient destinations and inputs of the backward, per call.
 pub struct BwdViews<'a> {
     pub dout: &'a TensorView,
@@ -876,9 +1015,11 @@ mod py {
             let (lo, l) = dest("softmax_lse", softmax_lse, q, &qv, &[p.hq, p.sq], Some(DType::F32))?;
             // Rows of q beyond the last sequence are not attended: zero them.
             let last = *cu_q.last().unwrap_or(&0) as usize;
+            let first = cu_q[0] as usize;
             let job = plan_varlen(&p, &args, &cu_q, &cu_k, &o, Some(&l));
             py.detach(|| {
-                zero_tail(&o, &l, last);
+                zero_tail(&o, &l, 0, first);
+                zero_tail(&o, &l, last, o.shape[0]);
                 run_job("flash_attn_varlen_func", &job)
             })?;
             Ok([oo, lo])
@@ -887,16 +1028,12 @@ mod py {
         .and_then(|r| PyTuple::new(py, r))
     }
 
-    /// Zeroes rows `from..` of a varlen out (total, h, d) and sets their lse (h, total) to -inf.
-    fn zero_tail(o: &TensorView, l: &TensorView, from: usize) {
-        let total = o.shape[0];
-        if from >= total {
-            return;
-        }
+    /// Zeroes rows `from..to` of a varlen out (total, h, d) and sets their lse (h, total) to -inf.
+    fn zero_tail(o: &TensorView, l: &TensorView, from: usize, to: usize) {
         let (h, d) = (o.shape[1], o.shape[2]);
         let zeros = vec![0.0f32; d];
         let (or, lr) = (o.raw::<3>(), l.raw::<2>());
-        for t in from..total {
+        for t in from..to {
             for hh in 0..h {
                 let p = crate::tensor::addr(&or, [t, hh, 0]);
                 unsafe { crate::tensor::store_row(&zeros, p, or.dtype, or.strides[2]) };
@@ -1175,7 +1312,67 @@ mod py {
         .and_then(|r| PyTuple::new(py, r))
     }
 
+    /// One step of the sliding-window ring cache: the n new tokens (positions
+    /// pos .. pos + n) attend causally to the `window` most recent positions —
+    /// the ring's entries (positions pos − window .. pos at slot position mod
+    /// window) and the new k/v — then the new k/v are written into the rings.
+    /// Returns (out (b, n, hq, hd), softmax_lse (b, hq, n) float32).
+    #[pyfunction]
+    #[pyo3(signature = (q, k_ring, v_ring, k, v, pos, softmax_scale=None, softcap=None, alibi_slopes=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn attention_ring<'py>(
+        py: Python<'py>,
+        q: &Bound<'py, PyAny>,
+        k_ring: &Bound<'py, PyAny>,
+        v_ring: &Bound<'py, PyAny>,
+        k: &Bound<'py, PyAny>,
+        v: &Bound<'py, PyAny>,
+        pos: &Bound<'py, PyAny>,
+        softmax_scale: Option<&Bound<'py, PyAny>>,
+        softcap: Option<&Bound<'py, PyAny>>,
+        alibi_slopes: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let scale = scale_arg(softmax_scale)?;
+        let softcap = match softcap {
+            Some(s) if !s.is_none() => float_arg("softcap", s)?,
+            _ => 0.0,
+        };
+        let pos = int_arg("pos", pos)?;
+        let qv = extract("q", q)?;
+        let krv = extract("k_ring", k_ring)?;
+        let vrv = extract("v_ring", v_ring)?;
+        let kv = extract("k", k)?;
+        let vv = extract("v", v)?;
+        let av = extract_opt("alibi_slopes", alibi_slopes)?;
+        let args = RingArgs {
+            q: &qv,
+            k_ring: &krv,
+            v_ring: &vrv,
+            k: &kv,
+            v: &vv,
+            alibi: av.as_ref(),
+        };
+        let p = check_ring(&args, pos, scale, softcap)?;
+        launch("SlidingWindowKVCache", qv.device, || {
+            let (oo, o) = alloc("out", q, &qv, &qv.shape, None)?;
+            let (lo, l) = alloc("softmax_lse", q, &qv, &[p.b, p.hq, p.sq], Some(DType::F32))?;
+            let job = plan_ring(&p, &args, &o, Some(&l));
+            let w = krv.shape[1];
+            let shape = [p.b, p.sq, p.hk, p.hd];
+            py.detach(|| {
+                run_job("SlidingWindowKVCache", &job)?;
+                ring_write(&kv.raw(), &krv.raw(), shape, w, pos as usize);
+                ring_write(&vv.raw(), &vrv.raw(), shape, w, pos as usize);
+                Ok(())
+            })?;
+            Ok([oo, lo])
+        })
+        .map_err(PyErr::from)
+        .and_then(|r| PyTuple::new(py, r))
+    }
+
     pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_function(wrap_pyfunction!(attention_ring, m)?)?;
         m.add_function(wrap_pyfunction!(attention_bwd, m)?)?;
         m.add_function(wrap_pyfunction!(attention_varlen_bwd, m)?)?;
         m.add_function(wrap_pyfunction!(attention_fwd, m)?)?;
