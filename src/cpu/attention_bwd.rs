@@ -11,7 +11,7 @@
 //! each the (query, query head of the group) rows that can see it, so dK/dV of
 //! the block are summed over the group's heads in registers/L1 (GQA without
 //! atomics) and dQ is accumulated in the task's own float32 buffer. Vectors run
-//! over the keys of a block: Kᵀ, Vᵀ, dKᵀ, dVᵀ are [hd][BKB] arrays, so scores
+//! over the keys of a block: Kᵀ, Vᵀ, dKᵀ, dVᵀ are [hd][NV·LANES] arrays, so scores
 //! and updates need no horizontal sums. Parallelism is over (sequence, kv head).
 
 use super::attention::SeqDesc;
@@ -21,10 +21,10 @@ use crate::simd_dispatch;
 use crate::tensor::{load_row, store_row, Raw};
 use rayon::prelude::*;
 
-/// Keys per block (lanes of the key vectors).
-const BKB: usize = 64;
-/// Most key vectors per block (8-lane levels).
-const MAXV: usize = 8;
+/// Key vectors per block: a block is NV·LANES keys (64 on AVX-512, 32 otherwise).
+const NV: usize = 4;
+/// Most query rows processed together.
+const RMAX: usize = 4;
 
 /// One sequence's backward: the forward's description (q, out, lse, keys in a
 /// single segment starting at key 0) plus dout and the gradients.
@@ -123,29 +123,29 @@ unsafe fn bwd_task<S: Simd>(t: &Task) {
         .map(|g| seq.slopes.as_ref().map_or(0.0, |s| s[kvh * grp + g]))
         .collect();
     let alibi = seq.slopes.is_some();
-    let iota: Vec<f32> = (0..BKB).map(|x| x as f32).collect();
+    let iota: Vec<f32> = (0..NV * lanes).map(|x| x as f32).collect();
 
-    let mut kt = vec![0.0f32; hd * BKB];
-    let mut vt = vec![0.0f32; hd * BKB];
-    let mut kn = vec![0.0f32; BKB * hd];
-    let mut dkt = vec![0.0f32; hd * BKB];
-    let mut dvt = vec![0.0f32; hd * BKB];
-    let mut du_s = vec![0.0f32; BKB];
+    let bk = NV * lanes;
+    let mut kt = vec![0.0f32; hd * bk];
+    let mut vt = vec![0.0f32; hd * bk];
+    let mut kn = vec![0.0f32; bk * hd];
+    let mut dkt = vec![0.0f32; hd * bk];
+    let mut dvt = vec![0.0f32; hd * bk];
+    let mut dus = vec![0.0f32; RMAX * bk];
     let mut kb0 = 0;
     while kb0 < sk {
-        let nk = BKB.min(sk - kb0);
-        let nv = nk.div_ceil(lanes);
+        let nk = bk.min(sk - kb0);
         // Pack K (natural and transposed) and Vᵀ; padding keys are zero.
         kt.fill(0.0);
         vt.fill(0.0);
         for j in 0..nk {
             load_row(&mut kn[j * hd..(j + 1) * hd], row_addr(&seg.k, kb0 + j, kvh), seg.k.dtype, seg.k.strides[2]);
             for x in 0..hd {
-                kt[x * BKB + j] = kn[j * hd + x];
+                kt[x * bk + j] = kn[j * hd + x];
             }
             load_row(&mut tmp, row_addr(&seg.v, kb0 + j, kvh), seg.v.dtype, seg.v.strides[2]);
             for x in 0..hd {
-                vt[x * BKB + j] = tmp[x];
+                vt[x * bk + j] = tmp[x];
             }
         }
         dkt.fill(0.0);
@@ -154,103 +154,59 @@ unsafe fn bwd_task<S: Simd>(t: &Task) {
         let (jmin, jmax) = (kb0 as i64, (kb0 + nk - 1) as i64);
         let i_lo = if right >= 0 { (jmin - off - right).max(0) } else { 0 };
         let i_hi = if left >= 0 { (jmax - off + left).min(sq as i64 - 1) } else { sq as i64 - 1 };
-        let mut i = i_lo;
-        while i <= i_hi {
-            let iu = i as usize;
-            let dist0 = (i + off - kb0 as i64) as f32;
-            for g in 0..grp {
-                let r = iu * grp + g;
-                let qr = qs.as_ptr().add(r * hd);
-                let dor = dos.as_ptr().add(r * hd);
-                let mut s = [S::zero(); MAXV];
-                let mut dp = [S::zero(); MAXV];
-                for x in 0..hd {
-                    let qb = S::splat(*qr.add(x));
-                    let db = S::splat(*dor.add(x));
-                    for v in 0..nv {
-                        s[v] = S::fma(qb, S::load(kt.as_ptr().add(x * BKB + v * lanes)), s[v]);
-                        dp[v] = S::fma(db, S::load(vt.as_ptr().add(x * BKB + v * lanes)), dp[v]);
-                    }
+        if i_lo <= i_hi {
+            let blk = Blk {
+                hd,
+                bk,
+                nk,
+                grp,
+                kb0,
+                off,
+                left,
+                right,
+                scale: job.scale,
+                qsc: job.scale / c1,
+                softcap: job.softcap,
+                alibi,
+                slope: &slope,
+                iota: &iota,
+                kt: &kt,
+                vt: &vt,
+                kn: &kn,
+                qs: &qs,
+                dos: &dos,
+                lse: &lse,
+                dd: &dd,
+                dkt: dkt.as_mut_ptr(),
+                dvt: dvt.as_mut_ptr(),
+                dq: dq.as_mut_ptr(),
+                dus: dus.as_mut_ptr(),
+            };
+            let (r_end, mut r) = ((i_hi as usize + 1) * grp, i_lo as usize * grp);
+            if lanes >= 16 {
+                while r + 4 <= r_end {
+                    rows_blk::<S, 4>(&blk, r);
+                    r += 4;
                 }
-                let lse_v = S::splat(lse[r]);
-                let d_v = S::splat(dd[r]);
-                let mut du = [S::zero(); MAXV];
-                let mut p = [S::zero(); MAXV];
-                for v in 0..nv {
-                    let mut sc = s[v];
-                    let mut th = S::zero();
-                    if softcap {
-                        let e = S::exp(S::add(sc, sc));
-                        th = S::sub(S::splat(1.0), S::div(S::splat(2.0), S::add(e, S::splat(1.0))));
-                        sc = S::mul(th, S::splat(job.softcap));
-                    }
-                    let jl = S::load(iota.as_ptr().add(v * lanes));
-                    let dist = S::sub(S::splat(dist0), jl);
-                    if alibi {
-                        sc = S::fma(S::abs(dist), S::splat(-slope[g]), sc);
-                    }
-                    let mut pv = S::exp(S::sub(sc, lse_v));
-                    let zero = S::zero();
-                    if left >= 0 {
-                        pv = S::select_gt(dist, S::splat(left as f32 + 0.5), zero, pv);
-                    }
-                    if right >= 0 {
-                        pv = S::select_gt(S::splat(-(right as f32) - 0.5), dist, zero, pv);
-                    }
-                    pv = S::select_gt(jl, S::splat(nk as f32 - 0.5), zero, pv);
-                    let ds = S::mul(pv, S::sub(dp[v], d_v));
-                    du[v] = if softcap {
-                        S::mul(ds, S::sub(S::splat(1.0), S::mul(th, th)))
-                    } else {
-                        ds
-                    };
-                    p[v] = pv;
-                }
-                // dVᵀ += dO ⊗ P, dKᵀ += (scale·q) ⊗ dU.
-                let qsc = job.scale / c1;
-                for x in 0..hd {
-                    let db = S::splat(*dor.add(x));
-                    let qb = S::splat(*qr.add(x) * qsc);
-                    for v in 0..nv {
-                        let pv_ = dvt.as_mut_ptr().add(x * BKB + v * lanes);
-                        S::store(pv_, S::fma(db, p[v], S::load(pv_)));
-                        let pk = dkt.as_mut_ptr().add(x * BKB + v * lanes);
-                        S::store(pk, S::fma(qb, du[v], S::load(pk)));
-                    }
-                }
-                // dQ += scale · Σ_j dU_j K_j.
-                for v in 0..nv {
-                    S::store(du_s.as_mut_ptr().add(v * lanes), du[v]);
-                }
-                let dqr = dq.as_mut_ptr().add(r * hd);
-                for j in 0..nk {
-                    let w = du_s[j] * job.scale;
-                    if w == 0.0 {
-                        continue;
-                    }
-                    let kr = kn.as_ptr().add(j * hd);
-                    let mut x = 0;
-                    let wv = S::splat(w);
-                    while x + lanes <= hd {
-                        S::store(dqr.add(x), S::fma(wv, S::load(kr.add(x)), S::load(dqr.add(x))));
-                        x += lanes;
-                    }
-                    while x < hd {
-                        *dqr.add(x) += w * *kr.add(x);
-                        x += 1;
-                    }
+            } else {
+                while r + 2 <= r_end {
+                    rows_blk::<S, 2>(&blk, r);
+                    r += 2;
                 }
             }
-            i += 1;
+            while r < r_end {
+                rows_blk::<S, 1>(&blk, r);
+                r += 1;
+            }
         }
         // Store dK, dV rows of the block (sums over the group's heads).
         for j in 0..nk {
             for x in 0..hd {
-                tmp[x] = dkt[x * BKB + j];
+                tmp[x] = dkt[x * bk + j];
             }
             store_row(&tmp, row_addr(&bs.dk, kb0 + j, kvh), bs.dk.dtype, bs.dk.strides[2]);
             for x in 0..hd {
-                tmp[x] = dvt[x * BKB + j];
+                tmp[x] = dvt[x * bk + j];
             }
             store_row(&tmp, row_addr(&bs.dv, kb0 + j, kvh), bs.dv.dtype, bs.dv.strides[2]);
         }
@@ -259,5 +215,178 @@ unsafe fn bwd_task<S: Simd>(t: &Task) {
     for r in 0..rows {
         let (i, h) = (r / grp, head(r));
         store_row(&dq[r * hd..(r + 1) * hd], row_addr(&bs.dq, i, h), bs.dq.dtype, bs.dq.strides[2]);
+    }
+}
+
+/// What a block of rows needs: the packed key block and the per-row inputs.
+struct Blk<'a> {
+    hd: usize,
+    bk: usize,
+    nk: usize,
+    grp: usize,
+    kb0: usize,
+    off: i64,
+    left: i64,
+    right: i64,
+    scale: f32,
+    /// scale / c1: turns the pre-scaled q back into scale·q.
+    qsc: f32,
+    softcap: f32,
+    alibi: bool,
+    slope: &'a [f32],
+    iota: &'a [f32],
+    kt: &'a [f32],
+    vt: &'a [f32],
+    kn: &'a [f32],
+    qs: &'a [f32],
+    dos: &'a [f32],
+    lse: &'a [f32],
+    dd: &'a [f32],
+    dkt: *mut f32,
+    dvt: *mut f32,
+    dq: *mut f32,
+    dus: *mut f32,
+}
+
+/// Rows r0 .. r0+R (row r = query r / grp, head r % grp of the group) against
+/// the key block: scores and dP as R×NV register tiles, P and dU, then
+/// dVᵀ += dOᵀ·P, dKᵀ += (scale·Q)ᵀ·dU and dQ += scale·dU·K.
+#[inline(always)]
+unsafe fn rows_blk<S: Simd, const R: usize>(b: &Blk, r0: usize) {
+    let (hd, bk, l) = (b.hd, b.bk, S::LANES);
+    let qs = b.qs.as_ptr().add(r0 * hd);
+    let dos = b.dos.as_ptr().add(r0 * hd);
+    let mut s = [[S::zero(); NV]; R];
+    for x in 0..hd {
+        let kv: [S::V; NV] = std::array::from_fn(|v| S::load(b.kt.as_ptr().add(x * bk + v * l)));
+        for r in 0..R {
+            let qb = S::splat(*qs.add(r * hd + x));
+            for v in 0..NV {
+                s[r][v] = S::fma(qb, kv[v], s[r][v]);
+            }
+        }
+    }
+    let mut dp = [[S::zero(); NV]; R];
+    for x in 0..hd {
+        let vv: [S::V; NV] = std::array::from_fn(|v| S::load(b.vt.as_ptr().add(x * bk + v * l)));
+        for r in 0..R {
+            let db = S::splat(*dos.add(r * hd + x));
+            for v in 0..NV {
+                dp[r][v] = S::fma(db, vv[v], dp[r][v]);
+            }
+        }
+    }
+    let softcap = b.softcap > 0.0;
+    let zero = S::zero();
+    let mut p = [[S::zero(); NV]; R];
+    let mut du = [[S::zero(); NV]; R];
+    for r in 0..R {
+        let row = r0 + r;
+        let (i, g) = (row / b.grp, row % b.grp);
+        let dist0 = S::splat((i as i64 + b.off - b.kb0 as i64) as f32);
+        let lse_v = S::splat(b.lse[row]);
+        let d_v = S::splat(b.dd[row]);
+        for v in 0..NV {
+            let mut sc = s[r][v];
+            let mut th = zero;
+            if softcap {
+                let e = S::exp(S::add(sc, sc));
+                th = S::sub(S::splat(1.0), S::div(S::splat(2.0), S::add(e, S::splat(1.0))));
+                sc = S::mul(th, S::splat(b.softcap));
+            }
+            let jl = S::load(b.iota.as_ptr().add(v * l));
+            let dist = S::sub(dist0, jl);
+            if b.alibi {
+                sc = S::fma(S::abs(dist), S::splat(-b.slope[g]), sc);
+            }
+            let mut pv = S::exp(S::sub(sc, lse_v));
+            if b.left >= 0 {
+                pv = S::select_gt(dist, S::splat(b.left as f32 + 0.5), zero, pv);
+            }
+            if b.right >= 0 {
+                pv = S::select_gt(S::splat(-(b.right as f32) - 0.5), dist, zero, pv);
+            }
+            pv = S::select_gt(jl, S::splat(b.nk as f32 - 0.5), zero, pv);
+            let ds = S::mul(pv, S::sub(dp[r][v], d_v));
+            du[r][v] = if softcap {
+                S::mul(ds, S::sub(S::splat(1.0), S::mul(th, th)))
+            } else {
+                ds
+            };
+            p[r][v] = pv;
+        }
+    }
+    // dVᵀ += Σ_r dO_r ⊗ P_r
+    for x in 0..hd {
+        let b_: [S::V; R] = std::array::from_fn(|r| S::splat(*dos.add(r * hd + x)));
+        for v in 0..NV {
+            let ptr = b.dvt.add(x * bk + v * l);
+            let mut a = S::load(ptr);
+            for r in 0..R {
+                a = S::fma(b_[r], p[r][v], a);
+            }
+            S::store(ptr, a);
+        }
+    }
+    // dKᵀ += Σ_r (scale·q_r) ⊗ dU_r
+    for x in 0..hd {
+        let b_: [S::V; R] = std::array::from_fn(|r| S::splat(*qs.add(r * hd + x) * b.qsc));
+        for v in 0..NV {
+            let ptr = b.dkt.add(x * bk + v * l);
+            let mut a = S::load(ptr);
+            for r in 0..R {
+                a = S::fma(b_[r], du[r][v], a);
+            }
+            S::store(ptr, a);
+        }
+    }
+    // dQ_r += scale · Σ_j dU_r[j] K_j
+    let sc = S::splat(b.scale);
+    for r in 0..R {
+        for v in 0..NV {
+            S::store(b.dus.add(r * bk + v * l), S::mul(du[r][v], sc));
+        }
+    }
+    let dq = b.dq.add(r0 * hd);
+    let mut x = 0;
+    while x + 4 * l <= hd {
+        dq_chunk::<S, R, 4>(b, dq, x);
+        x += 4 * l;
+    }
+    while x + l <= hd {
+        dq_chunk::<S, R, 1>(b, dq, x);
+        x += l;
+    }
+    if x < hd {
+        for r in 0..R {
+            for j in 0..b.nk {
+                let w = *b.dus.add(r * bk + j);
+                for xx in x..hd {
+                    *dq.add(r * hd + xx) += w * b.kn[j * hd + xx];
+                }
+            }
+        }
+    }
+}
+
+/// dQ[r][x .. x + C·LANES] += Σ_j dus[r][j] · K[j][x ..].
+#[inline(always)]
+unsafe fn dq_chunk<S: Simd, const R: usize, const C: usize>(b: &Blk, dq: *mut f32, x: usize) {
+    let (hd, l) = (b.hd, S::LANES);
+    let mut acc: [[S::V; C]; R] = std::array::from_fn(|r| std::array::from_fn(|c| S::load(dq.add(r * hd + x + c * l))));
+    for j in 0..b.nk {
+        let kr = b.kn.as_ptr().add(j * hd + x);
+        let kv: [S::V; C] = std::array::from_fn(|c| S::load(kr.add(c * l)));
+        for r in 0..R {
+            let w = S::splat(*b.dus.add(r * b.bk + j));
+            for c in 0..C {
+                acc[r][c] = S::fma(w, kv[c], acc[r][c]);
+            }
+        }
+    }
+    for r in 0..R {
+        for c in 0..C {
+            S::store(dq.add(r * hd + x + c * l), acc[r][c]);
+        }
     }
 }
