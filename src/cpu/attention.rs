@@ -322,6 +322,24 @@ unsafe fn pv_tile<S: Simd, const ND: usize, const MVC: usize>(
     }
 }
 
+/// dst[c][r] = src[r][c] for r < rows, c < cols (row strides `ss`, `ds`), in
+/// 8×8 blocks through the Simd trait's transpose where they fit.
+#[inline(always)]
+unsafe fn transpose<S: Simd>(src: *const f32, ss: usize, dst: *mut f32, ds: usize, rows: usize, cols: usize) {
+    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+    for r in (0..r8).step_by(8) {
+        for c in (0..c8).step_by(8) {
+            S::transpose8(src.add(r * ss + c), ss as isize, dst.add(c * ds + r), ds as isize);
+        }
+    }
+    for r in 0..rows {
+        let c_from = if r < r8 { c8 } else { 0 };
+        for c in c_from..cols {
+            *dst.add(c * ds + r) = *src.add(r * ss + c);
+        }
+    }
+}
+
 /// Pointer to `nj` float32 rows of a segment's K or V for kv head `h`, rows
 /// `row0..`, converted into the contiguous `buf` ([BK][hd]): packing also avoids
 /// the cache-set conflicts of rows h·hd·4 bytes apart. Returns (pointer, row stride in elements).
@@ -362,20 +380,23 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
         job.scale * LOG2E
     };
 
-    // Qᵀ, pre-scaled; padding lanes are zero.
+    // Qᵀ, pre-scaled; padding lanes are zero. Rows are read into [bq][hd]
+    // and transposed in 8×8 register blocks.
     let mut qt = vec![0.0f32; hd * bq];
-    let mut tmp = vec![0.0f32; hd];
+    let mut rowbuf = vec![0.0f32; bq * hd];
     let q = &seq.q;
     let qsz = q.dtype.size() as isize;
     for rl in 0..nrows {
         let r = r0 + rl;
         let (i, h) = (r / grp, t.kvh * grp + r % grp);
         let p = q.ptr as isize + (i as isize * q.strides[0] + h as isize * q.strides[1]) * qsz;
-        load_row(&mut tmp, p as usize, q.dtype, q.strides[2]);
-        for d in 0..hd {
-            qt[d * bq + rl] = tmp[d] * c1;
+        let row = &mut rowbuf[rl * hd..(rl + 1) * hd];
+        load_row(row, p as usize, q.dtype, q.strides[2]);
+        for x in row.iter_mut() {
+            *x *= c1;
         }
     }
+    transpose::<S>(rowbuf.as_ptr(), hd, qt.as_mut_ptr(), bq, bq, hd);
     // Per-lane query index (relative to the block's first) and ALiBi slopes.
     let i_min = r0 / grp;
     let i_max = (r0 + nrows - 1) / grp;
@@ -524,25 +545,32 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
         S::store(mv.as_mut_ptr().add(v * lanes), m[v]);
         S::store(lv.as_mut_ptr().add(v * lanes), l[v]);
     }
+    // Oᵀ·(1/l) in place (0 for rows that saw no key), transposed back to rows.
+    let mut inv = vec![0.0f32; bq];
+    for rl in 0..bq {
+        inv[rl] = if lv[rl] > 0.0 { 1.0 / lv[rl] } else { 0.0 };
+    }
+    let invv: [S::V; MVC] = std::array::from_fn(|v| S::load(inv.as_ptr().add(v * lanes)));
+    for d in 0..hd {
+        for v in 0..MVC {
+            let p = ot.as_mut_ptr().add(d * bq + v * lanes);
+            S::store(p, S::mul(S::load(p), invv[v]));
+        }
+    }
+    transpose::<S>(ot.as_ptr(), bq, rowbuf.as_mut_ptr(), hd, hd, bq);
     let o = &seq.out;
     let osz = o.dtype.size() as isize;
     for rl in 0..nrows {
         let r = r0 + rl;
         let (i, h) = (r / grp, t.kvh * grp + r % grp);
         let lr = lv[rl];
-        let (inv, lse) = if lr > 0.0 {
-            (
-                1.0 / lr,
-                (std::f64::consts::LN_2 * (mv[rl] as f64 + (lr as f64).log2())) as f32,
-            )
+        let lse = if lr > 0.0 {
+            (std::f64::consts::LN_2 * (mv[rl] as f64 + (lr as f64).log2())) as f32
         } else {
-            (0.0, f32::NEG_INFINITY)
+            f32::NEG_INFINITY
         };
-        for d in 0..hd {
-            tmp[d] = ot[d * bq + rl] * inv;
-        }
         let p = o.ptr as isize + (i as isize * o.strides[0] + h as isize * o.strides[1]) * osz;
-        store_row(&tmp, p as usize, o.dtype, o.strides[2]);
+        store_row(&rowbuf[rl * hd..(rl + 1) * hd], p as usize, o.dtype, o.strides[2]);
         if let Some(ls) = &seq.lse {
             let p = ls.ptr as isize + (h as isize * ls.strides[0] + i as isize * ls.strides[1]) * 4;
             *(p as *mut f32) = lse;
