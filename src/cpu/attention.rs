@@ -577,3 +577,112 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::DType;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// Naive float64 attention for one (b = 1) problem: q (sq, hq, hd), k/v (sk, hk, hd).
+    #[allow(clippy::too_many_arguments)]
+    fn naive(q: &[f32], k: &[f32], v: &[f32], sq: usize, sk: usize, hq: usize, hk: usize, hd: usize, left: i64, right: i64) -> (Vec<f64>, Vec<f64>) {
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut out = vec![0.0; sq * hq * hd];
+        let mut lse = vec![f64::NEG_INFINITY; hq * sq];
+        for h in 0..hq {
+            let kh = h / (hq / hk);
+            for i in 0..sq {
+                let d0 = i as i64 + sk as i64 - sq as i64;
+                let vis: Vec<usize> = (0..sk)
+                    .filter(|&j| (left < 0 || j as i64 >= d0 - left) && (right < 0 || j as i64 <= d0 + right))
+                    .collect();
+                if vis.is_empty() {
+                    continue;
+                }
+                let s: Vec<f64> = vis
+                    .iter()
+                    .map(|&j| (0..hd).map(|x| q[(i * hq + h) * hd + x] as f64 * k[(j * hk + kh) * hd + x] as f64).sum::<f64>() * scale)
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let l: f64 = p.iter().sum();
+                for (pj, &j) in p.iter().zip(&vis) {
+                    for x in 0..hd {
+                        out[(i * hq + h) * hd + x] += pj / l * v[(j * hk + kh) * hd + x] as f64;
+                    }
+                }
+                lse[h * sq + i] = m + l.ln();
+            }
+        }
+        (out, lse)
+    }
+
+    #[test]
+    fn forward_matches_naive_on_every_level() {
+        let mut seed = 7u64;
+        for &(sq, sk, hq, hk, hd, left, right) in &[
+            (37usize, 37usize, 4usize, 2usize, 16usize, -1i64, 0i64),
+            (20, 70, 2, 1, 9, 5, 3),
+            (70, 20, 3, 3, 64, -1, 0),
+            (1, 130, 8, 2, 32, 100, -1),
+        ] {
+            let gen = |n: usize, seed: &mut u64| (0..n).map(|_| lcg(seed)).collect::<Vec<f32>>();
+            let q = gen(sq * hq * hd, &mut seed);
+            let k = gen(sk * hk * hd, &mut seed);
+            let v = gen(sk * hk * hd, &mut seed);
+            let (ro, rl) = naive(&q, &k, &v, sq, sk, hq, hk, hd, left, right);
+            for level in SimdLevel::available() {
+                let mut out = vec![f32::NAN; sq * hq * hd];
+                let mut lse = vec![f32::NAN; hq * sq];
+                let raw = |p: *const f32, h: usize| Raw::<3> {
+                    ptr: p as usize,
+                    dtype: DType::F32,
+                    strides: [(h * hd) as isize, hd as isize, 1],
+                };
+                let job = AttnJob {
+                    hq,
+                    hk,
+                    hd,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                    left,
+                    right,
+                    softcap: 0.0,
+                    seqs: vec![SeqDesc {
+                        q: raw(q.as_ptr(), hq),
+                        out: raw(out.as_mut_ptr(), hq),
+                        lse: Some(Raw {
+                            ptr: lse.as_mut_ptr() as usize,
+                            dtype: DType::F32,
+                            strides: [sq as isize, 1],
+                        }),
+                        sq,
+                        sk,
+                        segs: vec![KeySeg {
+                            j0: 0,
+                            len: sk,
+                            k: raw(k.as_ptr(), hk),
+                            v: raw(v.as_ptr(), hk),
+                        }],
+                        slopes: None,
+                    }],
+                };
+                attn_forward(&job, level);
+                let num: f64 = out.iter().zip(&ro).map(|(a, b)| (*a as f64 - b).powi(2)).sum();
+                let den: f64 = ro.iter().map(|b| b * b).sum();
+                assert!((num / den).sqrt() < 1e-5, "{level:?} out rel err {}", (num / den).sqrt());
+                for (a, b) in lse.iter().zip(&rl) {
+                    if b.is_finite() {
+                        assert!((*a as f64 - b).abs() < 1e-4 * b.abs().max(1.0), "{level:?} lse {a} vs {b}");
+                    } else {
+                        assert!(*a == f32::NEG_INFINITY, "{level:?} empty row lse {a}");
+                    }
+                }
+            }
+        }
+    }
+}
