@@ -112,13 +112,7 @@ pub fn attn_forward(job: &AttnJob, level: SimdLevel) {
         }
     }
     let run = |t: &Task| simd_dispatch!(level, task_any, t, &Task);
-    let work: usize = job
-        .seqs
-        .iter()
-        .map(|s| s.sq * s.sk.max(1))
-        .sum::<usize>()
-        * job.hq
-        * job.hd;
+    let work: usize = job.seqs.iter().map(|s| s.sq * s.sk.max(1)).sum::<usize>() * job.hq * job.hd;
     if tasks.len() > 1 && work >= 1 << 15 {
         tasks.par_iter().for_each(run);
     } else {
@@ -158,7 +152,10 @@ impl<S: Simd, const MVC: usize> Epi<S, MVC> {
         if self.softcap {
             // tanh(x) = 1 − 2 / (e^{2x} + 1): saturates cleanly at ±1.
             let e = S::exp(S::add(s, s));
-            let t = S::sub(S::splat(1.0), S::div(S::splat(2.0), S::add(e, S::splat(1.0))));
+            let t = S::sub(
+                S::splat(1.0),
+                S::div(S::splat(2.0), S::add(e, S::splat(1.0))),
+            );
             s = S::mul(t, self.c2);
         }
         if self.alibi || self.mask {
@@ -325,11 +322,23 @@ unsafe fn pv_tile<S: Simd, const ND: usize, const MVC: usize>(
 /// dst[c][r] = src[r][c] for r < rows, c < cols (row strides `ss`, `ds`), in
 /// 8×8 blocks through the Simd trait's transpose where they fit.
 #[inline(always)]
-unsafe fn transpose<S: Simd>(src: *const f32, ss: usize, dst: *mut f32, ds: usize, rows: usize, cols: usize) {
+unsafe fn transpose<S: Simd>(
+    src: *const f32,
+    ss: usize,
+    dst: *mut f32,
+    ds: usize,
+    rows: usize,
+    cols: usize,
+) {
     let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
     for r in (0..r8).step_by(8) {
         for c in (0..c8).step_by(8) {
-            S::transpose8(src.add(r * ss + c), ss as isize, dst.add(c * ds + r), ds as isize);
+            S::transpose8(
+                src.add(r * ss + c),
+                ss as isize,
+                dst.add(c * ds + r),
+                ds as isize,
+            );
         }
     }
     for r in 0..rows {
@@ -356,7 +365,12 @@ unsafe fn rows_f32(
     let base = r.ptr as isize + (row0 as isize * r.strides[0] + h as isize * r.strides[1]) * esz;
     for j in 0..nj {
         let p = base + j as isize * r.strides[0] * esz;
-        load_row(&mut buf[j * hd..(j + 1) * hd], p as usize, r.dtype, r.strides[2]);
+        load_row(
+            &mut buf[j * hd..(j + 1) * hd],
+            p as usize,
+            r.dtype,
+            r.strides[2],
+        );
     }
     (buf.as_ptr(), hd as isize)
 }
@@ -570,7 +584,12 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
             f32::NEG_INFINITY
         };
         let p = o.ptr as isize + (i as isize * o.strides[0] + h as isize * o.strides[1]) * osz;
-        store_row(&rowbuf[rl * hd..(rl + 1) * hd], p as usize, o.dtype, o.strides[2]);
+        store_row(
+            &rowbuf[rl * hd..(rl + 1) * hd],
+            p as usize,
+            o.dtype,
+            o.strides[2],
+        );
         if let Some(ls) = &seq.lse {
             let p = ls.ptr as isize + (h as isize * ls.strides[0] + i as isize * ls.strides[1]) * 4;
             *(p as *mut f32) = lse;
@@ -584,13 +603,26 @@ mod tests {
     use crate::tensor::DType;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
     /// Naive float64 attention for one (b = 1) problem: q (sq, hq, hd), k/v (sk, hk, hd).
     #[allow(clippy::too_many_arguments)]
-    fn naive(q: &[f32], k: &[f32], v: &[f32], sq: usize, sk: usize, hq: usize, hk: usize, hd: usize, left: i64, right: i64) -> (Vec<f64>, Vec<f64>) {
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        sq: usize,
+        sk: usize,
+        hq: usize,
+        hk: usize,
+        hd: usize,
+        left: i64,
+        right: i64,
+    ) -> (Vec<f64>, Vec<f64>) {
         let scale = 1.0 / (hd as f64).sqrt();
         let mut out = vec![0.0; sq * hq * hd];
         let mut lse = vec![f64::NEG_INFINITY; hq * sq];
@@ -599,14 +631,23 @@ mod tests {
             for i in 0..sq {
                 let d0 = i as i64 + sk as i64 - sq as i64;
                 let vis: Vec<usize> = (0..sk)
-                    .filter(|&j| (left < 0 || j as i64 >= d0 - left) && (right < 0 || j as i64 <= d0 + right))
+                    .filter(|&j| {
+                        (left < 0 || j as i64 >= d0 - left) && (right < 0 || j as i64 <= d0 + right)
+                    })
                     .collect();
                 if vis.is_empty() {
                     continue;
                 }
                 let s: Vec<f64> = vis
                     .iter()
-                    .map(|&j| (0..hd).map(|x| q[(i * hq + h) * hd + x] as f64 * k[(j * hk + kh) * hd + x] as f64).sum::<f64>() * scale)
+                    .map(|&j| {
+                        (0..hd)
+                            .map(|x| {
+                                q[(i * hq + h) * hd + x] as f64 * k[(j * hk + kh) * hd + x] as f64
+                            })
+                            .sum::<f64>()
+                            * scale
+                    })
                     .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
@@ -672,12 +713,23 @@ mod tests {
                     }],
                 };
                 attn_forward(&job, level);
-                let num: f64 = out.iter().zip(&ro).map(|(a, b)| (*a as f64 - b).powi(2)).sum();
+                let num: f64 = out
+                    .iter()
+                    .zip(&ro)
+                    .map(|(a, b)| (*a as f64 - b).powi(2))
+                    .sum();
                 let den: f64 = ro.iter().map(|b| b * b).sum();
-                assert!((num / den).sqrt() < 1e-5, "{level:?} out rel err {}", (num / den).sqrt());
+                assert!(
+                    (num / den).sqrt() < 1e-5,
+                    "{level:?} out rel err {}",
+                    (num / den).sqrt()
+                );
                 for (a, b) in lse.iter().zip(&rl) {
                     if b.is_finite() {
-                        assert!((*a as f64 - b).abs() < 1e-4 * b.abs().max(1.0), "{level:?} lse {a} vs {b}");
+                        assert!(
+                            (*a as f64 - b).abs() < 1e-4 * b.abs().max(1.0),
+                            "{level:?} lse {a} vs {b}"
+                        );
                     } else {
                         assert!(*a == f32::NEG_INFINITY, "{level:?} empty row lse {a}");
                     }

@@ -69,7 +69,9 @@ pub fn attn_backward(job: &AttnBwdJob, level: SimdLevel) {
 
 #[inline(always)]
 unsafe fn row_addr(r: &Raw<3>, i: usize, h: usize) -> usize {
-    (r.ptr as isize + (i as isize * r.strides[0] + h as isize * r.strides[1]) * r.dtype.size() as isize) as usize
+    (r.ptr as isize
+        + (i as isize * r.strides[0] + h as isize * r.strides[1]) * r.dtype.size() as isize)
+        as usize
 }
 
 #[inline(always)]
@@ -84,7 +86,11 @@ unsafe fn bwd_task<S: Simd>(t: &Task) {
     let off = sk as i64 - sq as i64;
     let (left, right) = (job.left, job.right);
     let softcap = job.softcap > 0.0;
-    let c1 = if softcap { job.scale / job.softcap } else { job.scale };
+    let c1 = if softcap {
+        job.scale / job.softcap
+    } else {
+        job.scale
+    };
     let head = |r: usize| kvh * grp + r % grp;
 
     // Per row: q (pre-scaled by c1), dO, lse, D.
@@ -97,19 +103,30 @@ unsafe fn bwd_task<S: Simd>(t: &Task) {
     for r in 0..rows {
         let (i, h) = (r / grp, head(r));
         let q = &seq.q;
-        load_row(&mut qs[r * hd..(r + 1) * hd], row_addr(q, i, h), q.dtype, q.strides[2]);
+        load_row(
+            &mut qs[r * hd..(r + 1) * hd],
+            row_addr(q, i, h),
+            q.dtype,
+            q.strides[2],
+        );
         for x in &mut qs[r * hd..(r + 1) * hd] {
             *x *= c1;
         }
         let d = &bs.dout;
-        load_row(&mut dos[r * hd..(r + 1) * hd], row_addr(d, i, h), d.dtype, d.strides[2]);
+        load_row(
+            &mut dos[r * hd..(r + 1) * hd],
+            row_addr(d, i, h),
+            d.dtype,
+            d.strides[2],
+        );
         let o = &seq.out;
         load_row(&mut tmp, row_addr(o, i, h), o.dtype, o.strides[2]);
         let mut acc = 0.0f64;
         for x in 0..hd {
             acc += dos[r * hd + x] as f64 * tmp[x] as f64;
         }
-        let la = lse_raw.ptr as isize + (h as isize * lse_raw.strides[0] + i as isize * lse_raw.strides[1]) * 4;
+        let la = lse_raw.ptr as isize
+            + (h as isize * lse_raw.strides[0] + i as isize * lse_raw.strides[1]) * 4;
         lse[r] = *(la as *const f32);
         if let Some(dl) = &bs.dlse {
             let p = dl.ptr as isize + (h as isize * dl.strides[0] + i as isize * dl.strides[1]) * 4;
@@ -139,11 +156,21 @@ unsafe fn bwd_task<S: Simd>(t: &Task) {
         kt.fill(0.0);
         vt.fill(0.0);
         for j in 0..nk {
-            load_row(&mut kn[j * hd..(j + 1) * hd], row_addr(&seg.k, kb0 + j, kvh), seg.k.dtype, seg.k.strides[2]);
+            load_row(
+                &mut kn[j * hd..(j + 1) * hd],
+                row_addr(&seg.k, kb0 + j, kvh),
+                seg.k.dtype,
+                seg.k.strides[2],
+            );
             for x in 0..hd {
                 kt[x * bk + j] = kn[j * hd + x];
             }
-            load_row(&mut tmp, row_addr(&seg.v, kb0 + j, kvh), seg.v.dtype, seg.v.strides[2]);
+            load_row(
+                &mut tmp,
+                row_addr(&seg.v, kb0 + j, kvh),
+                seg.v.dtype,
+                seg.v.strides[2],
+            );
             for x in 0..hd {
                 vt[x * bk + j] = tmp[x];
             }
@@ -152,8 +179,16 @@ unsafe fn bwd_task<S: Simd>(t: &Task) {
         dvt.fill(0.0);
         // Queries that can see some key of the block.
         let (jmin, jmax) = (kb0 as i64, (kb0 + nk - 1) as i64);
-        let i_lo = if right >= 0 { (jmin - off - right).max(0) } else { 0 };
-        let i_hi = if left >= 0 { (jmax - off + left).min(sq as i64 - 1) } else { sq as i64 - 1 };
+        let i_lo = if right >= 0 {
+            (jmin - off - right).max(0)
+        } else {
+            0
+        };
+        let i_hi = if left >= 0 {
+            (jmax - off + left).min(sq as i64 - 1)
+        } else {
+            sq as i64 - 1
+        };
         if i_lo <= i_hi {
             let blk = Blk {
                 hd,
@@ -204,17 +239,32 @@ unsafe fn bwd_task<S: Simd>(t: &Task) {
             for x in 0..hd {
                 tmp[x] = dkt[x * bk + j];
             }
-            store_row(&tmp, row_addr(&bs.dk, kb0 + j, kvh), bs.dk.dtype, bs.dk.strides[2]);
+            store_row(
+                &tmp,
+                row_addr(&bs.dk, kb0 + j, kvh),
+                bs.dk.dtype,
+                bs.dk.strides[2],
+            );
             for x in 0..hd {
                 tmp[x] = dvt[x * bk + j];
             }
-            store_row(&tmp, row_addr(&bs.dv, kb0 + j, kvh), bs.dv.dtype, bs.dv.strides[2]);
+            store_row(
+                &tmp,
+                row_addr(&bs.dv, kb0 + j, kvh),
+                bs.dv.dtype,
+                bs.dv.strides[2],
+            );
         }
         kb0 += nk;
     }
     for r in 0..rows {
         let (i, h) = (r / grp, head(r));
-        store_row(&dq[r * hd..(r + 1) * hd], row_addr(&bs.dq, i, h), bs.dq.dtype, bs.dq.strides[2]);
+        store_row(
+            &dq[r * hd..(r + 1) * hd],
+            row_addr(&bs.dq, i, h),
+            bs.dq.dtype,
+            bs.dq.strides[2],
+        );
     }
 }
 
@@ -291,7 +341,10 @@ unsafe fn rows_blk<S: Simd, const R: usize>(b: &Blk, r0: usize) {
             let mut th = zero;
             if softcap {
                 let e = S::exp(S::add(sc, sc));
-                th = S::sub(S::splat(1.0), S::div(S::splat(2.0), S::add(e, S::splat(1.0))));
+                th = S::sub(
+                    S::splat(1.0),
+                    S::div(S::splat(2.0), S::add(e, S::splat(1.0))),
+                );
                 sc = S::mul(th, S::splat(b.softcap));
             }
             let jl = S::load(b.iota.as_ptr().add(v * l));
@@ -373,7 +426,8 @@ unsafe fn rows_blk<S: Simd, const R: usize>(b: &Blk, r0: usize) {
 #[inline(always)]
 unsafe fn dq_chunk<S: Simd, const R: usize, const C: usize>(b: &Blk, dq: *mut f32, x: usize) {
     let (hd, l) = (b.hd, S::LANES);
-    let mut acc: [[S::V; C]; R] = std::array::from_fn(|r| std::array::from_fn(|c| S::load(dq.add(r * hd + x + c * l))));
+    let mut acc: [[S::V; C]; R] =
+        std::array::from_fn(|r| std::array::from_fn(|c| S::load(dq.add(r * hd + x + c * l))));
     for j in 0..b.nk {
         let kr = b.kn.as_ptr().add(j * hd + x);
         let kv: [S::V; C] = std::array::from_fn(|c| S::load(kr.add(c * l)));

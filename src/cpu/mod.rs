@@ -1,11 +1,11 @@
 //! CPU kernels: AVX-512, AVX2+FMA and portable, chosen at run time, parallel with rayon.
 
+pub mod attention;
+pub mod attention_bwd;
 pub mod conv1d;
 pub mod scan;
 pub mod scan_bwd;
 pub mod simd;
-pub mod attention;
-pub mod attention_bwd;
 
 use crate::error::{Error, Result};
 

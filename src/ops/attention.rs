@@ -88,7 +88,12 @@ fn check_heads(q: &TensorView, k: &TensorView, hq: usize, hk: usize) -> Result<(
 }
 
 /// Checks alibi_slopes: (hq,) or (b, hq), float, on q's device.
-pub fn check_alibi(a: Option<&TensorView>, q: &TensorView, b: usize, hq: usize) -> Result<Option<AlibiShape>> {
+pub fn check_alibi(
+    a: Option<&TensorView>,
+    q: &TensorView,
+    b: usize,
+    hq: usize,
+) -> Result<Option<AlibiShape>> {
     let Some(a) = a else { return Ok(None) };
     a.expect_float()?;
     a.expect_device(q.device, "q")?;
@@ -270,7 +275,11 @@ pub fn cu_host(c: &TensorView, total: usize, max_seqlen: usize) -> Result<Vec<i6
             )));
         }
         if (w[1] - w[0]) as usize > max_seqlen {
-            let which = if c.name.ends_with("_q") { "max_seqlen_q" } else { "max_seqlen_k" };
+            let which = if c.name.ends_with("_q") {
+                "max_seqlen_q"
+            } else {
+                "max_seqlen_k"
+            };
             return Err(Error::value(format!(
                 "{which}: a sequence of {} tokens in {} exceeds {which} = {max_seqlen}",
                 w[1] - w[0],
@@ -317,7 +326,12 @@ pub fn lse_b(t: &Raw<3>, bi: usize) -> Raw<2> {
 }
 
 /// ALiBi slopes of sequence `bi`, as float32 per query head.
-pub fn slopes_for(a: Option<&TensorView>, shape: Option<AlibiShape>, bi: usize, hq: usize) -> Option<Vec<f32>> {
+pub fn slopes_for(
+    a: Option<&TensorView>,
+    shape: Option<AlibiShape>,
+    bi: usize,
+    hq: usize,
+) -> Option<Vec<f32>> {
     let a = a?;
     let all = a.to_f32_vec();
     Some(match shape? {
@@ -340,8 +354,18 @@ fn job_of(p: &AttnParams, seqs: Vec<SeqDesc>) -> AttnJob {
 }
 
 /// The CPU job of flash_attn_func.
-pub fn plan_attn(p: &AttnParams, a: &AttnArgs, out: &TensorView, lse: Option<&TensorView>) -> AttnJob {
-    let (q, k, v, o) = (a.q.raw::<4>(), a.k.raw::<4>(), a.v.raw::<4>(), out.raw::<4>());
+pub fn plan_attn(
+    p: &AttnParams,
+    a: &AttnArgs,
+    out: &TensorView,
+    lse: Option<&TensorView>,
+) -> AttnJob {
+    let (q, k, v, o) = (
+        a.q.raw::<4>(),
+        a.k.raw::<4>(),
+        a.v.raw::<4>(),
+        out.raw::<4>(),
+    );
     let seqs = (0..p.b)
         .map(|bi| SeqDesc {
             q: sub3(&q, bi, 0),
@@ -370,11 +394,19 @@ pub fn plan_varlen(
     out: &TensorView,
     lse: Option<&TensorView>,
 ) -> AttnJob {
-    let (q, k, v, o) = (a.q.raw::<3>(), a.k.raw::<3>(), a.v.raw::<3>(), out.raw::<3>());
+    let (q, k, v, o) = (
+        a.q.raw::<3>(),
+        a.k.raw::<3>(),
+        a.v.raw::<3>(),
+        out.raw::<3>(),
+    );
     let seqs = (0..p.b)
         .map(|bi| {
             let (q0, k0) = (cu_q[bi] as usize, cu_k[bi] as usize);
-            let (sq, sk) = ((cu_q[bi + 1] - cu_q[bi]) as usize, (cu_k[bi + 1] - cu_k[bi]) as usize);
+            let (sq, sk) = (
+                (cu_q[bi + 1] - cu_q[bi]) as usize,
+                (cu_k[bi + 1] - cu_k[bi]) as usize,
+            );
             SeqDesc {
                 q: row3(&q, q0),
                 out: row3(&o, q0),
@@ -436,7 +468,8 @@ pub fn check_kvcache(
     }
     check_heads(q, kc, hq, hk)?;
     check_main(a.v_cache, Some(q))?;
-    a.v_cache.expect_shape(&kc.shape, "(b, s_cache, hk, hd) of k_cache")?;
+    a.v_cache
+        .expect_shape(&kc.shape, "(b, s_cache, hk, hd) of k_cache")?;
     let mut snew = 0;
     match (a.k, a.v) {
         (None, None) => {}
@@ -451,8 +484,16 @@ pub fn check_kvcache(
             kc.expect_writable()?;
             a.v_cache.expect_writable()?;
         }
-        (Some(_), None) => return Err(Error::value("v: expected a tensor when k is given, got None")),
-        (None, Some(_)) => return Err(Error::value("k: expected a tensor when v is given, got None")),
+        (Some(_), None) => {
+            return Err(Error::value(
+                "v: expected a tensor when k is given, got None",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(Error::value(
+                "k: expected a tensor when v is given, got None",
+            ))
+        }
     }
     let alibi = check_alibi(a.alibi, q, b, hq)?;
     let (left, right) = normalize_window(causal, window)?;
@@ -478,7 +519,12 @@ pub fn check_kvcache(
 
 /// Validates host cache_seqlens (None: the whole cache is valid and nothing is
 /// appended) against the cache length; returns the per-batch fill before the append.
-pub fn cache_lens(seqlens: Option<Vec<i64>>, b: usize, s_cache: usize, snew: usize) -> Result<Vec<usize>> {
+pub fn cache_lens(
+    seqlens: Option<Vec<i64>>,
+    b: usize,
+    s_cache: usize,
+    snew: usize,
+) -> Result<Vec<usize>> {
     let Some(v) = seqlens else {
         if snew > 0 {
             return Err(Error::value(
@@ -606,7 +652,8 @@ pub fn check_ring(a: &RingArgs, pos: i64, scale: Option<f64>, softcap: f64) -> R
     check_heads(q, kr, hq, hk)?;
     kr.expect_writable()?;
     check_main(a.v_ring, Some(q))?;
-    a.v_ring.expect_shape(&kr.shape, "(b, window, hk, hd) of k_ring")?;
+    a.v_ring
+        .expect_shape(&kr.shape, "(b, window, hk, hd) of k_ring")?;
     a.v_ring.expect_writable()?;
     check_main(a.k, Some(q))?;
     a.k.expect_shape(&[b, n, hk, hd], "(b, n, hk, hd)")?;
@@ -636,7 +683,12 @@ pub fn check_ring(a: &RingArgs, pos: i64, scale: Option<f64>, softcap: f64) -> R
 /// The CPU job of a ring step: logical key j is token position j; positions
 /// max(0, pos − W) .. pos live in the ring at slot j mod W (at most two runs),
 /// positions pos .. pos + n are the new k/v.
-pub fn plan_ring(p: &AttnParams, a: &RingArgs, out: &TensorView, lse: Option<&TensorView>) -> AttnJob {
+pub fn plan_ring(
+    p: &AttnParams,
+    a: &RingArgs,
+    out: &TensorView,
+    lse: Option<&TensorView>,
+) -> AttnJob {
     let w = a.k_ring.shape[1];
     let n = p.sq;
     let pos = p.sk - n;
@@ -706,7 +758,9 @@ pub fn ring_write(src: &Raw<4>, ring: &Raw<4>, shape: [usize; 4], w: usize, pos:
                             + hh as isize * ring.strides[2]
                             + dd as isize * ring.strides[3])
                             * es;
-                    unsafe { std::ptr::copy_nonoverlapping(s as *const u8, o as *mut u8, es as usize) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(s as *const u8, o as *mut u8, es as usize)
+                    };
                 }
             }
         }
@@ -750,9 +804,18 @@ pub fn check_bwd_inputs(
 }
 
 /// Wraps a forward job's sequences into the backward's (batched layout).
-pub fn plan_attn_bwd(p: &AttnParams, a: &AttnArgs, b: &BwdViews) -> crate::cpu::attention_bwd::AttnBwdJob {
+pub fn plan_attn_bwd(
+    p: &AttnParams,
+    a: &AttnArgs,
+    b: &BwdViews,
+) -> crate::cpu::attention_bwd::AttnBwdJob {
     let fwd = plan_attn(p, a, b.out, Some(b.lse));
-    let (d, dq, dk, dv) = (b.dout.raw::<4>(), b.dq.raw::<4>(), b.dk.raw::<4>(), b.dv.raw::<4>());
+    let (d, dq, dk, dv) = (
+        b.dout.raw::<4>(),
+        b.dq.raw::<4>(),
+        b.dk.raw::<4>(),
+        b.dv.raw::<4>(),
+    );
     let dl = b.dlse.map(|t| t.raw::<3>());
     let seqs = fwd
         .seqs
@@ -770,7 +833,10 @@ pub fn plan_attn_bwd(p: &AttnParams, a: &AttnArgs, b: &BwdViews) -> crate::cpu::
     bwd_job_of(p, seqs)
 }
 
-fn bwd_job_of(p: &AttnParams, seqs: Vec<crate::cpu::attention_bwd::BwdSeq>) -> crate::cpu::attention_bwd::AttnBwdJob {
+fn bwd_job_of(
+    p: &AttnParams,
+    seqs: Vec<crate::cpu::attention_bwd::BwdSeq>,
+) -> crate::cpu::attention_bwd::AttnBwdJob {
     crate::cpu::attention_bwd::AttnBwdJob {
         hq: p.hq,
         hk: p.hk,
@@ -792,7 +858,12 @@ pub fn plan_varlen_bwd(
     b: &BwdViews,
 ) -> crate::cpu::attention_bwd::AttnBwdJob {
     let fwd = plan_varlen(p, a, cu_q, cu_k, b.out, Some(b.lse));
-    let (d, dq, dk, dv) = (b.dout.raw::<3>(), b.dq.raw::<3>(), b.dk.raw::<3>(), b.dv.raw::<3>());
+    let (d, dq, dk, dv) = (
+        b.dout.raw::<3>(),
+        b.dq.raw::<3>(),
+        b.dk.raw::<3>(),
+        b.dv.raw::<3>(),
+    );
     let dl = b.dlse.map(|t| t.raw::<2>());
     let seqs = fwd
         .seqs
@@ -844,7 +915,9 @@ mod py {
         w.extract::<(i64, i64)>().map_err(|_| {
             Error::type_(format!(
                 "window_size: expected a pair of ints (left, right), got {}",
-                w.repr().map(|r| r.to_string()).unwrap_or_else(|_| "?".into())
+                w.repr()
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|_| "?".into())
             ))
         })
     }
@@ -856,7 +929,9 @@ mod py {
             Some(o) => o.extract::<f64>().map(Some).map_err(|_| {
                 Error::type_(format!(
                     "softmax_scale: expected a float or None, got {}",
-                    o.repr().map(|r| r.to_string()).unwrap_or_else(|_| "?".into())
+                    o.repr()
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|_| "?".into())
                 ))
             }),
         }
@@ -866,7 +941,9 @@ mod py {
         s.extract::<f64>().map_err(|_| {
             Error::type_(format!(
                 "{name}: expected a float, got {}",
-                s.repr().map(|r| r.to_string()).unwrap_or_else(|_| "?".into())
+                s.repr()
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|_| "?".into())
             ))
         })
     }
@@ -875,7 +952,9 @@ mod py {
         s.extract::<i64>().map_err(|_| {
             Error::type_(format!(
                 "{name}: expected an int, got {}",
-                s.repr().map(|r| r.to_string()).unwrap_or_else(|_| "?".into())
+                s.repr()
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|_| "?".into())
             ))
         })
     }
@@ -942,10 +1021,23 @@ mod py {
         let p = check_attn(&args, scale, causal, window, softcap)?;
         let ov = extract_opt("out", out)?;
         let lv = extract_opt("softmax_lse", softmax_lse)?;
-        check_dest(ov.as_ref(), lv.as_ref(), &qv, &[p.b, p.hq, p.sq], "(b, hq, sq)")?;
+        check_dest(
+            ov.as_ref(),
+            lv.as_ref(),
+            &qv,
+            &[p.b, p.hq, p.sq],
+            "(b, hq, sq)",
+        )?;
         launch("flash_attn_func", qv.device, || {
             let (oo, o) = dest("out", out, q, &qv, &qv.shape, None)?;
-            let (lo, l) = dest("softmax_lse", softmax_lse, q, &qv, &[p.b, p.hq, p.sq], Some(DType::F32))?;
+            let (lo, l) = dest(
+                "softmax_lse",
+                softmax_lse,
+                q,
+                &qv,
+                &[p.b, p.hq, p.sq],
+                Some(DType::F32),
+            )?;
             let job = plan_attn(&p, &args, &o, Some(&l));
             py.detach(|| run_job("flash_attn_func", &job))?;
             Ok([oo, lo])
@@ -1007,12 +1099,25 @@ mod py {
         let p = check_varlen(&args, &cq, &ck, scale, causal, window, softcap)?;
         let ov = extract_opt("out", out)?;
         let lv = extract_opt("softmax_lse", softmax_lse)?;
-        check_dest(ov.as_ref(), lv.as_ref(), &qv, &[p.hq, p.sq], "(hq, total_q)")?;
+        check_dest(
+            ov.as_ref(),
+            lv.as_ref(),
+            &qv,
+            &[p.hq, p.sq],
+            "(hq, total_q)",
+        )?;
         launch("flash_attn_varlen_func", qv.device, || {
             let cu_q = cu_host(&cq, p.sq, mq as usize)?;
             let cu_k = cu_host(&ck, p.sk, mk as usize)?;
             let (oo, o) = dest("out", out, q, &qv, &qv.shape, None)?;
-            let (lo, l) = dest("softmax_lse", softmax_lse, q, &qv, &[p.hq, p.sq], Some(DType::F32))?;
+            let (lo, l) = dest(
+                "softmax_lse",
+                softmax_lse,
+                q,
+                &qv,
+                &[p.hq, p.sq],
+                Some(DType::F32),
+            )?;
             // Rows of q beyond the last sequence are not attended: zero them.
             let last = *cu_q.last().unwrap_or(&0) as usize;
             let first = cu_q[0] as usize;
@@ -1044,7 +1149,11 @@ mod py {
     }
 
     /// cache_seqlens: None, a Python int, or a (b,) integer tensor.
-    fn seqlens_arg(c: Option<&Bound<'_, PyAny>>, b: usize, device: Device) -> Result<Option<Vec<i64>>> {
+    fn seqlens_arg(
+        c: Option<&Bound<'_, PyAny>>,
+        b: usize,
+        device: Device,
+    ) -> Result<Option<Vec<i64>>> {
         let Some(c) = c else { return Ok(None) };
         if c.is_none() {
             return Ok(None);
@@ -1183,7 +1292,15 @@ mod py {
             alibi: av.as_ref(),
         };
         let p = check_attn(&args, scale, causal, window, softcap)?;
-        check_bwd_inputs(&qv, &dov, &ov, &lv, dlv.as_ref(), &[p.b, p.hq, p.sq], "(b, hq, sq)")?;
+        check_bwd_inputs(
+            &qv,
+            &dov,
+            &ov,
+            &lv,
+            dlv.as_ref(),
+            &[p.b, p.hq, p.sq],
+            "(b, hq, sq)",
+        )?;
         launch("flash_attn_func backward", qv.device, || {
             let (dqo, dq) = alloc("dq", q, &qv, &qv.shape, None)?;
             let (dko, dk) = alloc("dk", k, &kv, &kv.shape, None)?;
@@ -1270,7 +1387,15 @@ mod py {
             alibi: av.as_ref(),
         };
         let p = check_varlen(&args, &cq, &ck, scale, causal, window, softcap)?;
-        check_bwd_inputs(&qv, &dov, &ov, &lv, dlv.as_ref(), &[p.hq, p.sq], "(hq, total_q)")?;
+        check_bwd_inputs(
+            &qv,
+            &dov,
+            &ov,
+            &lv,
+            dlv.as_ref(),
+            &[p.hq, p.sq],
+            "(hq, total_q)",
+        )?;
         launch("flash_attn_varlen_func backward", qv.device, || {
             let cu_q = cu_host(&cq, p.sq, mq)?;
             let cu_k = cu_host(&ck, p.sk, mk)?;
@@ -1287,7 +1412,10 @@ mod py {
                 dv: &dvv,
             };
             let job = plan_varlen_bwd(&p, &args, &cu_q, &cu_k, &views);
-            let (lq, lk) = (*cu_q.last().unwrap_or(&0) as usize, *cu_k.last().unwrap_or(&0) as usize);
+            let (lq, lk) = (
+                *cu_q.last().unwrap_or(&0) as usize,
+                *cu_k.last().unwrap_or(&0) as usize,
+            );
             let (fq, fk) = (cu_q[0] as usize, cu_k[0] as usize);
             py.detach(|| {
                 zero_rows(&dq, lq);
