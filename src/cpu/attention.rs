@@ -503,14 +503,15 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
                     }
                 };
             }
-            if MVC == 1 {
-                qk!(8);
-            } else if big && MVC == 4 {
-                qk!(6);
-            } else if big || MVC == 2 {
-                qk!(4);
-            } else {
-                qk!(2);
+            // Register tiles: NR keys × MVC row vectors of accumulators, 16-24
+            // of the 32 AVX-512 registers (8 of the 16 AVX2 ones).
+            match (big, MVC) {
+                (true, 1) => qk!(16),
+                (true, 2) => qk!(12),
+                (true, _) => qk!(6),
+                (false, 1) => qk!(8),
+                (false, 2) => qk!(4),
+                (false, _) => qk!(2),
             }
             // Online softmax update.
             let ninf = S::splat(f32::NEG_INFINITY);
@@ -541,12 +542,14 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
                 l[v] = S::fma(l[v], factor[v], lsum[v]);
             }
             let (vp, vs) = rows_f32(&seg.v, t.kvh, row0, nj, hd, &mut vbuf);
-            if big && MVC == 4 {
-                pv_tile::<S, 6, MVC>(vp, vs, nj, hd, st.as_ptr(), bq, ot.as_mut_ptr(), &factor);
-            } else if big || MVC <= 2 {
-                pv_tile::<S, 4, MVC>(vp, vs, nj, hd, st.as_ptr(), bq, ot.as_mut_ptr(), &factor);
-            } else {
-                pv_tile::<S, 2, MVC>(vp, vs, nj, hd, st.as_ptr(), bq, ot.as_mut_ptr(), &factor);
+            let (stp, otp) = (st.as_ptr(), ot.as_mut_ptr());
+            match (big, MVC) {
+                (true, 1) => pv_tile::<S, 16, MVC>(vp, vs, nj, hd, stp, bq, otp, &factor),
+                (true, 2) => pv_tile::<S, 12, MVC>(vp, vs, nj, hd, stp, bq, otp, &factor),
+                (true, _) => pv_tile::<S, 6, MVC>(vp, vs, nj, hd, stp, bq, otp, &factor),
+                (false, 1) => pv_tile::<S, 8, MVC>(vp, vs, nj, hd, stp, bq, otp, &factor),
+                (false, 2) => pv_tile::<S, 4, MVC>(vp, vs, nj, hd, stp, bq, otp, &factor),
+                (false, _) => pv_tile::<S, 2, MVC>(vp, vs, nj, hd, stp, bq, otp, &factor),
             }
             jt += nj as i64;
         }

@@ -1109,6 +1109,10 @@ mod py {
         launch("flash_attn_varlen_func", qv.device, || {
             let cu_q = cu_host(&cq, p.sq, mq as usize)?;
             let cu_k = cu_host(&ck, p.sk, mk as usize)?;
+            let p = AttnParams {
+                varlen: Some((cu_q.clone(), cu_k.clone())),
+                ..p.clone()
+            };
             let (oo, o) = dest("out", out, q, &qv, &qv.shape, None)?;
             let (lo, l) = dest(
                 "softmax_lse",
@@ -1399,6 +1403,10 @@ mod py {
         launch("flash_attn_varlen_func backward", qv.device, || {
             let cu_q = cu_host(&cq, p.sq, mq)?;
             let cu_k = cu_host(&ck, p.sk, mk)?;
+            let p = AttnParams {
+                varlen: Some((cu_q.clone(), cu_k.clone())),
+                ..p.clone()
+            };
             let (dqo, dq) = alloc("dq", q, &qv, &qv.shape, None)?;
             let (dko, dk) = alloc("dk", k, &kv, &kv.shape, None)?;
             let (dvo, dvv) = alloc("dv", v, &vv, &vv.shape, None)?;
