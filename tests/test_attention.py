@@ -471,3 +471,23 @@ def test_ring_cache_errors():
     assert cache.pos == 0
     _check(SlidingWindowKVCache, dict(batch=1, window=0, n_kv_heads=1, head_dim=8), V, ["window"])
     _check(SlidingWindowKVCache, dict(batch=1, window=4.0, n_kv_heads=1, head_dim=8), T, ["window"])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(causal=True, window_size=(1500, 0)),
+                                dict(softcap=2.0, alibi="h"), dict(window_size=(700, 300))])
+def test_split_kv_long_context(simd_level, kw):
+    """Few rows over a long context (decoding): the keys are split into chunks run in
+    parallel and merged by lse (split-KV); equals the reference, rows with no key included."""
+    b, sq, sk, hq, hk, hd = 1, 3, 3000, 4, 1, 32
+    q, k, v = (convert(x, "torch-float32") for x in qkv64(13, b, sq, sk, hq, hk, hd))
+    kw = dict(kw, **features_kw(dict(alibi=kw.pop("alibi")) if "alibi" in kw else {}, b, hq, "torch"))
+    out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, **kw)
+    check(out, lse, q, k, v, "torch-float32", "split-kv", **kw)
+    kc, vc = torch.zeros(b, 4000, hk, hd), torch.zeros(b, 4000, hk, hd)
+    kc[:, :sk - sq], vc[:, :sk - sq] = k[:, :sk - sq], v[:, :sk - sq]
+    out2, lse2 = flash_attn_with_kvcache(q, kc, vc, k[:, sk - sq:], v[:, sk - sq:], cache_seqlens=sk - sq,
+                                         return_softmax_lse=True, **kw)
+    check(out2, lse2, q, k, v, "torch-float32", "split-kv kvcache", **kw)
+    # queries that see no key (window entirely before the first key) stay 0 / -inf
+    out3, lse3, _ = flash_attn_func(q, k[:, :5], v[:, :5], window_size=(0, 0), return_attn_probs=True)
+    check(out3, lse3, q, k[:, :5], v[:, :5], "torch-float32", window_size=(0, 0))

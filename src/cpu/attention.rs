@@ -80,6 +80,44 @@ struct Task<'a> {
     kvh: usize,
     r0: usize,
     nrows: usize,
+    /// Keys this task covers: the block's visible keys ∩ [klo, khi).
+    klo: i64,
+    khi: i64,
+    /// Split-KV part: address of its scratch ([nrows][hd] normalised out,
+    /// then [nrows] lse), merged after all parts ran; 0 = write out directly.
+    part: usize,
+}
+
+/// Split-KV: with fewer tasks than 2 × threads (decoding: few rows, long
+/// contexts), a block's keys are cut into chunks of at least this many keys
+/// that run in parallel and are merged by their lse.
+const MIN_SPLIT_KEYS: i64 = 512;
+
+/// The keys a block of rows can see, [lo, hi), clipped to the sequence's segments.
+fn visible_keys(job: &AttnJob, seq: &SeqDesc, r0: usize, nrows: usize) -> (i64, i64) {
+    let grp = (job.hq / job.hk) as i64;
+    let off = seq.sk as i64 - seq.sq as i64;
+    let (i_min, i_max) = (r0 as i64 / grp, (r0 + nrows - 1) as i64 / grp);
+    let mut lo = if job.left >= 0 {
+        (i_min + off - job.left).max(0)
+    } else {
+        0
+    };
+    let mut hi = if job.right >= 0 {
+        (i_max + off + job.right + 1).min(seq.sk as i64)
+    } else {
+        seq.sk as i64
+    };
+    let s_lo = seq.segs.iter().map(|g| g.j0 as i64).min().unwrap_or(0);
+    let s_hi = seq
+        .segs
+        .iter()
+        .map(|g| (g.j0 + g.len) as i64)
+        .max()
+        .unwrap_or(0);
+    lo = lo.max(s_lo);
+    hi = hi.min(s_hi);
+    (lo, hi)
 }
 
 fn lanes_of(level: SimdLevel) -> usize {
@@ -106,9 +144,53 @@ pub fn attn_forward(job: &AttnJob, level: SimdLevel) {
                     kvh,
                     r0,
                     nrows: n,
+                    klo: 0,
+                    khi: i64::MAX,
+                    part: 0,
                 });
                 r0 += n;
             }
+        }
+    }
+    // Split-KV when there are too few tasks to occupy the threads.
+    let threads = rayon::current_num_threads();
+    let mut groups: Vec<(usize, usize)> = Vec::new(); // (first part task, parts)
+    let mut scratch: Vec<f32> = Vec::new();
+    if threads > 1 && !tasks.is_empty() && tasks.len() < 2 * threads {
+        let want = (2 * threads).div_ceil(tasks.len()) as i64;
+        let mut split = Vec::with_capacity(tasks.len() * want as usize);
+        let mut offs = Vec::new();
+        let mut total = 0usize;
+        for t in tasks.drain(..) {
+            let (lo, hi) = visible_keys(job, t.seq, t.r0, t.nrows);
+            let nsplit = want.min((hi - lo) / MIN_SPLIT_KEYS);
+            if nsplit < 2 {
+                split.push(t);
+                continue;
+            }
+            let chunk = ((hi - lo) / nsplit + BK as i64 - 1) / BK as i64 * BK as i64;
+            groups.push((split.len(), 0));
+            let mut a = lo;
+            while a < hi {
+                let e = (a + chunk).min(hi);
+                offs.push((split.len(), total));
+                total += t.nrows * (job.hd + 1);
+                split.push(Task {
+                    klo: a,
+                    khi: e,
+                    part: 1,
+                    ..t
+                });
+                a = e;
+            }
+            let g = groups.last_mut().unwrap();
+            g.1 = split.len() - g.0;
+        }
+        tasks = split;
+        scratch = vec![0.0f32; total];
+        let base = scratch.as_mut_ptr() as usize;
+        for (ti, off) in offs {
+            tasks[ti].part = base + off * 4;
         }
     }
     let run = |t: &Task| simd_dispatch!(level, task_any, t, &Task);
@@ -117,6 +199,58 @@ pub fn attn_forward(job: &AttnJob, level: SimdLevel) {
         tasks.par_iter().for_each(run);
     } else {
         tasks.iter().for_each(run);
+    }
+    for &(first, n) in &groups {
+        unsafe { merge_parts(&tasks[first..first + n], job.hd) };
+    }
+    drop(scratch);
+}
+
+/// Merges the split-KV parts of one block: out = Σ_c w_c·out_c / Σ_c w_c with
+/// w_c = exp(lse_c − max lse), lse = max lse + ln Σ w_c.
+unsafe fn merge_parts(parts: &[Task], hd: usize) {
+    let t0 = &parts[0];
+    let (seq, nrows) = (t0.seq, t0.nrows);
+    let grp = t0.job.hq / t0.job.hk;
+    let mut row = vec![0.0f32; hd];
+    for rl in 0..nrows {
+        let lse_of = |t: &Task| *((t.part as *const f32).add(nrows * hd + rl));
+        let m = parts.iter().map(lse_of).fold(f32::NEG_INFINITY, f32::max);
+        row.fill(0.0);
+        let mut lse = f32::NEG_INFINITY;
+        if m > f32::NEG_INFINITY {
+            let mut wsum = 0.0f64;
+            for t in parts {
+                let w = ((lse_of(t) - m) as f64).exp();
+                if w == 0.0 {
+                    continue;
+                }
+                wsum += w;
+                let o = (t.part as *const f32).add(rl * hd);
+                for x in 0..hd {
+                    row[x] += (w as f32) * *o.add(x);
+                }
+            }
+            let inv = (1.0 / wsum) as f32;
+            for x in row.iter_mut() {
+                *x *= inv;
+            }
+            lse = m + wsum.ln() as f32;
+        }
+        write_row(seq, grp, t0.kvh, t0.r0 + rl, &row, lse);
+    }
+}
+
+/// Stores one normalised output row and its lse.
+unsafe fn write_row(seq: &SeqDesc, grp: usize, kvh: usize, r: usize, row: &[f32], lse: f32) {
+    let (i, h) = (r / grp, kvh * grp + r % grp);
+    let o = &seq.out;
+    let p = o.ptr as isize
+        + (i as isize * o.strides[0] + h as isize * o.strides[1]) * o.dtype.size() as isize;
+    store_row(row, p as usize, o.dtype, o.strides[2]);
+    if let Some(ls) = &seq.lse {
+        let p = ls.ptr as isize + (h as isize * ls.strides[0] + i as isize * ls.strides[1]) * 4;
+        *(p as *mut f32) = lse;
     }
 }
 
@@ -457,6 +591,7 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
     } else {
         sk
     };
+    let (j_lo, j_hi) = (j_lo.max(t.klo), j_hi.min(t.khi));
 
     let mut ot = vec![0.0f32; hd * bq];
     let mut st = vec![0.0f32; BK * bq];
@@ -575,27 +710,20 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
         }
     }
     transpose::<S>(ot.as_ptr(), bq, rowbuf.as_mut_ptr(), hd, hd, bq);
-    let o = &seq.out;
-    let osz = o.dtype.size() as isize;
     for rl in 0..nrows {
-        let r = r0 + rl;
-        let (i, h) = (r / grp, t.kvh * grp + r % grp);
         let lr = lv[rl];
         let lse = if lr > 0.0 {
             (std::f64::consts::LN_2 * (mv[rl] as f64 + (lr as f64).log2())) as f32
         } else {
             f32::NEG_INFINITY
         };
-        let p = o.ptr as isize + (i as isize * o.strides[0] + h as isize * o.strides[1]) * osz;
-        store_row(
-            &rowbuf[rl * hd..(rl + 1) * hd],
-            p as usize,
-            o.dtype,
-            o.strides[2],
-        );
-        if let Some(ls) = &seq.lse {
-            let p = ls.ptr as isize + (h as isize * ls.strides[0] + i as isize * ls.strides[1]) * 4;
-            *(p as *mut f32) = lse;
+        let row = &rowbuf[rl * hd..(rl + 1) * hd];
+        if t.part != 0 {
+            let p = t.part as *mut f32;
+            std::ptr::copy_nonoverlapping(row.as_ptr(), p.add(rl * hd), hd);
+            *p.add(nrows * hd + rl) = lse;
+        } else {
+            write_row(seq, grp, t.kvh, r0 + rl, row, lse);
         }
     }
 }
