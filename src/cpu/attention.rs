@@ -24,6 +24,9 @@
 //! it element-wise. float32 K/V with unit stride along hd are read in place;
 //! other dtypes/strides are converted one tile at a time.
 
+// Register tiles are indexed [row][vector]: index loops read clearest.
+#![allow(clippy::needless_range_loop)]
+
 use super::simd::{Simd, LOG2E};
 use super::SimdLevel;
 use crate::simd_dispatch;

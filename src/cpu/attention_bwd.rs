@@ -14,6 +14,9 @@
 //! over the keys of a block: Kᵀ, Vᵀ, dKᵀ, dVᵀ are [hd][NV·LANES] arrays, so scores
 //! and updates need no horizontal sums. Parallelism is over (sequence, kv head).
 
+// Register tiles are indexed [row][vector]: index loops read clearest.
+#![allow(clippy::needless_range_loop)]
+
 use super::attention::SeqDesc;
 use super::simd::Simd;
 use super::SimdLevel;

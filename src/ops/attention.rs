@@ -56,7 +56,7 @@ pub fn check_scale_softcap(scale: Option<f64>, softcap: f64, hd: usize) -> Resul
             )))
         }
     };
-    if !(softcap >= 0.0) || !softcap.is_finite() {
+    if !softcap.is_finite() || softcap < 0.0 {
         return Err(Error::value(format!(
             "softcap: expected a finite number ≥ 0 (0 disables it), got {softcap}"
         )));
@@ -74,7 +74,7 @@ fn check_main(t: &TensorView, like: Option<&TensorView>) -> Result<()> {
 }
 
 fn check_heads(q: &TensorView, k: &TensorView, hq: usize, hk: usize) -> Result<()> {
-    if hk == 0 || hq % hk != 0 {
+    if hk == 0 || !hq.is_multiple_of(hk) {
         return Err(Error::value(format!(
             "{}: its number of heads hk = {hk} must divide the number of query heads hq = {hq} \
              (q has shape {}, {} has shape {})",
@@ -557,7 +557,7 @@ pub fn cache_lens(
 pub fn append_rows(src: &Raw<4>, dst: &Raw<4>, shape: [usize; 4], lens: &[usize]) {
     let [b, sn, h, d] = shape;
     let es = src.dtype.size() as isize;
-    for bi in 0..b {
+    for (bi, &len) in lens.iter().enumerate().take(b) {
         for t in 0..sn {
             for hh in 0..h {
                 for dd in 0..d {
@@ -569,7 +569,7 @@ pub fn append_rows(src: &Raw<4>, dst: &Raw<4>, shape: [usize; 4], lens: &[usize]
                             * es;
                     let o = dst.ptr as isize
                         + (bi as isize * dst.strides[0]
-                            + (lens[bi] + t) as isize * dst.strides[1]
+                            + (len + t) as isize * dst.strides[1]
                             + hh as isize * dst.strides[2]
                             + dd as isize * dst.strides[3])
                             * es;
