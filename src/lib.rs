@@ -98,6 +98,7 @@ mod module {
         crate::ops::norm::register(m)?;
         crate::ops::hidden_attention::register(m)?;
         crate::ops::attention_cuda::register(m)?;
+        crate::ops::attention::register(m)?;
         Ok(())
     }
 }

@@ -333,3 +333,58 @@ def hidden_attention_ref(delta, A, B, C, delta_bias=None, delta_softplus=False, 
         DB = dt[:, c, :, None] * Bf[:, c]  # (b, j, n)
         out[:, c] = np.einsum("bin,bijn,bjn->bij", Cf[:, c], decay, DB)
     return out.mean(axis=1) if reduce == "mean" else out
+# ----------------------------------------------------------- SPEC §3: attention
+
+TOL_ATTN = {"float32": 1e-4, "float64": 1e-4, "float16": 3e-3, "bfloat16": 1e-2}
+
+
+def attention_mask(sq, sk, causal=False, window_size=(-1, -1)):
+    """(sq, sk) bool: query i may attend key j iff i + sk - sq - left <= j <= i + sk - sq + right
+    and 0 <= j < sk; -1 is unbounded on that side; causal forces right = 0."""
+    left, right = window_size
+    if causal:
+        right = 0
+    i = np.arange(sq)[:, None]
+    j = np.arange(sk)[None, :]
+    ok = np.ones((sq, sk), dtype=bool)
+    if left >= 0:
+        ok &= j >= i + sk - sq - left
+    if right >= 0:
+        ok &= j <= i + sk - sq + right
+    return ok
+
+
+def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1),
+                  softcap=0.0, alibi_slopes=None):
+    """Float64 attention from SPEC §3. q (b, sq, hq, hd), k/v (b, sk, hk, hd); query head h
+    reads kv head h // (hq // hk). alibi_slopes: (hq,) or (b, hq).
+
+    Returns (out (b, sq, hq, hd) float64, lse (b, hq, sq) float64). A query that sees no key
+    outputs 0 and has lse = -inf (log of an empty sum; flash-attn's CUDA kernel stores +inf
+    there instead, so that its backward's exp(s - lse) is 0 -- we follow the mathematics,
+    which also makes exp(lse) = 0 the right weight when merging partial attentions)."""
+    q, k, v, alibi = map(to_f64, (q, k, v, alibi_slopes))
+    b, sq, hq, hd = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    scale = 1.0 / np.sqrt(hd) if softmax_scale is None else float(softmax_scale)
+    heads = np.arange(hq) // (hq // hk)
+    kk, vv = k[:, :, heads], v[:, :, heads]
+    s = np.einsum("bihd,bjhd->bhij", q, kk) * scale
+    if softcap > 0:
+        s = softcap * np.tanh(s / softcap)
+    if alibi is not None:
+        slopes = np.broadcast_to(alibi, (b, hq))
+        dist = np.abs(np.arange(sq)[:, None] + sk - sq - np.arange(sk)[None, :])
+        s = s - slopes[:, :, None, None] * dist[None, None]
+    ok = attention_mask(sq, sk, causal, window_size)
+    s = np.where(ok[None, None], s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    empty = ~np.isfinite(m)
+    m = np.where(empty, 0.0, m)
+    p = np.exp(s - m)
+    den = p.sum(axis=-1, keepdims=True)
+    safe = np.where(empty, 1.0, den)
+    out = np.einsum("bhij,bjhd->bihd", p / safe, vv)
+    with np.errstate(divide="ignore"):
+        lse = np.where(empty, -np.inf, m + np.log(safe))[..., 0]
+    return out, lse

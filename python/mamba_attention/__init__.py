@@ -10,6 +10,9 @@ from .ops import selective_scan_fn, selective_state_update
 from .ops import causal_conv1d_fn, causal_conv1d_update
 from .ops import rms_norm_fn, swiglu
 from .ops import hidden_attention
+from .ops import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from .ops import sliding_window_attention
+from .kvcache import SlidingWindowKVCache
 
 __version__ = _core.__version__
 
@@ -22,4 +25,9 @@ __all__ = [
     "rms_norm_fn",
     "swiglu",
     "hidden_attention",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
+    "sliding_window_attention",
+    "SlidingWindowKVCache",
 ]

@@ -277,3 +277,218 @@ swiglu_fwd.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
 def swiglu_op(gate, up):
     """``swiglu`` on (rows, cols) torch tensors through the custom op."""
     return torch.ops.mamba_attention.swiglu_fwd(gate, up)
+# ------------------------------------------------------------ attention (SPEC §3)
+#
+# ``mamba_attention::flash_attn_fwd`` -> (out, softmax_lse) and
+# ``mamba_attention::flash_attn_bwd`` -> (dq, dk, dv), and their varlen twins.
+# The window is passed as two ints (custom-op schemas have no int pairs). The
+# gradient reaching softmax_lse (if any) flows back too (D_i − dlse_i in the
+# backward). alibi_slopes, the offsets and the flags get no gradient.
+
+__all__ += ["flash_attn", "flash_attn_varlen"]
+
+
+def _window(window_size):
+    try:
+        left, right = window_size
+        if isinstance(left, bool) or isinstance(right, bool):
+            raise TypeError
+        return int(left), int(right)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"window_size: expected a pair of ints (left, right), got {window_size!r}"
+        ) from None
+
+
+def _float_opt(name, x):
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name}: expected a float{' or None' if name == 'softmax_scale' else ''}, "
+                        f"got {type(x).__name__}")
+    return float(x)
+
+
+@torch.library.custom_op("mamba_attention::flash_attn_fwd", mutates_args=())
+def flash_attn_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    softmax_scale: Optional[float],
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    out, lse = _core.attention_fwd(
+        q, k, v, softmax_scale, causal, (window_left, window_right), softcap, alibi_slopes
+    )
+    return out, lse
+
+
+@flash_attn_fwd.register_fake
+def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes):
+    b, sq, hq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, hq, sq), dtype=_F32)
+
+
+@torch.library.custom_op("mamba_attention::flash_attn_bwd", mutates_args=())
+def flash_attn_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    softmax_lse: Tensor,
+    dsoftmax_lse: Optional[Tensor],
+    softmax_scale: Optional[float],
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _core.attention_bwd(
+        dout, q, k, v, out, softmax_lse, softmax_scale, causal, (window_left, window_right),
+        softcap, alibi_slopes, dsoftmax_lse,
+    )
+    return dq, dk, dv
+
+
+@flash_attn_bwd.register_fake
+def _(dout, q, k, v, out, softmax_lse, dsoftmax_lse, softmax_scale, causal, window_left,
+      window_right, softcap, alibi_slopes):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attn_setup_context(ctx, inputs, output):
+    q, k, v, softmax_scale, causal, wl, wr, softcap, alibi_slopes = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+    ctx.params = (softmax_scale, causal, wl, wr, softcap)
+
+
+def _attn_backward(ctx, dout, dlse):
+    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
+    if dout is None:  # only lse was used
+        dout = torch.zeros_like(out)
+    softmax_scale, causal, wl, wr, softcap = ctx.params
+    dq, dk, dv = torch.ops.mamba_attention.flash_attn_bwd(
+        dout, q, k, v, out, lse, dlse, softmax_scale, causal, wl, wr, softcap, alibi_slopes
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+flash_attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
+
+
+@torch.library.custom_op("mamba_attention::flash_attn_varlen_fwd", mutates_args=())
+def flash_attn_varlen_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: Optional[float],
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    out, lse = _core.attention_varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+        (window_left, window_right), softcap, alibi_slopes,
+    )
+    return out, lse
+
+
+@flash_attn_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+      window_left, window_right, softcap, alibi_slopes):
+    total, hq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((hq, total), dtype=_F32)
+
+
+@torch.library.custom_op("mamba_attention::flash_attn_varlen_bwd", mutates_args=())
+def flash_attn_varlen_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    softmax_lse: Tensor,
+    dsoftmax_lse: Optional[Tensor],
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: Optional[float],
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _core.attention_varlen_bwd(
+        dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        softmax_scale, causal, (window_left, window_right), softcap, alibi_slopes, dsoftmax_lse,
+    )
+    return dq, dk, dv
+
+
+@flash_attn_varlen_bwd.register_fake
+def _(dout, q, k, v, out, softmax_lse, dsoftmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+      max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    (q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, wl, wr, softcap,
+     alibi_slopes) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
+    ctx.params = (max_q, max_k, softmax_scale, causal, wl, wr, softcap)
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    max_q, max_k, softmax_scale, causal, wl, wr, softcap = ctx.params
+    dq, dk, dv = torch.ops.mamba_attention.flash_attn_varlen_bwd(
+        dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, softmax_scale, causal, wl, wr,
+        softcap, alibi_slopes,
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+flash_attn_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+def flash_attn(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+               alibi_slopes=None):
+    """(out, softmax_lse) of flash_attn_func through the differentiable custom op."""
+    wl, wr = _window(window_size)
+    return torch.ops.mamba_attention.flash_attn_fwd(
+        q, k, v, _float_opt("softmax_scale", softmax_scale), bool(causal), wl, wr,
+        _float_opt("softcap", softcap) or 0.0, alibi_slopes,
+    )
+
+
+def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                      alibi_slopes=None):
+    """(out, softmax_lse) of flash_attn_varlen_func through the differentiable custom op."""
+    wl, wr = _window(window_size)
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int):
+            raise TypeError(f"{name}: expected an int, got {type(m).__name__}")
+    return torch.ops.mamba_attention.flash_attn_varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        _float_opt("softmax_scale", softmax_scale), bool(causal), wl, wr,
+        _float_opt("softcap", softcap) or 0.0, alibi_slopes,
+    )

@@ -292,6 +292,8 @@ def workloads() -> List[Workload]:
         _scan_workload("G3", "cuda", b=8, d=2048, n=16, l=8192, g=1, dtype="bfloat16"),
         _update_workload("G5-b1", "cuda", b=1, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
         _update_workload("G5-b64", "cuda", b=64, d=4096, n=16, dtype="bfloat16", state_only_floor=True),
+        _attn_workload("C4", "cpu", b=1, s=4096, h=16, hd=64),
+        _attn_workload("C5", "cpu", b=1, s=4096, h=16, hd=64, window=512),
         *attention_workloads(),
         # The Mamba layer (nn.Mamba), forward + backward.
         _mamba_layer_workload("CM1", "cpu", b=1, d_model=256, l=1024, dtype="float32"),
@@ -693,12 +695,66 @@ def failed(rows):
 
 
 # --------------------------------------------------------------------------
-# Attention (G6–G9): the CUDA flash-attention forward through the private
-# binding ``_core._flash_attn_fwd_cuda`` (the public flash_attn_func wraps it).
+# Attention (SPEC §3)
 # --------------------------------------------------------------------------
 
-#: bf16 dense rate the attention floors assume (BENCHMARKS.md: "~2.75 ms at 800 TFLOP/s").
-ATTN_TFLOPS_REF = 800e12
+
+def attn_flops(b, hq, sq, sk, hd, causal=True, window=None):
+    """BENCHMARKS.md's convention: 4·b·hq·sq·sk·hd, halved for causal; a causal
+    window of W keys: 4·b·hq·hd·(s·W − W(W−1)/2)."""
+    if window is not None:
+        return 4 * b * hq * hd * (sq * window - window * (window - 1) / 2)
+    return 4 * b * hq * sq * sk * hd / (2 if causal else 1)
+
+
+def _attn_workload(wid, device, b, s, h, hd, window=None, dtype="float32"):
+    """flash_attn_func causal (``window``: sliding window of that many keys, i.e.
+    window_size=(window − 1, 0)) on (b, s, h, hd) tensors. Peer: torch's
+    scaled_dot_product_attention on the (b, h, s, hd) views — is_causal=True, or
+    with a dense boolean mask for the window (what a torch user writes)."""
+
+    def setup():
+        from . import ops
+
+        ins, is_torch = _make_inputs(
+            device, seed=3, dtypes={k: dtype for k in "qkv"},
+            q=lambda r: r.standard_normal((b, s, h, hd)),
+            k=lambda r: r.standard_normal((b, s, h, hd)),
+            v=lambda r: r.standard_normal((b, s, h, hd)),
+        )
+        q, k, v = ins["q"], ins["k"], ins["v"]
+        if window is None:
+            fns = {"ours": lambda: ops.flash_attn_func(q, k, v, causal=True)}
+        else:
+            fns = {"ours": lambda: ops.sliding_window_attention(q, k, v, window)}
+        if is_torch:
+            import torch
+            import torch.nn.functional as F
+
+            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+            if window is None:
+                fns["torch SDPA"] = lambda: F.scaled_dot_product_attention(
+                    qt, kt, vt, is_causal=True).transpose(1, 2)
+            else:
+                i = torch.arange(s, device=device)
+                mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+                fns["torch SDPA (dense mask)"] = lambda: F.scaled_dot_product_attention(
+                    qt, kt, vt, attn_mask=mask).transpose(1, 2)
+        return fns
+
+    flops = attn_flops(b, h, s, s, hd, causal=True, window=window)
+    m = REFERENCE_MACHINES[device]
+    what = "causal" if window is None else f"sliding window {window}, causal"
+    return Workload(
+        id=wid,
+        device=device,
+        description=f"flash_attn_func {what} b{b} s{s} h{h} hd{hd} {dtype} ({flops / 1e9:.2f} GFLOP)",
+        setup=setup,
+        floor_ms=1e3 * flops / m["flops"],
+        floor_note=("H100 estimate: " if device == "cuda" else "")
+        + "attention FLOPs (BENCHMARKS.md convention) / float32 FMA rate",
+        rtol=_DTYPE_RTOL[dtype],
+    )
 
 
 def attn_fwd_flops(b, hq, sq, sk, hd, causal=False, window=None):
@@ -724,74 +780,6 @@ def _attn_ours(q, k, v, causal, window):
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     _core._flash_attn_fwd_cuda(q, k, v, out, lse, 1.0 / math.sqrt(hd), left, right, 0.0, None)
     return out
-
-
-def _attn_workload(wid, b, s, hq, hk, hd, causal=True, window=None, peers=("cudnn", "flash", "flex")):
-    """flash_attn_func forward, bf16, layout (b, s, h, d). Peers: SDPA's cuDNN and
-    flash (FlashAttention-2) backends (k/v expanded to hq heads beforehand for GQA,
-    outside the timing) where the mask is plain causal, and flex_attention
-    (torch.compile'd, block mask; enable_gqa) for every mask."""
-    flops = attn_fwd_flops(b, hq, s, s, hd, causal=causal, window=window)
-
-    def setup():
-        import torch
-        import torch.nn.functional as F
-
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(b, s, h, hd, device="cuda", generator=g, dtype=torch.bfloat16)
-                   for h in (hq, hk, hk))
-        fns = {"ours": lambda: _attn_ours(q, k, v, causal, window)}
-        # Peers use (b, h, s, d).
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        if window is None:
-            ke, ve = (t.repeat_interleave(hq // hk, dim=1) if hq != hk else t for t in (kt, vt))
-            try:
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                def sdpa(backend):
-                    def fn():
-                        with sdpa_kernel(backend):
-                            o = F.scaled_dot_product_attention(qt, ke, ve, is_causal=causal)
-                        return o.transpose(1, 2)
-                    return fn
-
-                if "cudnn" in peers:
-                    fns["SDPA cuDNN"] = sdpa(SDPBackend.CUDNN_ATTENTION)
-                if "flash" in peers:
-                    fns["SDPA flash (FA2)"] = sdpa(SDPBackend.FLASH_ATTENTION)
-            except ImportError:
-                pass
-        if "flex" in peers:
-            try:
-                from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-                def mask_mod(bb, hh, qi, kj):
-                    m = kj <= qi if causal else (kj >= 0)
-                    if window is not None:
-                        m = m & (qi - kj < window)
-                        if not causal:
-                            m = m & (kj - qi < window)
-                    return m
-
-                bm = create_block_mask(mask_mod, None, None, s, s, device="cuda")
-                flex = torch.compile(flex_attention, dynamic=False)
-                fns["flex_attention"] = lambda: flex(qt, kt, vt, block_mask=bm,
-                                                     enable_gqa=hq != hk).transpose(1, 2)
-            except Exception:  # noqa: BLE001 - flex unavailable on this torch
-                pass
-        return fns
-
-    mask = "causal" if causal and window is None else (
-        f"window {window}{' causal' if causal else ''}" if window else "full")
-    return Workload(
-        id=wid,
-        device="cuda",
-        description=f"flash_attn fwd bf16 {mask} b{b} s{s} hq{hq} hk{hk} hd{hd} ({flops / 1e12:.3g} TFLOP)",
-        setup=setup,
-        floor_ms=1e3 * flops / ATTN_TFLOPS_REF,
-        floor_note="FLOPs (BENCHMARKS.md convention) at 800 TFLOP/s bf16: TFLOP/s = 800 × floor fraction",
-        rtol=_DTYPE_RTOL["bfloat16"],
-    )
 
 
 def attention_workloads() -> List[Workload]:

@@ -166,3 +166,99 @@ def _flash_attn_fwd_cuda(
     (b + 1,), max_seqlen_q/k): q/out (total_q, hq, hd), k/v (total_k, hk, hd).
     alibi_slopes float32 (hq,) or (b, hq). float16/bfloat16 torch CUDA tensors only
     (float32: TypeError); hd a multiple of 8 up to 256; last dim contiguous."""
+
+def attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Optional[Tuple[int, int]] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+    softmax_lse: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Attention forward (SPEC §3): (out (b, sq, hq, hd) in q's dtype, softmax_lse (b, hq, sq) float32); writes into out / softmax_lse when given."""
+
+def attention_varlen_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Optional[Tuple[int, int]] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+    softmax_lse: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Packed variable-length attention forward: (out (total_q, hq, hd), softmax_lse (hq, total_q) float32)."""
+
+def attention_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    cache_seqlens: Union[int, Tensor, None] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Optional[Tuple[int, int]] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Appends k/v into the caches in place at cache_seqlens, then attends over cache[:, :cache_seqlens + s_new]: (out, softmax_lse (b, hq, sq) float32)."""
+
+def attention_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    softmax_lse: Tensor,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Optional[Tuple[int, int]] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    dsoftmax_lse: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of attention_fwd from its out and softmax_lse: (dq, dk, dv) in the dtypes of q, k, v (GQA: dk/dv summed over each group's query heads)."""
+
+def attention_varlen_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    softmax_lse: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Optional[Tuple[int, int]] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    dsoftmax_lse: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of attention_varlen_fwd: (dq, dk, dv); rows outside every sequence get 0."""
+
+def attention_ring(
+    q: Tensor,
+    k_ring: Tensor,
+    v_ring: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos: int,
+    softmax_scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """One sliding-window ring-cache step: the n new tokens (positions pos..pos+n) attend causally to the window = k_ring.shape[1] most recent positions (ring slot = position mod window, plus the new k/v), then k/v are written into the rings. (out, softmax_lse (b, hq, n) float32)."""

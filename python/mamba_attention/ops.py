@@ -336,3 +336,179 @@ def hidden_attention(delta, A, B, C, delta_bias=None, delta_softplus=False, redu
 
 
 __all__ += ["hidden_attention"]
+# ------------------------------------------------------------ SPEC §3: attention
+
+
+def _check_dropout(dropout_p):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
+    if dropout_p != 0.0:
+        raise ValueError(
+            f"dropout_p: only 0.0 is supported (attention dropout is not implemented), got {dropout_p}"
+        )
+
+
+def _attn_needs_autograd(q, k, v):
+    """torch tensors that need gradients, or a torch.compile trace: go through the
+    differentiable custom ops of ``_autograd``."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(q, torch.Tensor):
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k, v))
+
+
+def flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """Attention (SPEC §3), a drop-in for ``flash_attn.flash_attn_func`` (CPU; CUDA
+    tensors raise RuntimeError for now).
+
+    Shapes: ``q`` (b, sq, hq, hd), ``k``/``v`` (b, sk, hk, hd) with hq % hk == 0
+    (GQA/MQA: query head h reads kv head h // (hq // hk)); any hd; any strides (a
+    slice of a packed qkv tensor is read in place). dtypes float32 (extension),
+    float16, bfloat16 (float64 is accepted and computed in float32).
+
+    With scale = softmax_scale or 1/sqrt(hd), s_ij = scale·q_i·k_j; softcap > 0:
+    s ← softcap·tanh(s/softcap); ALiBi (``alibi_slopes`` (hq,) or (b, hq)):
+    s ← s − slope·|i + sk − sq − j|. Query i sees key j iff
+    i + sk − sq − left ≤ j ≤ i + sk − sq + right (``window_size=(left, right)``,
+    −1 unbounded; ``causal`` forces right = 0, bottom-right aligned). A query
+    that sees no key outputs 0 (and its lse is −inf; flash-attn's kernel writes
+    +inf there). Work is proportional to the visible keys: a window of W costs O(s·W).
+
+    ``dropout_p`` must be 0.0 (ValueError otherwise); ``deterministic`` is accepted
+    and ignored (the CPU kernels are deterministic). Returns ``out`` (q's shape and
+    dtype), or with ``return_attn_probs`` the tuple (out, softmax_lse (b, hq, sq)
+    float32, None): flash-attn's third value (the dropout mask / probabilities,
+    only meaningful in its tests) is not materialised.
+
+    Differentiable in q, k, v (torch tensors that require grad, and
+    ``torch.compile(fullgraph=True)``) through ``torch.library`` custom ops.
+    """
+    _check_dropout(dropout_p)
+    if _attn_needs_autograd(q, k, v):
+        from ._autograd import flash_attn
+
+        out, lse = flash_attn(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    else:
+        out, lse = _core.attention_fwd(
+            q, k, v, softmax_scale, bool(causal), window_size, softcap, alibi_slopes
+        )
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """Variable-length attention, a drop-in for ``flash_attn.flash_attn_varlen_func``.
+
+    ``q`` (total_q, hq, hd) and ``k``/``v`` (total_k, hk, hd) pack the sequences
+    one after another; sequence i is rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of q
+    and ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` of k/v (int32 (b + 1,) offsets,
+    non-decreasing). Each sequence is attended as :func:`flash_attn_func` would
+    (its own bottom-right causal alignment; ``alibi_slopes`` (hq,) or (b, hq)).
+    A sequence longer than ``max_seqlen_q`` / ``max_seqlen_k`` raises ValueError.
+    Rows of q after the last sequence get 0.
+
+    Returns ``out`` (total_q, hq, hd), or with ``return_attn_probs``
+    (out, softmax_lse (hq, total_q) float32, None). Differentiable in q, k, v.
+    """
+    _check_dropout(dropout_p)
+    if _attn_needs_autograd(q, k, v):
+        from ._autograd import flash_attn_varlen
+
+        out, lse = flash_attn_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            softmax_scale, causal, window_size, softcap, alibi_slopes,
+        )
+    else:
+        out, lse = _core.attention_varlen_fwd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            softmax_scale, bool(causal), window_size, softcap, alibi_slopes,
+        )
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    cache_seqlens=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    return_softmax_lse=False,
+):
+    """Decoding attention over a KV cache, a drop-in for
+    ``flash_attn.flash_attn_with_kvcache`` (without rotary, paged or
+    batch-indexed caches).
+
+    ``q`` (b, sq, hq, hd); ``k_cache``/``v_cache`` (b, s_cache, hk, hd); ``k``/``v``
+    (b, s_new, hk, hd) or None; ``cache_seqlens`` an int or a (b,) int32 tensor:
+    the number of valid cache entries of each batch entry. If k/v are given they
+    are written into the caches in place at rows cache_seqlens[i] ..
+    cache_seqlens[i] + s_new (cache_seqlens itself is not advanced), and every
+    batch entry attends over cache[i, :cache_seqlens[i] + s_new] with the usual
+    mask (bottom-right aligned, so ``causal=True`` lets new query t see the cache
+    and new keys up to t). Without cache_seqlens the whole cache is attended and
+    k/v must be None. Not differentiable.
+
+    Returns ``out`` (q's shape and dtype), or (out, softmax_lse (b, hq, sq) float32)
+    with ``return_softmax_lse``.
+    """
+    out, lse = _core.attention_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, bool(causal), window_size,
+        softcap, alibi_slopes,
+    )
+    return (out, lse) if return_softmax_lse else out
+
+
+def sliding_window_attention(q, k, v, window):
+    """Samba's sliding-window attention: each query attends to the ``window`` most
+    recent keys including its own position, i.e.
+    ``flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))``."""
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"window: expected an int ≥ 1, got {type(window).__name__}")
+    if window < 1:
+        raise ValueError(f"window: expected an int ≥ 1, got {window}")
+    return flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))
+
+
+__all__ += [
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
+    "sliding_window_attention",
+]

@@ -1,5 +1,7 @@
 //! CPU kernels: AVX-512, AVX2+FMA and portable, chosen at run time, parallel with rayon.
 
+pub mod attention;
+pub mod attention_bwd;
 pub mod conv1d;
 pub mod norm;
 pub mod hidden_attention;

@@ -1,6 +1,7 @@
 //! One file per operation: argument checking and the op's plan, shared by
 //! every backend; the `#[pyfunction]` bindings live beside them.
 
+pub mod attention;
 pub mod conv1d;
 pub mod norm;
 pub mod hidden_attention;
