@@ -8,7 +8,9 @@
 #   4. runs the GPU benchmark workloads beside every peer importable there,
 # writing logs and bench JSON to $OUT (or ./bench/out).
 #
-#   bash bench/device.sh [WHEEL] [-- extra pytest args]
+#   bash bench/device.sh [WHEEL]
+# Environment: BENCH_ONLY (rows), SKIP_TESTS / SKIP_BENCH (set to skip a part),
+# MAXFAIL (pytest --maxfail, default 1), TAIL (lines of each log shown).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEEL=${1:-$(ls -t wheels/mamba_attention-*.whl 2>/dev/null | head -1)}
@@ -29,12 +31,21 @@ export PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 $PY -m mamba_attention info 2>&1 | tee "$OUT/info.txt"
 
-status=0
-echo "== GPU tests"
-$PY -m pytest tests -q -p no:cacheprovider -x -k "cuda" --timeout=900 2>&1 | tee "$OUT/tests-gpu.log" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# The compiled kernels persist between calls while the machine stays warm.
+export MAMBA_ATTENTION_CACHE=${MAMBA_ATTENTION_CACHE:-/tmp/mamba-attention-kernels}
 
-echo "== GPU bench"
-$PY -m mamba_attention bench --only "${BENCH_ONLY:-G1,G1f,G3,G5}" --json "$OUT/bench-gpu.json" 2>&1 | tee "$OUT/bench-gpu.log" | tail -20
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+status=0
+if [ -z "${SKIP_TESTS:-}" ]; then
+  echo "== GPU tests"
+  $PY -m pytest tests -q -p no:cacheprovider --maxfail="${MAXFAIL:-1}" -k "cuda" --timeout=900 \
+    ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/tests-gpu.log" | tail -"${TAIL:-25}"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if [ -z "${SKIP_BENCH:-}" ]; then
+  echo "== GPU bench"
+  $PY -m mamba_attention bench --only "${BENCH_ONLY:-G1,G1f,G2,G3,G4,G5,G6,G7,G8,G9,GM1,GH1,G10,G11}" \
+    --json "$OUT/bench-gpu.json" 2>&1 | tee "$OUT/bench-gpu.log" | tail -"${TAIL:-40}"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 exit $status

@@ -458,7 +458,9 @@ def test_ring_cache_long_stream(simd_level, kind):
         got = torch.cat(outs, 1) if fw == "torch" else np.concatenate(outs, 1)
         check(got, None, q, k, v, kind, "ring", causal=True, window_size=(w - 1, 0), **kw)
         full = flash_attn_func(q, k, v, causal=True, window_size=(w - 1, 0), **kw)
-        assert rel_err(got, full) <= 1e-6
+        # Same arithmetic up to summation order: float32 agrees to ~1e-7; bfloat16
+        # outputs may round a few elements to the neighbouring value.
+        assert rel_err(got, full) <= (1e-6 if dt == "float32" else 4e-3)
 
 
 def test_ring_cache_errors():

@@ -80,10 +80,48 @@ class SlidingWindowKVCache:
 
         Returns ``out`` (b, n, hq, hd); ``pos`` advances by n.
         """
-        out, _ = _core.attention_ring(q, self.k, self.v, k, v, self.pos, softmax_scale,
-                                      softcap, alibi_slopes)
+        if getattr(getattr(q, "device", None), "type", None) == "cuda":
+            out = self._attend_torch(q, k, v, softmax_scale, softcap, alibi_slopes)
+        else:
+            out, _ = _core.attention_ring(q, self.k, self.v, k, v, self.pos, softmax_scale,
+                                          softcap, alibi_slopes)
         self.pos += q.shape[1]
         return out
+
+    def _attend_torch(self, q, k, v, softmax_scale, softcap, alibi_slopes):
+        """The CUDA path until a ring kernel exists there: the same semantics in torch
+        ops over the ring's W entries plus the new tokens (O(W) per token, constant
+        memory), then the ring update."""
+        import math
+
+        import torch
+
+        b, n, hq, hd = q.shape
+        hk, w, p0 = k.shape[2], self.window, self.pos
+        old = torch.arange(max(0, p0 - w + 1), p0, device=q.device)  # cached positions
+        kpos = torch.cat((old, torch.arange(p0, p0 + n, device=q.device)))
+        keys = torch.cat((self.k[:, old % w], k), 1)
+        vals = torch.cat((self.v[:, old % w], v), 1)
+        qpos = torch.arange(p0, p0 + n, device=q.device)
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(hd)
+        rep = hq // hk
+        kf = keys.float().repeat_interleave(rep, 2)
+        vf = vals.float().repeat_interleave(rep, 2)
+        s = torch.einsum("bqhd,bkhd->bhqk", q.float(), kf) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        dist = qpos[:, None] - kpos[None, :]
+        if alibi_slopes is not None:
+            sl = alibi_slopes.float().to(q.device)
+            sl = sl.view(1, hq, 1, 1) if sl.dim() == 1 else sl.view(b, hq, 1, 1)
+            s = s - sl * dist.abs()
+        s = s.masked_fill(~((dist >= 0) & (dist < w)), float("-inf"))
+        o = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), vf).to(q.dtype)
+        keep = min(n, w)  # only the last W new tokens stay in the ring
+        slots = torch.arange(p0 + n - keep, p0 + n, device=q.device) % w
+        self.k[:, slots] = k[:, n - keep:]
+        self.v[:, slots] = v[:, n - keep:]
+        return o
 
 
 def _torch_if_dtype(dtype):

@@ -361,6 +361,48 @@ def _attn_needs_autograd(q, k, v):
     return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k, v))
 
 
+def _on_cuda(q):
+    return getattr(getattr(q, "device", None), "type", None) == "cuda"
+
+
+def _cuda_attention(op, q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                    varlen=None):
+    """Forward through the CUDA flash-attention kernel (torch float16/bfloat16 CUDA
+    tensors). There is no CUDA backward yet: inputs that require grad raise."""
+    import math
+
+    import torch
+
+    if _attn_needs_autograd(q, k, v):
+        raise RuntimeError(
+            f"{op}: q is on {q.device} and gradients are required, but the CUDA attention "
+            "backward is not implemented yet (the CUDA kernel is forward-only; run under "
+            "torch.no_grad() or on the CPU)"
+        )
+    try:
+        left, right = (int(w) for w in window_size)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"window_size: expected a pair of ints (left, right), got {window_size!r}"
+        ) from None
+    if causal:
+        right = 0
+    hd = q.shape[-1]
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(hd)
+    out = q.new_empty(q.shape)
+    if varlen is None:
+        b, sq, hq, _ = q.shape
+        lse = q.new_empty((b, hq, sq), dtype=torch.float32)
+        _core._flash_attn_fwd_cuda(q, k, v, out, lse, scale, left, right, float(softcap),
+                                   alibi_slopes)
+    else:
+        cu_q, cu_k, max_q, max_k = varlen
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+        _core._flash_attn_fwd_cuda(q, k, v, out, lse, scale, left, right, float(softcap),
+                                   alibi_slopes, cu_q, cu_k, int(max_q), int(max_k))
+    return out, lse
+
+
 def flash_attn_func(
     q,
     k,
@@ -374,8 +416,10 @@ def flash_attn_func(
     deterministic=False,
     return_attn_probs=False,
 ):
-    """Attention (SPEC §3), a drop-in for ``flash_attn.flash_attn_func`` (CPU; CUDA
-    tensors raise RuntimeError for now).
+    """Attention (SPEC §3), a drop-in for ``flash_attn.flash_attn_func``. CPU: forward
+    and backward, every dtype. CUDA: the tensor-core forward for float16/bfloat16
+    (head dims up to 256, a multiple of 8); no CUDA backward yet (inputs that require
+    grad raise RuntimeError).
 
     Shapes: ``q`` (b, sq, hq, hd), ``k``/``v`` (b, sk, hk, hd) with hq % hk == 0
     (GQA/MQA: query head h reads kv head h // (hq // hk)); any hd; any strides (a
@@ -400,7 +444,10 @@ def flash_attn_func(
     ``torch.compile(fullgraph=True)``) through ``torch.library`` custom ops.
     """
     _check_dropout(dropout_p)
-    if _attn_needs_autograd(q, k, v):
+    if _on_cuda(q):
+        out, lse = _cuda_attention("flash_attn_func", q, k, v, softmax_scale, causal,
+                                   window_size, softcap, alibi_slopes)
+    elif _attn_needs_autograd(q, k, v):
         from ._autograd import flash_attn
 
         out, lse = flash_attn(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
@@ -442,7 +489,12 @@ def flash_attn_varlen_func(
     (out, softmax_lse (hq, total_q) float32, None). Differentiable in q, k, v.
     """
     _check_dropout(dropout_p)
-    if _attn_needs_autograd(q, k, v):
+    if _on_cuda(q):
+        out, lse = _cuda_attention("flash_attn_varlen_func", q, k, v, softmax_scale, causal,
+                                   window_size, softcap, alibi_slopes,
+                                   varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                           max_seqlen_k))
+    elif _attn_needs_autograd(q, k, v):
         from ._autograd import flash_attn_varlen
 
         out, lse = flash_attn_varlen(
