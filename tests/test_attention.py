@@ -289,12 +289,17 @@ def test_sliding_window_attention():
     assert np.array_equal(out, flash_attn_func(q, k, v, causal=True, window_size=(9, 0)))
 
 
-def test_cuda_raises_not_supported():
+def test_cuda_float32_and_kvcache_errors():
+    """CUDA: float32 q is a TypeError naming q (the CUDA kernel takes float16/bfloat16);
+    functions without a CUDA kernel yet raise RuntimeError."""
     if torch is None or not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     q = torch.randn(1, 4, 2, 8, device="cuda")
-    with pytest.raises(RuntimeError, match="not supported on CUDA yet"):
+    with pytest.raises(TypeError, match="q"):
         flash_attn_func(q, q, q)
+    qh = q.half()
+    with pytest.raises(RuntimeError, match="CUDA"):
+        flash_attn_with_kvcache(qh, qh, qh)
 
 
 # ----------------------------------------------------------------------- errors

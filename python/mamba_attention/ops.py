@@ -365,20 +365,62 @@ def _on_cuda(q):
     return getattr(getattr(q, "device", None), "type", None) == "cuda"
 
 
+def _torch_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes):
+    """SPEC §3 in differentiable torch ops (float32, O(sq·sk) memory): the CUDA
+    training path until a CUDA attention backward exists. Returns (out, lse)."""
+    import math
+
+    import torch
+
+    b, sq, hq, hd = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    left, right = (int(w) for w in window_size)
+    if causal:
+        right = 0
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(hd)
+    kf = k.float().repeat_interleave(hq // hk, 2)
+    vf = v.float().repeat_interleave(hq // hk, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), kf) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=q.device)[None, :]
+    if alibi_slopes is not None:
+        sl = alibi_slopes.float()
+        sl = sl.view(1, hq, 1, 1) if sl.dim() == 1 else sl.view(b, hq, 1, 1)
+        s = s - sl * (i - j).abs()
+    vis = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    if left >= 0:
+        vis &= j >= i - left
+    if right >= 0:
+        vis &= j <= i + right
+    s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, -1)  # -inf for rows with no visible key
+    # Rows with no visible key output 0; softmax over a finite stand-in keeps their
+    # gradients finite (they are multiplied by 0).
+    any_key = vis.any(-1)[:, None]
+    p = torch.softmax(s.masked_fill(~any_key, 0.0), -1) * any_key
+    out = torch.einsum("bhqk,bkhd->bqhd", p, vf).to(q.dtype)
+    return out, lse
+
+
 def _cuda_attention(op, q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes,
                     varlen=None):
     """Forward through the CUDA flash-attention kernel (torch float16/bfloat16 CUDA
-    tensors). There is no CUDA backward yet: inputs that require grad raise."""
+    tensors). There is no CUDA backward yet: with gradients required, the
+    differentiable torch formula (:func:`_torch_attention`) runs instead."""
     import math
 
     import torch
 
     if _attn_needs_autograd(q, k, v):
-        raise RuntimeError(
-            f"{op}: q is on {q.device} and gradients are required, but the CUDA attention "
-            "backward is not implemented yet (the CUDA kernel is forward-only; run under "
-            "torch.no_grad() or on the CPU)"
-        )
+        if varlen is not None:
+            raise RuntimeError(
+                f"{op}: q is on {q.device} and gradients are required, but the CUDA "
+                "attention backward is not implemented yet (forward only on CUDA)"
+            )
+        return _torch_attention(q, k, v, softmax_scale, causal, window_size, softcap,
+                                alibi_slopes)
     try:
         left, right = (int(w) for w in window_size)
     except (TypeError, ValueError):
@@ -418,8 +460,9 @@ def flash_attn_func(
 ):
     """Attention (SPEC §3), a drop-in for ``flash_attn.flash_attn_func``. CPU: forward
     and backward, every dtype. CUDA: the tensor-core forward for float16/bfloat16
-    (head dims up to 256, a multiple of 8); no CUDA backward yet (inputs that require
-    grad raise RuntimeError).
+    (head dims up to 256, a multiple of 8); when q, k or v require grad on CUDA, a
+    differentiable torch implementation of the same formula runs instead (O(sq·sk)
+    memory) until a CUDA attention backward exists.
 
     Shapes: ``q`` (b, sq, hq, hd), ``k``/``v`` (b, sk, hk, hd) with hq % hk == 0
     (GQA/MQA: query head h reads kv head h // (hq // hk)); any hd; any strides (a
