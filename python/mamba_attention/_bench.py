@@ -91,6 +91,9 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _DTYPE_RTOL = {"float32": RTOL, "float16": 5e-3, "bfloat16": 1e-2}
 
 
+ATTN_TFLOPS_REF = 800e12
+
+
 # --------------------------------------------------------------------------
 # Workloads
 # --------------------------------------------------------------------------
@@ -782,13 +785,81 @@ def _attn_ours(q, k, v, causal, window):
     return out
 
 
+def _attn_gpu_workload(wid, b, s, hq, hk, hd, causal=True, window=None, peers=("cudnn", "flash", "flex")):
+    """flash_attn_func forward, bf16, layout (b, s, h, d). Peers: SDPA's cuDNN and
+    flash (FlashAttention-2) backends (k/v expanded to hq heads beforehand for GQA,
+    outside the timing) where the mask is plain causal, and flex_attention
+    (torch.compile'd, block mask; enable_gqa) for every mask."""
+    flops = attn_fwd_flops(b, hq, s, s, hd, causal=causal, window=window)
+
+    def setup():
+        import torch
+        import torch.nn.functional as F
+
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(b, s, h, hd, device="cuda", generator=g, dtype=torch.bfloat16)
+                   for h in (hq, hk, hk))
+        fns = {"ours": lambda: _attn_ours(q, k, v, causal, window)}
+        # Peers use (b, h, s, d).
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        if window is None:
+            ke, ve = (t.repeat_interleave(hq // hk, dim=1) if hq != hk else t for t in (kt, vt))
+            try:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                def sdpa(backend):
+                    def fn():
+                        with sdpa_kernel(backend):
+                            o = F.scaled_dot_product_attention(qt, ke, ve, is_causal=causal)
+                        return o.transpose(1, 2)
+                    return fn
+
+                if "cudnn" in peers:
+                    fns["SDPA cuDNN"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+                if "flash" in peers:
+                    fns["SDPA flash (FA2)"] = sdpa(SDPBackend.FLASH_ATTENTION)
+            except ImportError:
+                pass
+        if "flex" in peers:
+            try:
+                from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+                def mask_mod(bb, hh, qi, kj):
+                    m = kj <= qi if causal else (kj >= 0)
+                    if window is not None:
+                        m = m & (qi - kj < window)
+                        if not causal:
+                            m = m & (kj - qi < window)
+                    return m
+
+                bm = create_block_mask(mask_mod, None, None, s, s, device="cuda")
+                flex = torch.compile(flex_attention, dynamic=False)
+                fns["flex_attention"] = lambda: flex(qt, kt, vt, block_mask=bm,
+                                                     enable_gqa=hq != hk).transpose(1, 2)
+            except Exception:  # noqa: BLE001 - flex unavailable on this torch
+                pass
+        return fns
+
+    mask = "causal" if causal and window is None else (
+        f"window {window}{' causal' if causal else ''}" if window else "full")
+    return Workload(
+        id=wid,
+        device="cuda",
+        description=f"flash_attn fwd bf16 {mask} b{b} s{s} hq{hq} hk{hk} hd{hd} ({flops / 1e12:.3g} TFLOP)",
+        setup=setup,
+        floor_ms=1e3 * flops / ATTN_TFLOPS_REF,
+        floor_note="FLOPs (BENCHMARKS.md convention) at 800 TFLOP/s bf16: TFLOP/s = 800 × floor fraction",
+        rtol=_DTYPE_RTOL["bfloat16"],
+    )
+
+
 def attention_workloads() -> List[Workload]:
     """G6–G9 of BENCHMARKS.md."""
     return [
-        _attn_workload("G6", b=4, s=8192, hq=32, hk=32, hd=128, causal=True),
-        _attn_workload("G7", b=4, s=8192, hq=32, hk=8, hd=128, causal=True),
-        _attn_workload("G8", b=2, s=16384, hq=32, hk=8, hd=128, causal=True, window=2048),
-        _attn_workload("G9", b=1, s=65536, hq=32, hk=1, hd=128, causal=True, window=2048),
+        _attn_gpu_workload("G6", b=4, s=8192, hq=32, hk=32, hd=128, causal=True),
+        _attn_gpu_workload("G7", b=4, s=8192, hq=32, hk=8, hd=128, causal=True),
+        _attn_gpu_workload("G8", b=2, s=16384, hq=32, hk=8, hd=128, causal=True, window=2048),
+        _attn_gpu_workload("G9", b=1, s=65536, hq=32, hk=1, hd=128, causal=True, window=2048),
     ]
 
 
