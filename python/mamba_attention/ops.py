@@ -128,7 +128,7 @@ def causal_conv1d_fn(
     activation=None,
 ):
     """Causal depthwise conv1d (SPEC §2), a drop-in for ``causal_conv1d``'s
-    ``causal_conv1d_fn`` (CPU only for now: CUDA tensors raise RuntimeError).
+    ``causal_conv1d_fn`` (CPU and CUDA).
 
     Shapes: ``x`` (b, d, l), any strides (channel-last views such as
     ``torch.randn(b, l, d).transpose(1, 2)`` are read in place); ``weight``
@@ -209,7 +209,7 @@ def causal_conv1d_update(
     cache_seqlens=None,
 ):
     """Decoding step(s) of the causal conv1d, updating ``conv_state`` in place
-    (a drop-in for ``causal_conv1d``'s ``causal_conv1d_update``; CPU only).
+    (a drop-in for ``causal_conv1d``'s ``causal_conv1d_update``; CPU and CUDA).
 
     Shapes: ``x`` (b, d) for one token or (b, d, l_new); ``conv_state``
     (b, d, state_len) with state_len ≥ w - 1, any float dtype; ``weight``

@@ -892,7 +892,7 @@ pub fn launch<T>(op: &str, device: Device, cpu: impl FnOnce() -> Result<T>) -> R
     match device {
         Device::Cpu => cpu(),
         Device::Cuda(_) => Err(Error::runtime(format!(
-            "{op}: q is on {device}: attention is not supported on CUDA yet (CPU only for now)"
+            "{op}: q is on {device}: this attention function has no CUDA kernel yet (flash_attn_func and flash_attn_varlen_func do; the kv-cache and ring functions are CPU only)"
         ))),
     }
 }
