@@ -75,6 +75,15 @@ fn rows_per_task(rows: usize, h: usize) -> usize {
     (65536 / h.max(1)).clamp(1, rows.max(1))
 }
 
+/// Runs `f(r0, r1)` over runs of rows in parallel (see `rows_per_task`).
+fn for_row_runs(rows: usize, width: usize, f: impl Fn(usize, usize) + Sync) {
+    let per = rows_per_task(rows, width);
+    let starts: Vec<usize> = (0..rows).step_by(per).collect();
+    starts
+        .par_iter()
+        .for_each(|&r0| f(r0, (r0 + per).min(rows)));
+}
+
 /// A float32 row buffer padded to a whole number of vectors (the padding
 /// stays 0, so vector sums over it are exact).
 fn row_buf(h: usize) -> Vec<f32> {
@@ -85,6 +94,28 @@ fn row_buf(h: usize) -> Vec<f32> {
 #[inline(always)]
 fn row(r: &Raw<2>, i: usize) -> usize {
     addr(r, [i, 0])
+}
+
+/// s = row i of x (+ row i of res), float32; `t` is scratch.
+#[inline(always)]
+unsafe fn load_sum_row<S: Simd>(
+    x: &Raw<2>,
+    res: Option<&Raw<2>>,
+    i: usize,
+    h: usize,
+    s: &mut [f32],
+    t: &mut [f32],
+) {
+    load_row(&mut s[..h], row(x, i), x.dtype, x.strides[1]);
+    if let Some(r) = res {
+        load_row(&mut t[..h], row(r, i), r.dtype, r.strides[1]);
+        let mut k = 0;
+        while k < h {
+            let v = S::add(S::load(s.as_ptr().add(k)), S::load(t.as_ptr().add(k)));
+            S::store(s.as_mut_ptr().add(k), v);
+            k += S::LANES;
+        }
+    }
 }
 
 /// Σ a[i]·b[i] for i < n over zero-padded buffers (whole vectors).
@@ -109,11 +140,13 @@ unsafe fn dot<S: Simd>(a: &[f32], b: &[f32], n: usize) -> f32 {
 }
 
 pub fn rms_norm_forward(job: &RmsNormJob, level: SimdLevel) {
-    let per = rows_per_task(job.rows, job.h);
-    let starts: Vec<usize> = (0..job.rows).step_by(per).collect();
-    starts.par_iter().for_each(|&r0| {
-        let task = (job, r0, (r0 + per).min(job.rows));
-        simd_dispatch!(level, rms_fwd_rows, &task, &(&RmsNormJob, usize, usize));
+    for_row_runs(job.rows, job.h, |r0, r1| {
+        simd_dispatch!(
+            level,
+            rms_fwd_rows,
+            &(job, r0, r1),
+            &(&RmsNormJob, usize, usize)
+        );
     });
 }
 
@@ -129,16 +162,7 @@ unsafe fn rms_fwd_rows<S: Simd>(task: &(&RmsNormJob, usize, usize)) {
     }
     let mut rstd_row = [0.0f32; 1];
     for i in r0..r1 {
-        load_row(&mut s[..h], row(&job.x, i), job.x.dtype, job.x.strides[1]);
-        if let Some(r) = &job.res {
-            load_row(&mut t[..h], row(r, i), r.dtype, r.strides[1]);
-            let mut k = 0;
-            while k < h {
-                let v = S::add(S::load(s.as_ptr().add(k)), S::load(t.as_ptr().add(k)));
-                S::store(s.as_mut_ptr().add(k), v);
-                k += l;
-            }
-        }
+        load_sum_row::<S>(&job.x, job.res.as_ref(), i, h, &mut s, &mut t);
         if let Some(ro) = &job.res_out {
             store_row(&s[..h], row(ro, i), ro.dtype, ro.strides[1]);
         }
@@ -211,16 +235,7 @@ unsafe fn rms_bwd_rows<S: Simd>(task: &(&RmsNormBwdJob, usize, usize, usize)) {
     load_row(&mut w[..h], job.w.ptr, job.w.dtype, job.w.strides[0]);
     let mut rs = [0.0f32; 1];
     for i in r0..r1 {
-        load_row(&mut s[..h], row(&job.x, i), job.x.dtype, job.x.strides[1]);
-        if let Some(r) = &job.res {
-            load_row(&mut t[..h], row(r, i), r.dtype, r.strides[1]);
-            let mut k = 0;
-            while k < h {
-                let v = S::add(S::load(s.as_ptr().add(k)), S::load(t.as_ptr().add(k)));
-                S::store(s.as_mut_ptr().add(k), v);
-                k += l;
-            }
-        }
+        load_sum_row::<S>(&job.x, job.res.as_ref(), i, h, &mut s, &mut t);
         load_row(
             &mut dy[..h],
             row(&job.dy, i),
@@ -266,11 +281,13 @@ unsafe fn rms_bwd_rows<S: Simd>(task: &(&RmsNormBwdJob, usize, usize, usize)) {
 }
 
 pub fn swiglu(job: &SwiGluJob, level: SimdLevel) {
-    let per = rows_per_task(job.rows, job.cols);
-    let starts: Vec<usize> = (0..job.rows).step_by(per).collect();
-    starts.par_iter().for_each(|&r0| {
-        let task = (job, r0, (r0 + per).min(job.rows));
-        simd_dispatch!(level, swiglu_rows, &task, &(&SwiGluJob, usize, usize));
+    for_row_runs(job.rows, job.cols, |r0, r1| {
+        simd_dispatch!(
+            level,
+            swiglu_rows,
+            &(job, r0, r1),
+            &(&SwiGluJob, usize, usize)
+        );
     });
 }
 
