@@ -25,6 +25,10 @@ def cuda_info() -> Dict[str, Union[bool, str]]:
 def kernel_cache_dir() -> str:
     """Where compiled CUDA kernels are cached (MAMBA_ATTENTION_CACHE overrides)."""
 
+def compile_kernels(arch: str) -> List[Tuple[str, int, str]]:
+    """Compiles every CUDA kernel through NVRTC for ``arch`` (e.g. "sm_90"), no GPU
+    needed: (module, cubin bytes, NVRTC log) per kernel source."""
+
 def selective_scan_fwd(
     u: Tensor,
     delta: Tensor,
