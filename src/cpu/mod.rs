@@ -3,8 +3,8 @@
 pub mod attention;
 pub mod attention_bwd;
 pub mod conv1d;
-pub mod norm;
 pub mod hidden_attention;
+pub mod norm;
 pub mod scan;
 pub mod scan_bwd;
 pub mod simd;

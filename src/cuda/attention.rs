@@ -79,12 +79,42 @@ impl FwdConfig {
 
 /// Every instantiated configuration, per padded head dim (first = default).
 const CONFIGS: &[FwdConfig] = &[
-    FwdConfig { hd: 32, warps: 4, mt: 1, bn: 64 },
-    FwdConfig { hd: 64, warps: 8, mt: 1, bn: 64 },
-    FwdConfig { hd: 96, warps: 8, mt: 1, bn: 64 },
-    FwdConfig { hd: 128, warps: 8, mt: 1, bn: 64 },
-    FwdConfig { hd: 128, warps: 4, mt: 2, bn: 32 },
-    FwdConfig { hd: 256, warps: 4, mt: 1, bn: 32 },
+    FwdConfig {
+        hd: 32,
+        warps: 4,
+        mt: 1,
+        bn: 64,
+    },
+    FwdConfig {
+        hd: 64,
+        warps: 8,
+        mt: 1,
+        bn: 64,
+    },
+    FwdConfig {
+        hd: 96,
+        warps: 8,
+        mt: 1,
+        bn: 64,
+    },
+    FwdConfig {
+        hd: 128,
+        warps: 8,
+        mt: 1,
+        bn: 64,
+    },
+    FwdConfig {
+        hd: 128,
+        warps: 4,
+        mt: 2,
+        bn: 32,
+    },
+    FwdConfig {
+        hd: 256,
+        warps: 4,
+        mt: 1,
+        bn: 32,
+    },
 ];
 
 /// Largest head dim the kernel supports.
@@ -95,7 +125,9 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// of that shape first where it exists (a benchmarking knob).
 pub fn configs_for(hd: i32) -> Vec<FwdConfig> {
     let padded = CONFIGS.iter().map(|c| c.hd).filter(|&p| p >= hd).min();
-    let Some(padded) = padded else { return Vec::new() };
+    let Some(padded) = padded else {
+        return Vec::new();
+    };
     let mut v: Vec<FwdConfig> = CONFIGS.iter().copied().filter(|c| c.hd == padded).collect();
     if let Ok(want) = std::env::var("MAMBA_ATTENTION_FA_CFG") {
         let want = want.trim().to_string();
@@ -163,7 +195,13 @@ pub fn choose_config(ordinal: i32, hd: i32) -> Result<FwdConfig> {
 
 /// Launches the forward on `stream` of GPU `ordinal`. `grid_m` = the longest
 /// query sequence (max_seqlen_q in varlen); `p.b` entries, `p.hq` heads.
-pub fn flash_fwd(ordinal: i32, stream: u64, p: &FlashFwdParams, dtype: DType, max_sq: usize) -> Result<()> {
+pub fn flash_fwd(
+    ordinal: i32,
+    stream: u64,
+    p: &FlashFwdParams,
+    dtype: DType,
+    max_sq: usize,
+) -> Result<()> {
     if p.b == 0 || p.hq == 0 || max_sq == 0 {
         return Ok(());
     }
@@ -196,7 +234,10 @@ mod tests {
     #[test]
     fn params_layout_matches_the_kernel() {
         // 8 pointers, 17 i64 strides, 8 ints, 4 floats, 2 flags.
-        assert_eq!(std::mem::size_of::<FlashFwdParams>(), 8 * 8 + 17 * 8 + 14 * 4);
+        assert_eq!(
+            std::mem::size_of::<FlashFwdParams>(),
+            8 * 8 + 17 * 8 + 14 * 4
+        );
     }
 
     #[test]
@@ -205,7 +246,10 @@ mod tests {
         for c in CONFIGS {
             for dt in ["bf16", "f16"] {
                 let module = format!("flash_attn_fwd_{dt}_hd{}", c.hd);
-                assert!(super::super::SOURCES.iter().any(|(m, _)| *m == module), "{module}");
+                assert!(
+                    super::super::SOURCES.iter().any(|(m, _)| *m == module),
+                    "{module}"
+                );
                 let entry = format!(" flash_fwd_{dt}_{}(", c.tag());
                 assert!(src.contains(&entry), "{entry}");
             }

@@ -58,7 +58,11 @@ fn check_grid(p: &ConvParams) -> Result<()> {
 pub fn conv_launch(ordinal: i32, stream: u64, which: &str, p: &ConvParams) -> Result<()> {
     check_grid(p)?;
     let k = kernel(ordinal, "causal_conv1d", which)?;
-    let grid = ((p.l as u32).div_ceil(steps_per_block(which)), p.d as u32, p.b as u32);
+    let grid = (
+        (p.l as u32).div_ceil(steps_per_block(which)),
+        p.d as u32,
+        p.b as u32,
+    );
     unsafe { k.launch(grid, (128, 1, 1), 0, stream, p) }
 }
 

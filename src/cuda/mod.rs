@@ -3,14 +3,14 @@
 //! first use for the exact sm_XY of the GPU, cached on disk, and launched on
 //! the caller's (PyTorch's) current stream.
 
+pub mod attention;
 pub mod cache;
-pub mod norm;
+pub mod conv1d;
 pub mod hidden_attention;
+pub mod norm;
 pub mod nvrtc;
 pub mod scan;
 pub mod scan_bwd;
-pub mod conv1d;
-pub mod attention;
 
 use crate::error::{Error, Result};
 use cudarc::driver::{result as cu, sys};

@@ -91,12 +91,10 @@ pub fn check(
     }
     match q.dtype {
         DType::F16 | DType::BF16 => {}
-        DType::F32 => {
-            return Err(Error::type_(
-                "q: the CUDA flash-attention kernel takes float16 or bfloat16 tensors, got float32 \
+        DType::F32 => return Err(Error::type_(
+            "q: the CUDA flash-attention kernel takes float16 or bfloat16 tensors, got float32 \
                  (convert to bfloat16/float16, or use the CPU)",
-            ))
-        }
+        )),
         other => {
             return Err(Error::type_(format!(
                 "q: expected a float16 or bfloat16 tensor, got {}",
@@ -137,8 +135,10 @@ pub fn check(
             )));
         }
         b = cq.shape[0] - 1;
-        sq = max_seqlen_q.ok_or_else(|| Error::value("max_seqlen_q: required with cu_seqlens_q"))?;
-        sk = max_seqlen_k.ok_or_else(|| Error::value("max_seqlen_k: required with cu_seqlens_k"))?;
+        sq =
+            max_seqlen_q.ok_or_else(|| Error::value("max_seqlen_q: required with cu_seqlens_q"))?;
+        sk =
+            max_seqlen_k.ok_or_else(|| Error::value("max_seqlen_k: required with cu_seqlens_k"))?;
         hq = q.shape[1];
         hd = q.shape[2];
         hk = k.shape[1];
@@ -195,16 +195,28 @@ pub fn check(
         )));
     }
     if !(softcap >= 0.0 && softcap.is_finite()) {
-        return Err(Error::value(format!("softcap: expected a finite value ≥ 0, got {softcap}")));
+        return Err(Error::value(format!(
+            "softcap: expected a finite value ≥ 0, got {softcap}"
+        )));
     }
     if !softmax_scale.is_finite() {
-        return Err(Error::value(format!("softmax_scale: expected a finite value, got {softmax_scale}")));
+        return Err(Error::value(format!(
+            "softmax_scale: expected a finite value, got {softmax_scale}"
+        )));
     }
     let lim = i32::MAX as usize;
     if sq > lim || sk > lim || q.numel() > (1usize << 62) {
         return Err(Error::value("q: sequence too long for the CUDA kernel"));
     }
-    Ok(FwdDims { b, sq, sk, hq, hk, hd, varlen })
+    Ok(FwdDims {
+        b,
+        sq,
+        sk,
+        hq,
+        hk,
+        hd,
+        varlen,
+    })
 }
 
 /// The kernel's parameters for a checked call.
@@ -241,7 +253,11 @@ pub fn plan(
     let (lse_sb, lse_sh, lse_ss) = match lse {
         None => (0, 0, 0),
         Some(l) if d.varlen => (0, l.strides[0] as i64, l.strides[1] as i64),
-        Some(l) => (l.strides[0] as i64, l.strides[1] as i64, l.strides[2] as i64),
+        Some(l) => (
+            l.strides[0] as i64,
+            l.strides[1] as i64,
+            l.strides[2] as i64,
+        ),
     };
     let (alibi_sb, alibi_sh) = match alibi {
         None => (0, 0),
@@ -286,7 +302,11 @@ pub fn plan(
         right: clamp(right),
         scale_log2: (softmax_scale * LOG2E) as f32,
         softcap: softcap as f32,
-        softcap_in: if softcap > 0.0 { (softmax_scale / softcap) as f32 } else { 0.0 },
+        softcap_in: if softcap > 0.0 {
+            (softmax_scale / softcap) as f32
+        } else {
+            0.0
+        },
         softcap_out: (softcap * LOG2E) as f32,
         vec_ok: vec_ok as i32,
         o_vec_ok: rows_aligned(out, 4) as i32,

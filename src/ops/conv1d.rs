@@ -179,7 +179,12 @@ pub fn check_conv_update(
                 )));
             }
             c.expect_shape(&[b], "(b,)")?;
-            if dev != Device::Cpu && !matches!(c.dtype, crate::tensor::DType::I32 | crate::tensor::DType::I64) {
+            if dev != Device::Cpu
+                && !matches!(
+                    c.dtype,
+                    crate::tensor::DType::I32 | crate::tensor::DType::I64
+                )
+            {
                 return Err(Error::type_(format!(
                     "cache_seqlens: expected an int32 or int64 tensor, got {}",
                     c.dtype.name()
@@ -277,8 +282,8 @@ mod py {
     use super::*;
     use crate::cpu::conv1d::{conv_backward, conv_forward, conv_update};
     use crate::cpu::SimdLevel;
-    use crate::error::catch_panic;
     use crate::cuda::conv1d::ConvParams;
+    use crate::error::catch_panic;
     use crate::tensor::{alloc, current_stream, extract, extract_opt, DType};
     use pyo3::prelude::*;
     use pyo3::types::{PyString, PyTuple};

@@ -2,9 +2,9 @@
 //! every backend; the `#[pyfunction]` bindings live beside them.
 
 pub mod attention;
+pub mod attention_cuda;
 pub mod conv1d;
-pub mod norm;
 pub mod hidden_attention;
+pub mod norm;
 pub mod scan;
 pub mod scan_bwd;
-pub mod attention_cuda;
