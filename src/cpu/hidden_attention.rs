@@ -21,6 +21,7 @@
 //! into the output; P ≤ threads, and P is lowered so the extra partials take
 //! at most `MEAN_BUDGET` bytes (P = 1 at worst: no extra memory).
 
+use super::scan::BcSrc;
 use super::simd::Simd;
 use super::SimdLevel;
 use crate::simd_dispatch;
@@ -32,14 +33,6 @@ const MAX_LANES: usize = 16;
 /// Bytes the per-thread partial means of reduce="mean" may take together.
 const MEAN_BUDGET: usize = 512 << 20;
 
-/// Where B (or C) comes from.
-pub enum HaBc {
-    /// (d, n) constant: float32 [d][n].
-    Const(Vec<f32>),
-    /// (b, g, n, l); the shared (b, n, l) layout is g = 1 with a zero group stride.
-    Var { raw: Raw<4>, groups: usize },
-}
-
 /// A validated hidden-attention problem (built by `ops::hidden_attention`).
 pub struct HaJob {
     pub b: usize,
@@ -50,8 +43,8 @@ pub struct HaJob {
     pub delta: Raw<3>,
     /// A as float32 [d][n].
     pub a: Vec<f32>,
-    pub bm: HaBc,
-    pub cm: HaBc,
+    pub bm: BcSrc,
+    pub cm: BcSrc,
     pub dbias: Option<Vec<f32>>,
     pub softplus: bool,
     /// Contiguous float32 output: (b, d, l, l), or (b, l, l) when `mean`.
@@ -105,7 +98,7 @@ impl Scratch {
 /// Fills `dst` ([l][np]) with B or C of (batch entry, channel); returns the
 /// cache key (None for constant B/C, which differ per channel).
 fn load_bc(
-    src: &HaBc,
+    src: &BcSrc,
     job: &HaJob,
     bi: usize,
     c: usize,
@@ -116,14 +109,14 @@ fn load_bc(
 ) {
     let (l, n) = (job.l, job.n);
     match src {
-        HaBc::Const(v) => {
+        BcSrc::Const(v) => {
             *key = None;
             let bc = &v[c * n..(c + 1) * n];
             for i in 0..l {
                 dst[i * np..i * np + n].copy_from_slice(bc);
             }
         }
-        HaBc::Var { raw, groups } => {
+        BcSrc::Var { raw, groups } => {
             let g = c / (job.d / groups);
             if *key == Some((bi, g)) {
                 return;

@@ -1,10 +1,11 @@
 //! `hidden_attention` (SPEC §4): argument checking and the kernel plan, shared
 //! by the CPU and CUDA backends.
 
-use crate::cpu::hidden_attention::{HaBc, HaJob};
+use super::scan::{bc_src, check_bc, check_common, ScanDims};
+use crate::cpu::hidden_attention::HaJob;
 use crate::cuda::hidden_attention::HaParams;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Device, Kind, Raw, TensorView};
+use crate::tensor::{DType, Device, TensorView};
 
 /// Largest supported state size (as the scan's).
 pub const MAX_N: usize = 256;
@@ -18,14 +19,8 @@ pub struct HaArgs<'a> {
     pub delta_bias: Option<&'a TensorView>,
 }
 
-/// Sizes of a validated call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HaDims {
-    pub b: usize,
-    pub d: usize,
-    pub l: usize,
-    pub n: usize,
-}
+/// Sizes of a validated call (the scan's: B and C have the scan's layouts).
+pub type HaDims = ScanDims;
 
 /// `reduce`: None or "mean"; returns whether to average over channels.
 pub fn parse_reduce(reduce: Option<&str>) -> Result<bool> {
@@ -38,37 +33,6 @@ pub fn parse_reduce(reduce: Option<&str>) -> Result<bool> {
     }
 }
 
-fn check_common(t: &TensorView, device: Device) -> Result<()> {
-    t.expect_float()?;
-    t.expect_nonempty()?;
-    t.expect_device(device, "delta")
-}
-
-/// Checks B or C: (d, n) constant, (b, n, l) shared or (b, g, n, l) grouped.
-fn check_bc(t: &TensorView, dims: HaDims) -> Result<()> {
-    let HaDims { b, d, l, n } = dims;
-    match t.ndim() {
-        2 => t.expect_shape(&[d, n], "(d, n)"),
-        3 => t.expect_shape(&[b, n, l], "(b, n, l)"),
-        4 => {
-            let g = t.shape[1];
-            if g == 0 || d % g != 0 {
-                return Err(Error::value(format!(
-                    "{}: the number of groups g = {g} (dimension 1 of shape {}) must divide d = {d}",
-                    t.name,
-                    t.shape_str()
-                )));
-            }
-            t.expect_shape(&[b, g, n, l], "(b, g, n, l)")
-        }
-        r => Err(Error::value(format!(
-            "{}: expected shape (d, n), (b, n, l) or (b, g, n, l), got a {r}-d tensor of shape {}",
-            t.name,
-            t.shape_str()
-        ))),
-    }
-}
-
 /// Validates every argument; returns the sizes.
 pub fn check(a: &HaArgs) -> Result<HaDims> {
     let delta = a.delta;
@@ -77,7 +41,7 @@ pub fn check(a: &HaArgs) -> Result<HaDims> {
     delta.expect_nonempty()?;
     let dev = delta.device;
     let (b, d, l) = (delta.shape[0], delta.shape[1], delta.shape[2]);
-    check_common(a.a, dev)?;
+    check_common(a.a, dev, "delta")?;
     a.a.expect_rank(2, "(d, n)")?;
     if a.a.shape[0] != d {
         return Err(Error::value(format!(
@@ -94,55 +58,18 @@ pub fn check(a: &HaArgs) -> Result<HaDims> {
     }
     let dims = HaDims { b, d, l, n };
     for t in [a.b, a.c] {
-        check_common(t, dev)?;
+        check_common(t, dev, "delta")?;
         check_bc(t, dims)?;
     }
     if let Some(t) = a.delta_bias {
-        check_common(t, dev)?;
+        check_common(t, dev, "delta")?;
         t.expect_shape(&[d], "(d,)")?;
     }
     Ok(dims)
 }
 
-/// Device limits (before any allocation): CUDA takes torch tensors, no float64 delta.
-pub fn check_backend(t: &TensorView) -> Result<()> {
-    if let Device::Cuda(_) = t.device {
-        if t.kind != Kind::Torch {
-            return Err(Error::type_(format!(
-                "{}: CUDA arrays are supported as torch tensors; convert with torch.from_dlpack",
-                t.name
-            )));
-        }
-        if t.dtype == DType::F64 {
-            return Err(Error::type_(format!(
-                "{}: float64 is supported on the CPU only; use float32, float16 or bfloat16 on CUDA",
-                t.name
-            )));
-        }
-    }
-    Ok(())
-}
-
-fn bc_src(t: &TensorView) -> HaBc {
-    match t.ndim() {
-        2 => HaBc::Const(t.to_f32_vec()),
-        3 => {
-            let s = &t.strides;
-            HaBc::Var {
-                raw: Raw {
-                    ptr: t.ptr,
-                    dtype: t.dtype,
-                    strides: [s[0], 0, s[1], s[2]],
-                },
-                groups: 1,
-            }
-        }
-        _ => HaBc::Var {
-            raw: t.raw::<4>(),
-            groups: t.shape[1],
-        },
-    }
-}
+/// Device limits (before any allocation): as the scan's.
+pub use super::scan::check_backend;
 
 /// The CPU plan; `out` is the contiguous float32 output we allocated.
 pub fn plan(a: &HaArgs, dims: HaDims, softplus: bool, mean: bool, out: &TensorView) -> HaJob {

@@ -28,7 +28,7 @@ pub struct ScanDims {
     pub n: usize,
 }
 
-fn check_common(t: &TensorView, device: Device, of: &str) -> Result<()> {
+pub(crate) fn check_common(t: &TensorView, device: Device, of: &str) -> Result<()> {
     t.expect_float()?;
     t.expect_nonempty()?;
     t.expect_device(device, of)
@@ -44,7 +44,7 @@ fn check_channel_vec(t: Option<&TensorView>, d: usize, device: Device) -> Result
 }
 
 /// Checks B or C of a scan and returns its number of groups (0 = constant).
-fn check_bc(t: &TensorView, dims: ScanDims) -> Result<usize> {
+pub(crate) fn check_bc(t: &TensorView, dims: ScanDims) -> Result<usize> {
     let ScanDims { b, d, l, n } = dims;
     match t.ndim() {
         2 => {
@@ -126,7 +126,7 @@ pub fn check_scan(a: &ScanArgs) -> Result<ScanDims> {
     Ok(dims)
 }
 
-fn bc_src(t: &TensorView) -> BcSrc {
+pub(crate) fn bc_src(t: &TensorView) -> BcSrc {
     match t.ndim() {
         2 => BcSrc::Const(t.to_f32_vec()),
         3 => {
