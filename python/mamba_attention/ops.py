@@ -20,6 +20,21 @@ from . import _core
 __all__ = ["selective_scan_fn", "selective_state_update", "rms_norm_fn", "swiglu"]
 
 
+def _needs_autograd(first, tensors):
+    """Whether torch tensors must go through the differentiable custom ops of
+    ``_autograd``: gradients wanted, or a torch.compile trace. Everything else
+    calls the kernels directly, the lowest-latency path. torch is never imported
+    here: if the caller has not imported it, no argument can be a torch.Tensor."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(first, torch.Tensor):
+        return False
+    return torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
+    )
+
+
 def selective_scan_fn(
     u,
     delta,
@@ -48,24 +63,13 @@ def selective_scan_fn(
     Returns ``out`` (b, d, l) in u's dtype, and with ``return_last_state`` also
     ``last_state`` = h_l, (b, d, n) float32.
     """
-    # torch tensors that need gradients (or are being traced by torch.compile)
-    # go through the differentiable custom op; everything else calls the
-    # kernel directly, the lowest-latency path. torch is never imported here:
-    # if the caller has not imported it, no argument can be a torch.Tensor.
-    import sys
+    if _needs_autograd(u, (u, delta, A, B, C, D, z, delta_bias, initial_state)):
+        from ._autograd import selective_scan
 
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(u, torch.Tensor):
-        args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-        if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in args)
-        ):
-            from ._autograd import selective_scan
-
-            return selective_scan(
-                u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                initial_state,
-            )
+        return selective_scan(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+            initial_state,
+        )
     return _core.selective_scan_fwd(
         u,
         delta,
@@ -236,18 +240,6 @@ def causal_conv1d_update(
 __all__ += ["causal_conv1d_fn", "causal_conv1d_update"]
 
 
-def _torch_grad_path(first, tensors):
-    """Whether torch tensors must go through the differentiable custom op:
-    gradients wanted, or torch.compile tracing."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is None or not isinstance(first, torch.Tensor):
-        return False
-    return torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
-    )
-
 
 def _rows(t, h, name):
     """``t`` as a (rows, h) view (a copy only where the strides do not allow one)."""
@@ -281,7 +273,7 @@ def rms_norm_fn(x, weight, bias=None, residual=None, prenorm=False, residual_in_
         # that names the argument and says what was expected.
         return _core.rms_norm_fwd(x, weight, bias, residual, float(eps), False, False)[0]
     x2, r2 = _rows(x, h, "x"), _rows(residual, h, "residual")
-    if _torch_grad_path(x, (x, weight, bias, residual)):
+    if _needs_autograd(x, (x, weight, bias, residual)):
         from ._autograd import rms_norm
 
         out, res = rms_norm(x2, weight, bias, r2, float(eps), bool(residual_in_fp32),
@@ -309,7 +301,7 @@ def swiglu(gate, up):
         )
     cols = shape[-1]
     g2, u2 = gate.reshape(-1, cols), up.reshape(-1, cols)
-    if _torch_grad_path(gate, (gate, up)):
+    if _needs_autograd(gate, (gate, up)):
         from ._autograd import swiglu_op
 
         return swiglu_op(g2, u2).reshape(shape)
@@ -346,19 +338,6 @@ def _check_dropout(dropout_p):
         raise ValueError(
             f"dropout_p: only 0.0 is supported (attention dropout is not implemented), got {dropout_p}"
         )
-
-
-def _attn_needs_autograd(q, k, v):
-    """torch tensors that need gradients, or a torch.compile trace: go through the
-    differentiable custom ops of ``_autograd``."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is None or not isinstance(q, torch.Tensor):
-        return False
-    if torch.compiler.is_compiling():
-        return True
-    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k, v))
 
 
 def _on_cuda(q):
@@ -413,7 +392,7 @@ def _cuda_attention(op, q, k, v, softmax_scale, causal, window_size, softcap, al
 
     import torch
 
-    if _attn_needs_autograd(q, k, v):
+    if _needs_autograd(q, (q, k, v)):
         if varlen is not None:
             raise RuntimeError(
                 f"{op}: q is on {q.device} and gradients are required, but the CUDA "
@@ -490,7 +469,7 @@ def flash_attn_func(
     if _on_cuda(q):
         out, lse = _cuda_attention("flash_attn_func", q, k, v, softmax_scale, causal,
                                    window_size, softcap, alibi_slopes)
-    elif _attn_needs_autograd(q, k, v):
+    elif _needs_autograd(q, (q, k, v)):
         from ._autograd import flash_attn
 
         out, lse = flash_attn(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
@@ -537,7 +516,7 @@ def flash_attn_varlen_func(
                                    window_size, softcap, alibi_slopes,
                                    varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                            max_seqlen_k))
-    elif _attn_needs_autograd(q, k, v):
+    elif _needs_autograd(q, (q, k, v)):
         from ._autograd import flash_attn_varlen
 
         out, lse = flash_attn_varlen(
