@@ -289,3 +289,176 @@ def test_samba_configs():
 
 def test_numpy_is_not_needed_here():
     assert np is not None
+
+
+# ------------------------------------------------------ decoding on CUDA (graphs)
+
+from conftest import cuda_only  # noqa: E402
+
+
+@cuda_only
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_ring_cache_cuda_stream(target, dt):
+    """The CUDA ring paths (one token: write-then-attend over the ring with the
+    position on the device; several: the torch formula) over a 60-token stream with
+    window 8 equal sliding-window attention over the whole stream, with and without
+    softcap/ALiBi; the device position follows ``pos``."""
+    from mamba_attention import SlidingWindowKVCache, flash_attn_func
+
+    b, total, hq, hk, hd, w = 2, 60, 6, 2, 16, 8
+    torch.manual_seed(11)
+    q, k, v = (torch.randn(b, total, h, hd, device="cuda").to(dt) for h in (hq, hk, hk))
+    slopes = torch.rand(hq, device="cuda")
+    for kw in (dict(), dict(alibi_slopes=slopes, softcap=3.0, softmax_scale=0.3)):
+        cache = SlidingWindowKVCache(b, w, hk, hd, dtype=dt, device="cuda")
+        outs, t = [], 0
+        for n in [1, 1, 1, 3, 1, 9, 1, 1, 2] * 10:
+            n = min(n, total - t)
+            if n == 0:
+                break
+            outs.append(cache.append_and_attend(q[:, t:t + n], k[:, t:t + n], v[:, t:t + n], **kw))
+            t += n
+            assert cache.pos == t and int(cache._pos_t) == t
+        got = torch.cat(outs, 1)
+        ckw = {**kw, "alibi_slopes": slopes.cpu()} if kw else {}
+        want = flash_attn_func(q.cpu().float(), k.cpu().float(), v.cpu().float(), causal=True,
+                               window_size=(w - 1, 0), **ckw)
+        assert_close(got, want.double(), "float32" if dt == torch.float32 else "bfloat16", "ring")
+    with pytest.raises(TypeError, match="k"):
+        cache.append_and_attend(q[:, :1], k[:, :1].half(), v[:, :1])
+    with pytest.raises(ValueError, match="k"):
+        cache.append_and_attend(q[:, :1], k[:, :1, :1], v[:, :1])
+    assert cache.pos == t
+    cache.pos = 3
+    assert int(cache._pos_t) == 3 and cache.positions(2).tolist() == [3, 4]
+
+
+@cuda_only
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])  # the CUDA attention dtypes
+def test_samba_cuda_graph_step_matches_eager_and_forward(target, dt):
+    """A step replayed from a CUDA graph equals ``Samba.step`` and the parallel
+    forward, past the window; capturing leaves the cache untouched."""
+    model = _tiny_samba("cuda", dt, window=4).eval()
+    ids = torch.randint(0, 50, (3, 13), device="cuda")
+    with torch.no_grad():
+        full = model(ids)
+        eager_cache, cache = model.allocate_inference_cache(3), model.allocate_inference_cache(3)
+        step = model.capture_step(cache)
+        assert all(blk[2].pos == 0 and int(blk[2]._pos_t) == 0 for blk in cache)
+        assert all(not blk[1].any() and not blk[2].k.any() for blk in cache)
+        got, eager = [], []
+        for t in range(13):
+            got.append(step(ids[:, t:t + 1]))
+            eager.append(model.step(ids[:, t:t + 1], eager_cache))
+        got, eager = torch.cat(got, 1), torch.cat(eager, 1)
+    sync()
+    assert all(blk[2].pos == 13 and int(blk[2]._pos_t) == 13 for blk in cache)
+    tol = "float16" if dt == torch.float16 else "bfloat16"
+    assert_close(got, eager.double(), tol, "graph vs eager")
+    assert_close(got, full.double(), tol, "graph vs forward")
+    with pytest.raises(ValueError, match="input_ids"):
+        step(ids[:2, :1])
+    out = model.generate(ids[:, :5], 4)  # graphs by default on CUDA
+    assert torch.equal(out, model.generate(ids[:, :5], 4, cuda_graph=False))
+
+
+def test_samba_graph_step_needs_cuda():
+    model = _tiny_samba("cpu", torch.float32)
+    with pytest.raises(ValueError, match="model"):
+        model.capture_step(model.allocate_inference_cache(1))
+    with pytest.raises(ValueError, match="cuda_graph"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 1, cuda_graph=True)
+
+
+# ------------------------------------------------------------------ fused rotary
+
+def _rot64(x, pos, base=10000.0, sign=1.0):
+    hd = x.shape[-1]
+    inv = base ** (-torch.arange(hd // 2, dtype=torch.float64) * 2 / hd)
+    ang = pos.double().cpu()[:, None] * inv[None] * sign
+    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
+    xd = x.double().cpu()
+    x1, x2 = xd[..., :hd // 2], xd[..., hd // 2:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,l,hq,hk,hd", [(1, 1, 1, 1, 2), (2, 17, 6, 2, 16), (3, 40, 4, 1, 64),
+                                          (1, 9, 2, 2, 256)])
+def test_apply_rotary_qk(dt, b, l, hq, hk, hd):
+    """apply_rotary_qk (one CUDA kernel for q and k; the torch formula on the CPU)
+    against the float64 rotation, from strided projection views, with gradients
+    (the rotation by the opposite angle)."""
+    from mamba_attention.nn.attention import apply_rotary_qk
+
+    dev = target_device()
+    if dev == "cpu" and dt != torch.float32:
+        pytest.skip("the CPU path is the torch formula; dtypes are covered on CUDA")
+    torch.manual_seed(12)
+    proj = torch.randn(b, l, (hq + 2 * hk) * hd, device=dev).to(dt)
+    q = proj[..., :hq * hd].view(b, l, hq, hd).requires_grad_(False)
+    k = proj[..., hq * hd:(hq + hk) * hd].view(b, l, hk, hd)
+    pos = torch.randint(0, 300, (l,), device=dev)  # float32 angles: see the next test
+    tol = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dt]
+    qo, ko = apply_rotary_qk(q, k, pos)
+    sync()
+    assert qo.dtype == dt and qo.is_contiguous() and qo.shape == q.shape
+    assert_close(qo, _rot64(q, pos), tol, "q")
+    assert_close(ko, _rot64(k, pos), tol, "k")
+    # Gradients: d/dx <rot(x), g> = rot(g, −angle).
+    qg, kg = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    qo, ko = apply_rotary_qk(qg, kg, pos.int())  # int32 positions too
+    torch.autograd.backward((qo, ko), (gq, gk))
+    sync()
+    assert_close(qg.grad, _rot64(gq, pos, sign=-1.0), tol, "dq")
+    assert_close(kg.grad, _rot64(gk, pos, sign=-1.0), tol, "dk")
+
+
+def test_apply_rotary_qk_long_positions_and_ops():
+    """At positions past 2^16 the float32 angle rounding is the formula's own: the
+    kernel equals the torch formula (apply_rotary) to float32 rounding. opcheck and
+    torch.compile pass."""
+    from mamba_attention._autograd import rotary_qk_op
+    from mamba_attention.nn.attention import apply_rotary_qk, rotary_inv_freq
+
+    dev = target_device()
+    torch.manual_seed(13)
+    q, k = torch.randn(2, 33, 4, 32, device=dev), torch.randn(2, 33, 2, 32, device=dev)
+    pos = torch.arange(70000, 70033, device=dev)
+    qo, ko = apply_rotary_qk(q, k, pos)
+    assert (qo - apply_rotary(q, pos)).abs().max() < 1e-5
+    assert (ko - apply_rotary(k, pos)).abs().max() < 1e-5
+    inv = rotary_inv_freq(32, device=dev)
+    for conj in (False, True):
+        torch.library.opcheck(rotary_qk_op, (q.requires_grad_(), k.requires_grad_(), pos, inv,
+                                             conj))
+    # Compiled, θ may be computed by a generated kernel (pow rounding differs by an
+    # ulp, which large positions amplify): compare at small positions.
+    small = pos - 70000
+    f = torch.compile(lambda a, b: apply_rotary_qk(a, b, small), fullgraph=True)
+    qc, kc = f(q.detach(), k.detach())
+    qe, ke = apply_rotary_qk(q.detach(), k.detach(), small)
+    assert (qc - qe).abs().max() < 1e-5 and (kc - ke).abs().max() < 1e-5
+
+
+def test_rotary_cuda_errors():
+    from mamba_attention import _core
+
+    q, k = torch.randn(1, 3, 2, 8), torch.randn(1, 3, 1, 8)
+    pos, inv = torch.arange(3), torch.ones(4)
+    with pytest.raises(ValueError, match="q: .*CUDA"):
+        _core._rotary_cuda(q, k, pos, inv, False)
+    if target_device() != "cuda":
+        return
+    q, k, pos, inv = q.cuda(), k.cuda(), pos.cuda(), inv.cuda()
+    with pytest.raises(TypeError, match="positions"):
+        _core._rotary_cuda(q, k, pos.float(), inv, False)
+    with pytest.raises(ValueError, match="k"):
+        _core._rotary_cuda(q, k[:, :2], pos, inv, False)
+    with pytest.raises(TypeError, match="k"):
+        _core._rotary_cuda(q, k.half(), pos, inv, False)
+    with pytest.raises(ValueError, match="inv_freq"):
+        _core._rotary_cuda(q, k, pos, inv[:3], False)
+    with pytest.raises(ValueError, match="head_dim"):
+        _core._rotary_cuda(q[..., :7], k[..., :7], pos, inv, False)

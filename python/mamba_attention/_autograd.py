@@ -492,3 +492,58 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         _float_opt("softmax_scale", softmax_scale), bool(causal), wl, wr,
         _float_opt("softcap", softcap) or 0.0, alibi_slopes,
     )
+# ------------------------------------------------------------ rotary (SPEC §5)
+#
+# ``mamba_attention::rotary_qk`` -> (q_out, k_out): NeoX rotary embedding of q
+# and k; one kernel launch for both on CUDA (kernels/rotary.cu), the torch
+# formula on the CPU. Its gradient is the same rotation by the opposite angle.
+
+__all__ += ["rotary_qk", "rotary_torch"]
+
+
+def rotary_torch(x: Tensor, positions: Tensor, inv_freq: Tensor, conj: bool = False) -> Tensor:
+    """The rotary formula in torch ops, float32 arithmetic, x's dtype out."""
+    half = x.shape[-1] // 2
+    ang = positions.to(device=x.device, dtype=_F32)[:, None] * inv_freq[None, :]
+    cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
+    if conj:
+        sin = -sin
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+@torch.library.custom_op("mamba_attention::rotary_qk", mutates_args=())
+def rotary_qk_op(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor,
+                 conj: bool) -> Tuple[Tensor, Tensor]:
+    if q.device.type == "cuda":
+        qo, ko = _core._rotary_cuda(q, k, positions, inv_freq, conj)
+        return qo, ko
+    return (rotary_torch(q, positions, inv_freq, conj),
+            rotary_torch(k, positions, inv_freq, conj))
+
+
+@rotary_qk_op.register_fake
+def _(q, k, positions, inv_freq, conj):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _rotary_setup(ctx, inputs, output):
+    _, _, positions, inv_freq, conj = inputs
+    ctx.save_for_backward(positions, inv_freq)
+    ctx.conj = conj
+
+
+def _rotary_backward(ctx, dq, dk):
+    positions, inv_freq = ctx.saved_tensors
+    dq, dk = torch.ops.mamba_attention.rotary_qk(dq, dk, positions,
+                                                 inv_freq, not ctx.conj)
+    return dq, dk, None, None, None
+
+
+rotary_qk_op.register_autograd(_rotary_backward, setup_context=_rotary_setup)
+
+
+def rotary_qk(q, k, positions, inv_freq):
+    """Rotary embedding of q (b, l, hq, hd) and k (b, l, hk, hd) through the custom op."""
+    return torch.ops.mamba_attention.rotary_qk(q, k, positions, inv_freq, False)

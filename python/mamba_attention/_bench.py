@@ -1250,20 +1250,47 @@ def _samba_block_workload(wid, device, b, l, cfg_name, dtype, backward, **overri
     )
 
 
+def _samba_decode_floor_ms(c, b, dtype):
+    """H100 bytes floor of one decode step: every weight read once (the tied LM head
+    counted once, the embedding rows not at all) plus the caches (the ring buffers'
+    keys/values, the conv state and the float32 SSM state) read and written."""
+    try:
+        import torch
+
+        from .nn import Samba
+    except ImportError:
+        return None
+    with torch.device("meta"):
+        model = Samba(c, dtype=getattr(torch, dtype))
+    item = _ITEMSIZE[dtype]
+    weights = sum(p.numel() for p in model.parameters()) * item
+    blk = model.blocks[0]
+    e, n = blk.mamba.d_inner, blk.mamba.d_state
+    ring = 2 * b * c.window_size * (c.n_kv_heads or c.n_heads) * blk.swa.head_dim * item
+    states = b * e * (c.d_conv * item + 2 * 4 * n)
+    return 1e3 * (weights + c.n_blocks * (ring + states)) / REFERENCE_MACHINES["cuda"]["mem_bytes_per_s"]
+
+
 def _samba_decode_workload(wid, device, context, b=16, cfg_name="samba-1.7b", n_blocks=2,
                            dtype="bfloat16"):
     """Per-token decode time of a Samba stack at a given context length: the caches
     are brought to the state after ``context`` tokens (Mamba states and a full ring
-    buffer of random keys/values at position ``context``), then one ``step`` is timed.
+    buffer of random keys/values at position ``context``), then one step is timed.
+    Ours is the step captured in a CUDA graph (``Samba.capture_step``); the peer
+    "eager step (ours)" is ``Samba.step`` run from Python on a copy of the caches.
+    Each call first rewinds the position to ``context`` (the states still evolve).
     Constant memory means the time should not depend on ``context``."""
+
+    from .nn import SAMBA_CONFIGS
+
+    c = SAMBA_CONFIGS[cfg_name]
+    c = type(c)(**{**c.__dict__, "n_blocks": n_blocks})
 
     def setup():
         import torch
 
-        from .nn import SAMBA_CONFIGS, Samba
+        from .nn import Samba
 
-        c = SAMBA_CONFIGS[cfg_name]
-        c = type(c)(**{**c.__dict__, "n_blocks": n_blocks})
         tdt = getattr(torch, dtype)
         torch.manual_seed(0)
         model = Samba(c, device=device, dtype=tdt).eval()
@@ -1275,22 +1302,67 @@ def _samba_decode_workload(wid, device, context, b=16, cfg_name="samba-1.7b", n_
             kv.k.normal_()
             kv.v.normal_()
             kv.pos = context
+        eager_cache = model.allocate_inference_cache(b)
+        for mine, theirs in zip(cache, eager_cache):
+            for t, u in zip(mine[:2], theirs[:2]):
+                u.copy_(t)
+            theirs[2].k.copy_(mine[2].k)
+            theirs[2].v.copy_(mine[2].v)
+            theirs[2].pos = context
         ids = torch.randint(0, c.vocab_size, (b, 1), device=device)
+        graph_step = model.capture_step(cache)
 
         def ours():
-            pos = [blk[2].pos for blk in cache]
-            out = model.step(ids, cache)
-            for blk, p in zip(cache, pos):
-                blk[2].pos = p  # every call decodes at the same context
-            return out
+            for blk in cache:
+                blk[2].pos = context
+            return graph_step(ids)
 
-        return {"ours": ours}
+        def eager():
+            for blk in eager_cache:
+                blk[2].pos = context
+            return model.step(ids, eager_cache)
+
+        return {"ours": ours, "eager step (ours)": eager}
 
     return Workload(
         id=wid, device=device,
         description=f"Samba decode step ({cfg_name} sizes, {n_blocks} blocks) b{b} {dtype} "
-                    f"at context {context}",
+                    f"at context {context}, CUDA graph",
         setup=setup,
+        floor_ms=_samba_decode_floor_ms(c, b, dtype),
+        floor_note="H100 estimate: weights + caches read once",
+        rtol=6e-2,
+    )
+
+
+def _rotary_workload(wid, device, b=4, l=4096, hq=32, hk=4, hd=64, dtype="bfloat16"):
+    """Rotary embedding of q and k from the strided views of one fused projection
+    output (as SlidingWindowAttention has them), forward: ours (one kernel) against
+    the torch formula applied to q and to k."""
+
+    def setup():
+        import torch
+
+        from ._autograd import rotary_torch
+        from .nn.attention import apply_rotary_qk, rotary_inv_freq
+
+        torch.manual_seed(0)
+        proj = torch.randn(b, l, (hq + hk) * hd, device=device, dtype=getattr(torch, dtype))
+        q = proj[..., :hq * hd].view(b, l, hq, hd)
+        k = proj[..., hq * hd:].view(b, l, hk, hd)
+        pos = torch.arange(l, device=device)
+        inv = rotary_inv_freq(hd, device=device)
+        return {"ours": lambda: apply_rotary_qk(q, k, pos),
+                "torch formula": lambda: (rotary_torch(q, pos, inv), rotary_torch(k, pos, inv))}
+
+    nbytes = 2 * b * l * (hq + hk) * hd * _ITEMSIZE[dtype]
+    return Workload(
+        id=wid, device=device,
+        description=f"rotary q,k b{b} l{l} hq{hq} hk{hk} hd{hd} {dtype}, strided inputs",
+        setup=setup,
+        floor_ms=1e3 * nbytes / REFERENCE_MACHINES[device]["mem_bytes_per_s"],
+        floor_note="H100 estimate: q, k read + written once",
+        rtol=_DTYPE_RTOL[dtype],
     )
 
 
@@ -1305,4 +1377,5 @@ def hybrid_workloads() -> List[Workload]:
         _samba_decode_workload("G11-1k", "cuda", 1024),
         _samba_decode_workload("G11-16k", "cuda", 16384),
         _samba_decode_workload("G11-64k", "cuda", 65536),
+        _rotary_workload("GR1", "cuda"),
     ]

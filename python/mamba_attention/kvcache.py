@@ -6,10 +6,13 @@ only ever needs the last ``window`` keys and values, so the cache holds exactly
 that many per batch entry, overwritten in a ring: position p lives in slot
 p mod window. Decoding memory is independent of the context length.
 
-Each :meth:`SlidingWindowKVCache.append_and_attend` call runs one Rust kernel
-(``_core.attention_ring``) that attends the new queries over the ring's entries
-and the new keys (in their true positions, so ALiBi distances are exact), then
-writes the new keys/values into the ring.
+On the CPU each :meth:`SlidingWindowKVCache.append_and_attend` call runs one
+Rust kernel (``_core.attention_ring``) that attends the new queries over the
+ring's entries and the new keys (in their true positions, so ALiBi distances
+are exact), then writes the new keys/values into the ring. On CUDA a one-token
+step writes the new key/value into its slot and runs one masked attention over
+the ring, with the position kept on the device (CUDA-graph capturable); several
+tokens at once take a torch formula.
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ class SlidingWindowKVCache:
 
     Attributes:
         k, v: the ring buffers (b, W, hk, hd); slot ``p % W`` holds position p.
-        pos: the number of tokens appended so far (the next token's position).
+        pos: the number of tokens appended so far (the next token's position);
+            assignable (``cache.pos = p`` rewinds or fast-forwards).
+
+    On CUDA a one-token step synchronises nothing with the host and keeps every
+    shape static, so ``Samba.capture_step`` can record it in a CUDA graph.
     """
 
     def __init__(self, batch, window, n_kv_heads, head_dim, dtype="float32", device=None):
@@ -61,11 +68,40 @@ class SlidingWindowKVCache:
             self.k = np.zeros(shape, dtype=dtype)
             self.v = np.zeros(shape, dtype=dtype)
         self.window = window
-        self.pos = 0
+        # On CUDA the position also lives on the device (``_pos_t``), so that a
+        # decoding step reads and advances it without a host round trip and can be
+        # captured in a CUDA graph; ``pos`` mirrors it on the host.
+        self._pos_t = None
+        if torch is not None and self.k.device.type == "cuda":
+            self._pos_t = torch.zeros((), dtype=torch.int64, device=self.k.device)
+        self._pos = 0
+
+    @property
+    def pos(self):
+        """The number of tokens appended so far (the next token's position)."""
+        return self._pos
+
+    @pos.setter
+    def pos(self, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"pos: expected an int ≥ 0, got {value!r}")
+        self._pos = value
+        if self._pos_t is not None:
+            self._pos_t.fill_(value)
 
     def reset(self):
         """Forget every token (the buffers are reused)."""
         self.pos = 0
+
+    def positions(self, n):
+        """The positions of the next ``n`` tokens as an int64 tensor (on the device of
+        the buffers; computed there from the device-side position on CUDA, so it is
+        valid inside a captured CUDA graph)."""
+        import torch
+
+        if self._pos_t is not None:
+            return self._pos_t + torch.arange(n, device=self._pos_t.device)
+        return torch.arange(self._pos, self._pos + n)
 
     def append_and_attend(self, q, k, v, softmax_scale=None, softcap=0.0, alibi_slopes=None):
         """Appends n new tokens and returns their attention output.
@@ -80,13 +116,86 @@ class SlidingWindowKVCache:
 
         Returns ``out`` (b, n, hq, hd); ``pos`` advances by n.
         """
+        n = q.shape[1]
         if getattr(getattr(q, "device", None), "type", None) == "cuda":
-            out = self._attend_torch(q, k, v, softmax_scale, softcap, alibi_slopes)
+            self._check_torch_step(q, k, v, softcap)
+            if n == 1 and self._pos_t is not None and q.device == self.k.device:
+                out = self._decode_one_cuda(q, k, v, softmax_scale, softcap, alibi_slopes)
+            else:
+                out = self._attend_torch(q, k, v, softmax_scale, softcap, alibi_slopes)
+                if self._pos_t is not None:
+                    self._pos_t.add_(n)
         else:
-            out, _ = _core.attention_ring(q, self.k, self.v, k, v, self.pos, softmax_scale,
+            out, _ = _core.attention_ring(q, self.k, self.v, k, v, self._pos, softmax_scale,
                                           softcap, alibi_slopes)
-        self.pos += q.shape[1]
+        self._pos += n
         return out
+
+    def _check_torch_step(self, q, k, v, softcap):
+        """The argument checks of the Rust ring kernel, for the CUDA paths."""
+        b, w, hk, hd = self.k.shape
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not hasattr(t, "dim") or t.dim() != 4:
+                raise ValueError(f"{name}: expected a 4-D tensor (b, n, heads, head_dim), got "
+                                 f"{getattr(t, 'shape', type(t).__name__)}")
+            if t.dtype != self.k.dtype:
+                raise TypeError(f"{name}: expected dtype {self.k.dtype} (the cache's), got {t.dtype}")
+            if t.device != self.k.device:
+                raise ValueError(f"{name}: expected a tensor on {self.k.device} (the cache's), "
+                                 f"got {t.device}")
+        n, hq = q.shape[1], q.shape[2]
+        want = (b, n, hk, hd)
+        for name, t in (("k", k), ("v", v)):
+            if tuple(t.shape) != want:
+                raise ValueError(f"{name}: expected shape {want} (b, n from q; kv heads and "
+                                 f"head_dim from k_ring), got {tuple(t.shape)}")
+        if tuple(q.shape) != (b, n, hq, hd) or n < 1 or hq % hk:
+            raise ValueError(f"q: expected shape ({b}, n ≥ 1, a multiple of {hk} heads, {hd}), "
+                             f"got {tuple(q.shape)}")
+        if softcap < 0:
+            raise ValueError(f"softcap: expected a float ≥ 0, got {softcap}")
+
+    def _decode_one_cuda(self, q, k, v, softmax_scale, softcap, alibi_slopes):
+        """One new token on CUDA with no host synchronisation and static shapes (so a
+        step can be captured in a CUDA graph): the token's k/v are first written into
+        slot p mod W (that slot held position p − W, which has just left the window),
+        then the query attends over the W ring slots, slot s holding position
+        p − ((p − s) mod W), masked where that position is negative (not written yet).
+        The query heads of one kv head share the keys and the mask, so they are
+        folded into the query length of one SDPA call (GQA without repeated K/V)."""
+        import math
+
+        import torch
+        import torch.nn.functional as F
+
+        b, _, hq, hd = q.shape
+        hk, w = k.shape[2], self.window
+        rep = hq // hk
+        p = self._pos_t
+        slot = torch.remainder(p, w).view(1)
+        self.k.index_copy_(1, slot, k)
+        self.v.index_copy_(1, slot, v)
+        s = torch.arange(w, device=q.device)
+        dist = torch.remainder(p - s, w)  # p − (position held by slot s)
+        valid = dist <= p
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(hd)
+        qg = q.view(b, hk, rep, hd)  # (b, 1, hq, hd) with hq = hk·rep, head-major
+        kr, vr = self.k.transpose(1, 2), self.v.transpose(1, 2)  # (b, hk, W, hd)
+        if softcap or alibi_slopes is not None:
+            sc = torch.einsum("bgrd,bgwd->bgrw", qg.float(), kr.float()) * scale
+            if softcap:
+                sc = softcap * torch.tanh(sc / softcap)
+            if alibi_slopes is not None:
+                sl = alibi_slopes.float().to(q.device)
+                sl = sl.view(1, hk, rep, 1) if sl.dim() == 1 else sl.view(b, hk, rep, 1)
+                sc = sc - sl * dist.float()
+            sc = sc.masked_fill(~valid, float("-inf"))
+            o = torch.einsum("bgrw,bgwd->bgrd", torch.softmax(sc, -1), vr.float()).to(q.dtype)
+        else:
+            o = F.scaled_dot_product_attention(qg, kr, vr, attn_mask=valid.view(1, 1, 1, w),
+                                               scale=scale)
+        p.add_(1)
+        return o.reshape(b, 1, hq, hd)
 
     def _attend_torch(self, q, k, v, softmax_scale, softcap, alibi_slopes):
         """The CUDA path until a ring kernel exists there: the same semantics in torch

@@ -9,6 +9,7 @@ pub mod conv1d;
 pub mod hidden_attention;
 pub mod norm;
 pub mod nvrtc;
+pub mod rotary;
 pub mod scan;
 pub mod scan_bwd;
 
@@ -34,6 +35,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../kernels/selective_state_update.cu"),
     ),
     ("norm", include_str!("../../kernels/norm.cu")),
+    ("rotary", include_str!("../../kernels/rotary.cu")),
     (
         "selective_scan_bwd",
         include_str!("../../kernels/selective_scan_bwd.cu"),

@@ -6,5 +6,6 @@ pub mod attention_cuda;
 pub mod conv1d;
 pub mod hidden_attention;
 pub mod norm;
+pub mod rotary;
 pub mod scan;
 pub mod scan_bwd;

@@ -7,7 +7,7 @@ from .attention import MambaAttention, SlidingWindowAttention
 from .inference import InferenceParams
 from .layers import GatedMLP, RMSNorm
 from .mamba import Mamba
-from .samba import SAMBA_CONFIGS, Samba, SambaBlock, SambaConfig
+from .samba import SAMBA_CONFIGS, Samba, SambaBlock, SambaConfig, SambaGraphStep
 
 __all__ = [
     "InferenceParams",
@@ -20,4 +20,5 @@ __all__ = [
     "Samba",
     "SambaConfig",
     "SAMBA_CONFIGS",
+    "SambaGraphStep",
 ]

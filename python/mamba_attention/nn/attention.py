@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MambaAttention", "SlidingWindowAttention", "apply_rotary"]
+__all__ = ["MambaAttention", "SlidingWindowAttention", "apply_rotary", "apply_rotary_qk",
+           "rotary_inv_freq"]
 
 
 def _flash_attn_func(*args, **kwargs):
@@ -129,30 +130,47 @@ class MambaAttention(nn.Module):
                 f"causal={self.causal}, batch_first={self.batch_first}")
 
 
+def rotary_inv_freq(head_dim, base=10000.0, device=None):
+    """θ_i = base^(−2i/head_dim) for i < head_dim/2, float32."""
+    return base ** (-torch.arange(head_dim // 2, device=device, dtype=torch.float32) * 2.0
+                    / head_dim)
+
+
 def apply_rotary(x, positions, base=10000.0):
     """NeoX-style rotary embedding over the whole head, in float32.
 
     ``x`` (b, l, h, hd) with hd even; ``positions`` (l,) integer positions.
     With θ_i = base^(−2i/hd) and halves x₁ = x[..., :hd/2], x₂ = x[..., hd/2:]:
     ``(x₁·cos − x₂·sin, x₂·cos + x₁·sin)`` at angle position·θ. Returns x's dtype.
+    (The torch formula; :func:`apply_rotary_qk` rotates q and k in one kernel.)
     """
+    from .._autograd import rotary_torch
+
     hd = x.shape[-1]
     if hd % 2:
         raise ValueError(f"x: rotary embeddings need an even head_dim, got {hd}")
-    half = hd // 2
-    inv = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2.0 / hd)
-    ang = positions.to(device=x.device, dtype=torch.float32)[:, None] * inv[None, :]
-    cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
-    xf = x.float()
-    x1, x2 = xf[..., :half], xf[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    return rotary_torch(x, positions, rotary_inv_freq(hd, base, x.device))
+
+
+def apply_rotary_qk(q, k, positions, base=10000.0):
+    """:func:`apply_rotary` of q (b, l, hq, hd) and k (b, l, hk, hd) together: one
+    fused CUDA kernel on the GPU (forward and backward, reading the projections'
+    strided views and writing the contiguous inputs of attention), the torch
+    formula on the CPU; differentiable, and traceable by torch.compile."""
+    from .._autograd import rotary_qk
+
+    hd = q.shape[-1]
+    if hd % 2:
+        raise ValueError(f"q: rotary embeddings need an even head_dim, got {hd}")
+    return rotary_qk(q, k, positions.to(q.device), rotary_inv_freq(hd, base, q.device))
 
 
 class SlidingWindowAttention(nn.Module):
     """Samba's sliding-window attention (SPEC §5).
 
     q/k/v/out projections (GQA/MQA with ``n_kv_heads`` < ``n_heads``), NeoX
-    rotary embeddings over the whole head in float32, then
+    rotary embeddings over the whole head in float32 (q and k in one fused
+    kernel on CUDA, :func:`apply_rotary_qk`), then
     ``flash_attn_func(causal=True, window_size=(window_size − 1, 0))``: each
     token sees itself and the ``window_size − 1`` previous tokens, at O(L·W).
 
@@ -189,7 +207,8 @@ class SlidingWindowAttention(nn.Module):
         q = self.q_proj(x).view(b, l, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, l, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, l, self.n_kv_heads, self.head_dim)
-        return apply_rotary(q, positions, self.rope_base), apply_rotary(k, positions, self.rope_base), v
+        q, k = apply_rotary_qk(q, k, positions, self.rope_base)
+        return q, k, v
 
     def forward(self, x):
         b, l, _ = x.shape
@@ -210,7 +229,7 @@ class SlidingWindowAttention(nn.Module):
         """One or a few new tokens ``x`` (b, n, d_model) at positions
         ``cache.pos …``; returns (b, n, d_model) and advances the cache."""
         b, n, _ = x.shape
-        pos = torch.arange(cache.pos, cache.pos + n, device=x.device)
+        pos = cache.positions(n)
         q, k, v = self._qkv(x, pos)
         o = cache.append_and_attend(q, k, v)
         return self.out_proj(o.reshape(b, n, self.n_heads * self.head_dim))

@@ -21,7 +21,7 @@ from .attention import SlidingWindowAttention
 from .layers import GatedMLP, RMSNorm
 from .mamba import Mamba
 
-__all__ = ["SambaBlock", "Samba", "SambaConfig", "SAMBA_CONFIGS"]
+__all__ = ["SambaBlock", "Samba", "SambaConfig", "SAMBA_CONFIGS", "SambaGraphStep"]
 
 
 @dataclass(frozen=True)
@@ -162,20 +162,86 @@ class Samba(nn.Module):
             hidden, residual = block.step(hidden, residual, c)
         return self.lm_head(self.norm_f(hidden, residual))
 
+    def capture_step(self, cache):
+        """Records one :meth:`step` with ``cache`` in a CUDA graph (the decode fast
+        path: a token then costs one graph launch instead of a few hundred kernel
+        launches from Python). Returns a :class:`SambaGraphStep`; calling it with
+        ``input_ids`` (b, 1) is ``step(input_ids, cache)``. The cache's contents
+        are left as they were (warm-up and capture do not advance it)."""
+        return SambaGraphStep(self, cache)
+
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens):
+    def generate(self, input_ids, max_new_tokens, cuda_graph=None):
         """Greedy decoding: returns (b, l + max_new_tokens) token ids. The prompt is
-        fed token by token through ``step`` (constant memory at any length)."""
+        fed token by token through ``step`` (constant memory at any length).
+        ``cuda_graph`` (default: on when the model is on CUDA) runs each step as a
+        captured CUDA graph (:meth:`capture_step`)."""
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids: expected shape (b, l) with l ≥ 1, got "
                              f"{tuple(input_ids.shape)}")
+        on_cuda = self.embedding.weight.device.type == "cuda"
+        if cuda_graph is None:
+            cuda_graph = on_cuda
+        if cuda_graph and not on_cuda:
+            raise ValueError("cuda_graph: CUDA graphs need the model on a CUDA device, "
+                             f"got {self.embedding.weight.device}")
         cache = self.allocate_inference_cache(input_ids.shape[0])
+        step = self.capture_step(cache) if cuda_graph else (lambda ids: self.step(ids, cache))
         logits = None
         for t in range(input_ids.shape[1]):
-            logits = self.step(input_ids[:, t:t + 1], cache)
+            logits = step(input_ids[:, t:t + 1])
         out = [input_ids]
         for _ in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             out.append(nxt)
-            logits = self.step(nxt, cache)
+            logits = step(nxt)
         return torch.cat(out, dim=1)
+
+
+class SambaGraphStep:
+    """One :meth:`Samba.step` recorded in a CUDA graph, replayed per token.
+
+    Built by :meth:`Samba.capture_step`. The graph reads the token ids from a
+    static buffer, runs every block's step (norms, Mamba state update, MLPs, the
+    ring-buffer attention, with the positions read on the device) and writes the
+    logits; ``__call__`` copies the ids in, replays it, advances the caches' host
+    positions and returns a copy of the logits. The caches are updated in place,
+    exactly as by ``Samba.step``; do not resize or replace their tensors afterwards.
+    """
+
+    def __init__(self, model, cache):
+        dev = model.embedding.weight.device
+        if dev.type != "cuda":
+            raise ValueError(f"model: CUDA graphs need the model on a CUDA device, got {dev}")
+        if len(cache) != len(model.blocks):
+            raise ValueError(f"cache: expected one entry per block ({len(model.blocks)}), "
+                             f"got {len(cache)}")
+        self.model, self.cache = model, cache
+        b = cache[0][0].shape[0]
+        self.ids = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        state = [t for blk in cache for t in (blk[0], blk[1], blk[2].k, blk[2].v, blk[2]._pos_t)]
+        saved = [t.clone() for t in state]
+        host_pos = [blk[2].pos for blk in cache]
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up: loads kernels and library handles
+            for _ in range(2):
+                model.step(self.ids, cache)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.step(self.ids, cache)
+        for t, s in zip(state, saved):
+            t.copy_(s)
+        for blk, p in zip(cache, host_pos):
+            blk[2]._pos = p
+
+    def __call__(self, input_ids):
+        if tuple(input_ids.shape) != tuple(self.ids.shape):
+            raise ValueError(f"input_ids: expected shape {tuple(self.ids.shape)}, got "
+                             f"{tuple(input_ids.shape)}")
+        self.ids.copy_(input_ids)
+        self.graph.replay()
+        for blk in self.cache:
+            blk[2]._pos += 1
+        return self.logits.clone()
