@@ -266,3 +266,9 @@ def attention_ring(
     alibi_slopes: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """One sliding-window ring-cache step: the n new tokens (positions pos..pos+n) attend causally to the window = k_ring.shape[1] most recent positions (ring slot = position mod window, plus the new k/v), then k/v are written into the rings. (out, softmax_lse (b, hq, n) float32)."""
+def _rotary_cuda(
+    q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor, conj: bool
+) -> Tuple[Tensor, Tensor]:
+    """Private: NeoX rotary embedding of q (b, l, hq, hd) and k (b, l, hk, hd), CUDA tensors
+    of one float dtype, any strides, in one launch: (q_out, k_out), contiguous. positions
+    (l,) int32/int64, inv_freq (hd/2,) float32; angle = float(pos)·inv; conj rotates by −angle."""
