@@ -948,6 +948,28 @@ mod py {
         })
     }
 
+    /// softcap: a float, 0 when None or absent.
+    fn softcap_arg(s: Option<&Bound<'_, PyAny>>) -> Result<f64> {
+        match s {
+            Some(s) if !s.is_none() => float_arg("softcap", s),
+            _ => Ok(0.0),
+        }
+    }
+
+    /// (softmax_scale, window (left, right) with -1 unbounded, softcap): the
+    /// options every attention binding takes.
+    fn options(
+        softmax_scale: Option<&Bound<'_, PyAny>>,
+        window_size: Option<&Bound<'_, PyAny>>,
+        softcap: Option<&Bound<'_, PyAny>>,
+    ) -> Result<(Option<f64>, (i64, i64), f64)> {
+        let window = match window_size {
+            Some(w) if !w.is_none() => window_arg(w)?,
+            _ => (-1, -1),
+        };
+        Ok((scale_arg(softmax_scale)?, window, softcap_arg(softcap)?))
+    }
+
     fn int_arg(name: &str, s: &Bound<'_, PyAny>) -> Result<i64> {
         s.extract::<i64>().map_err(|_| {
             Error::type_(format!(
@@ -999,15 +1021,7 @@ mod py {
         out: Option<&Bound<'py, PyAny>>,
         softmax_lse: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let scale = scale_arg(softmax_scale)?;
-        let window = match window_size {
-            Some(w) if !w.is_none() => window_arg(w)?,
-            _ => (-1, -1),
-        };
-        let softcap = match softcap {
-            Some(s) if !s.is_none() => float_arg("softcap", s)?,
-            _ => 0.0,
-        };
+        let (scale, window, softcap) = options(softmax_scale, window_size, softcap)?;
         let qv = extract("q", q)?;
         let kv = extract("k", k)?;
         let vv = extract("v", v)?;
@@ -1068,15 +1082,7 @@ mod py {
         out: Option<&Bound<'py, PyAny>>,
         softmax_lse: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let scale = scale_arg(softmax_scale)?;
-        let window = match window_size {
-            Some(w) if !w.is_none() => window_arg(w)?,
-            _ => (-1, -1),
-        };
-        let softcap = match softcap {
-            Some(s) if !s.is_none() => float_arg("softcap", s)?,
-            _ => 0.0,
-        };
+        let (scale, window, softcap) = options(softmax_scale, window_size, softcap)?;
         let mq = int_arg("max_seqlen_q", max_seqlen_q)?;
         let mk = int_arg("max_seqlen_k", max_seqlen_k)?;
         for (n, m) in [("max_seqlen_q", mq), ("max_seqlen_k", mk)] {
@@ -1200,15 +1206,7 @@ mod py {
         softcap: Option<&Bound<'py, PyAny>>,
         alibi_slopes: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let scale = scale_arg(softmax_scale)?;
-        let window = match window_size {
-            Some(w) if !w.is_none() => window_arg(w)?,
-            _ => (-1, -1),
-        };
-        let softcap = match softcap {
-            Some(s) if !s.is_none() => float_arg("softcap", s)?,
-            _ => 0.0,
-        };
+        let (scale, window, softcap) = options(softmax_scale, window_size, softcap)?;
         let qv = extract("q", q)?;
         let kcv = extract("k_cache", k_cache)?;
         let vcv = extract("v_cache", v_cache)?;
@@ -1243,6 +1241,60 @@ mod py {
         .and_then(|r| PyTuple::new(py, r))
     }
 
+    /// The backward's extra inputs: dout, out, softmax_lse, dsoftmax_lse.
+    struct BwdIn {
+        dout: TensorView,
+        out: TensorView,
+        lse: TensorView,
+        dlse: Option<TensorView>,
+    }
+
+    impl BwdIn {
+        fn extract(
+            dout: &Bound<'_, PyAny>,
+            out: &Bound<'_, PyAny>,
+            lse: &Bound<'_, PyAny>,
+            dlse: Option<&Bound<'_, PyAny>>,
+        ) -> Result<BwdIn> {
+            Ok(BwdIn {
+                dout: extract("dout", dout)?,
+                out: extract("out", out)?,
+                lse: extract("softmax_lse", lse)?,
+                dlse: extract_opt("dsoftmax_lse", dlse)?,
+            })
+        }
+
+        fn check(&self, q: &TensorView, lse_shape: &[usize], lse_desc: &str) -> Result<()> {
+            let (d, o, l) = (&self.dout, &self.out, &self.lse);
+            check_bwd_inputs(q, d, o, l, self.dlse.as_ref(), lse_shape, lse_desc)
+        }
+
+        fn views<'a>(&'a self, g: &'a [TensorView; 3]) -> BwdViews<'a> {
+            BwdViews {
+                dout: &self.dout,
+                out: &self.out,
+                lse: &self.lse,
+                dlse: self.dlse.as_ref(),
+                dq: &g[0],
+                dk: &g[1],
+                dv: &g[2],
+            }
+        }
+    }
+
+    /// (dq, dk, dv) allocated like q, k, v: the Python objects and their views.
+    type Grads<'py> = ([Bound<'py, PyAny>; 3], [TensorView; 3]);
+
+    fn alloc_grads<'py>(
+        objs: [&Bound<'py, PyAny>; 3],
+        views: [&TensorView; 3],
+    ) -> Result<Grads<'py>> {
+        let (qo, q) = alloc("dq", objs[0], views[0], &views[0].shape, None)?;
+        let (ko, k) = alloc("dk", objs[1], views[1], &views[1].shape, None)?;
+        let (vo, v) = alloc("dv", objs[2], views[2], &views[2].shape, None)?;
+        Ok(([qo, ko, vo], [q, k, v]))
+    }
+
     fn run_bwd(op: &'static str, job: &crate::cpu::attention_bwd::AttnBwdJob) -> Result<()> {
         let level = SimdLevel::current()?;
         catch_panic(op, || {
@@ -1272,23 +1324,12 @@ mod py {
         alibi_slopes: Option<&Bound<'py, PyAny>>,
         dsoftmax_lse: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let scale = scale_arg(softmax_scale)?;
-        let window = match window_size {
-            Some(w) if !w.is_none() => window_arg(w)?,
-            _ => (-1, -1),
-        };
-        let softcap = match softcap {
-            Some(s) if !s.is_none() => float_arg("softcap", s)?,
-            _ => 0.0,
-        };
+        let (scale, window, softcap) = options(softmax_scale, window_size, softcap)?;
         let qv = extract("q", q)?;
         let kv = extract("k", k)?;
         let vv = extract("v", v)?;
         let av = extract_opt("alibi_slopes", alibi_slopes)?;
-        let dov = extract("dout", dout)?;
-        let ov = extract("out", out)?;
-        let lv = extract("softmax_lse", softmax_lse)?;
-        let dlv = extract_opt("dsoftmax_lse", dsoftmax_lse)?;
+        let bi = BwdIn::extract(dout, out, softmax_lse, dsoftmax_lse)?;
         let args = AttnArgs {
             q: &qv,
             k: &kv,
@@ -1296,42 +1337,23 @@ mod py {
             alibi: av.as_ref(),
         };
         let p = check_attn(&args, scale, causal, window, softcap)?;
-        check_bwd_inputs(
-            &qv,
-            &dov,
-            &ov,
-            &lv,
-            dlv.as_ref(),
-            &[p.b, p.hq, p.sq],
-            "(b, hq, sq)",
-        )?;
+        bi.check(&qv, &[p.b, p.hq, p.sq], "(b, hq, sq)")?;
         launch("flash_attn_func backward", qv.device, || {
-            let (dqo, dq) = alloc("dq", q, &qv, &qv.shape, None)?;
-            let (dko, dk) = alloc("dk", k, &kv, &kv.shape, None)?;
-            let (dvo, dvv) = alloc("dv", v, &vv, &vv.shape, None)?;
-            let views = BwdViews {
-                dout: &dov,
-                out: &ov,
-                lse: &lv,
-                dlse: dlv.as_ref(),
-                dq: &dq,
-                dk: &dk,
-                dv: &dvv,
-            };
-            let job = plan_attn_bwd(&p, &args, &views);
+            let (objs, g) = alloc_grads([q, k, v], [&qv, &kv, &vv])?;
+            let job = plan_attn_bwd(&p, &args, &bi.views(&g));
             py.detach(|| run_bwd("flash_attn_func backward", &job))?;
-            Ok([dqo, dko, dvo])
+            Ok(objs)
         })
         .map_err(PyErr::from)
         .and_then(|r| PyTuple::new(py, r))
     }
 
-    /// Zeroes rows `from..` of a packed (total, h, d) tensor.
-    fn zero_rows(t: &TensorView, from: usize) {
+    /// Zeroes the rows `rows` of a packed (total, h, d) tensor.
+    fn zero_rows(t: &TensorView, rows: std::ops::Range<usize>) {
         let (h, d) = (t.shape[1], t.shape[2]);
         let zeros = vec![0.0f32; d];
         let r = t.raw::<3>();
-        for row in from..t.shape[0] {
+        for row in rows {
             for hh in 0..h {
                 let p = crate::tensor::addr(&r, [row, hh, 0]);
                 unsafe { crate::tensor::store_row(&zeros, p, r.dtype, r.strides[2]) };
@@ -1363,15 +1385,7 @@ mod py {
         alibi_slopes: Option<&Bound<'py, PyAny>>,
         dsoftmax_lse: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let scale = scale_arg(softmax_scale)?;
-        let window = match window_size {
-            Some(w) if !w.is_none() => window_arg(w)?,
-            _ => (-1, -1),
-        };
-        let softcap = match softcap {
-            Some(s) if !s.is_none() => float_arg("softcap", s)?,
-            _ => 0.0,
-        };
+        let (scale, window, softcap) = options(softmax_scale, window_size, softcap)?;
         let mq = int_arg("max_seqlen_q", max_seqlen_q)?.max(0) as usize;
         let mk = int_arg("max_seqlen_k", max_seqlen_k)?.max(0) as usize;
         let qv = extract("q", q)?;
@@ -1380,10 +1394,7 @@ mod py {
         let cq = extract("cu_seqlens_q", cu_seqlens_q)?;
         let ck = extract("cu_seqlens_k", cu_seqlens_k)?;
         let av = extract_opt("alibi_slopes", alibi_slopes)?;
-        let dov = extract("dout", dout)?;
-        let ov = extract("out", out)?;
-        let lv = extract("softmax_lse", softmax_lse)?;
-        let dlv = extract_opt("dsoftmax_lse", dsoftmax_lse)?;
+        let bi = BwdIn::extract(dout, out, softmax_lse, dsoftmax_lse)?;
         let args = AttnArgs {
             q: &qv,
             k: &kv,
@@ -1391,15 +1402,7 @@ mod py {
             alibi: av.as_ref(),
         };
         let p = check_varlen(&args, &cq, &ck, scale, causal, window, softcap)?;
-        check_bwd_inputs(
-            &qv,
-            &dov,
-            &ov,
-            &lv,
-            dlv.as_ref(),
-            &[p.hq, p.sq],
-            "(hq, total_q)",
-        )?;
+        bi.check(&qv, &[p.hq, p.sq], "(hq, total_q)")?;
         launch("flash_attn_varlen_func backward", qv.device, || {
             let cu_q = cu_host(&cq, p.sq, mq)?;
             let cu_k = cu_host(&ck, p.sk, mk)?;
@@ -1407,42 +1410,22 @@ mod py {
                 varlen: Some((cu_q.clone(), cu_k.clone())),
                 ..p.clone()
             };
-            let (dqo, dq) = alloc("dq", q, &qv, &qv.shape, None)?;
-            let (dko, dk) = alloc("dk", k, &kv, &kv.shape, None)?;
-            let (dvo, dvv) = alloc("dv", v, &vv, &vv.shape, None)?;
-            let views = BwdViews {
-                dout: &dov,
-                out: &ov,
-                lse: &lv,
-                dlse: dlv.as_ref(),
-                dq: &dq,
-                dk: &dk,
-                dv: &dvv,
-            };
-            let job = plan_varlen_bwd(&p, &args, &cu_q, &cu_k, &views);
+            let (objs, g) = alloc_grads([q, k, v], [&qv, &kv, &vv])?;
+            let job = plan_varlen_bwd(&p, &args, &cu_q, &cu_k, &bi.views(&g));
             let (lq, lk) = (
                 *cu_q.last().unwrap_or(&0) as usize,
                 *cu_k.last().unwrap_or(&0) as usize,
             );
             let (fq, fk) = (cu_q[0] as usize, cu_k[0] as usize);
             py.detach(|| {
-                zero_rows(&dq, lq);
-                zero_rows(&dk, lk);
-                zero_rows(&dvv, lk);
-                // Rows before the first sequence, too.
-                for (t, n) in [(&dq, fq), (&dk, fk), (&dvv, fk)] {
-                    let r = t.raw::<3>();
-                    let zeros = vec![0.0f32; t.shape[2]];
-                    for row in 0..n {
-                        for hh in 0..t.shape[1] {
-                            let a = crate::tensor::addr(&r, [row, hh, 0]);
-                            unsafe { crate::tensor::store_row(&zeros, a, r.dtype, r.strides[2]) };
-                        }
-                    }
+                // Rows before the first and after the last sequence.
+                for (t, first, last) in [(&g[0], fq, lq), (&g[1], fk, lk), (&g[2], fk, lk)] {
+                    zero_rows(t, 0..first);
+                    zero_rows(t, last..t.shape[0]);
                 }
                 run_bwd("flash_attn_varlen_func backward", &job)
             })?;
-            Ok([dqo, dko, dvo])
+            Ok(objs)
         })
         .map_err(PyErr::from)
         .and_then(|r| PyTuple::new(py, r))
@@ -1469,10 +1452,7 @@ mod py {
         alibi_slopes: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let scale = scale_arg(softmax_scale)?;
-        let softcap = match softcap {
-            Some(s) if !s.is_none() => float_arg("softcap", s)?,
-            _ => 0.0,
-        };
+        let softcap = softcap_arg(softcap)?;
         let pos = int_arg("pos", pos)?;
         let qv = extract("q", q)?;
         let krv = extract("k_ring", k_ring)?;
