@@ -30,7 +30,8 @@
 // Layouts: q/dout/out/dq (b, s, h, d), k/v/dk/dv (b, s, hk, d), arbitrary
 // strides in elements with the last one 1; varlen: batch stride 0 and row r of
 // entry z is token cu[z] + r. Scratch: lse2, dsum (hq, rows) float32 and
-// dq_acc (rows, hq, hd) float32 (zeroed by the caller), where rows = b·sq
+// dq_acc (rows, hq, hdp) float32 (zeroed by the caller; hdp = hd rounded up to
+// 16, columns permuted within groups of 16: see dq_pos), where rows = b·sq
 // (batched; row of (z, i) = z·sq + i) or total_q (varlen; row = token).
 
 struct FlashBwdParams {
@@ -218,7 +219,9 @@ __device__ __forceinline__ void bwd_pre(const FlashBwdParams& p) {
     }
 }
 
-// dq = scale · dq_acc, one element pair per thread.
+__device__ __forceinline__ int dq_hdp(int hd);
+__device__ __forceinline__ int dq_pos(int c);
+// dq = scale · dq_acc (columns permuted, see dq_pos), one element pair per thread.
 template <int DT>
 __device__ __forceinline__ void bwd_dq(const FlashBwdParams& p) {
     const i64 half = p.hd / 2;
@@ -236,7 +239,7 @@ __device__ __forceinline__ void bwd_dq(const FlashBwdParams& p) {
         z = row / p.sq;
         i = row % p.sq;
     }
-    const float2 a = *(const float2*)(p.dq_acc + (row * p.hq + h) * p.hd + c);
+    const float2 a = *(const float2*)(p.dq_acc + (row * p.hq + h) * dq_hdp(p.hd) + dq_pos(c));
     u16* dst = (u16*)p.dq + z * p.dq_sb + i * p.dq_ss + h * p.dq_sh + c;
     const unsigned w = Mma<DT>::pack(a.x * p.scale, a.y * p.scale);
     if (p.o_vec_ok) {
@@ -301,6 +304,79 @@ __device__ __forceinline__ void mm_pb(float (&acc)[NC / 8][4], const float (&pm)
             Mma<DT>::run(acc[2 * np + 1], a, b[2], b[3]);
         }
     }
+}
+
+// Two independent C = A·Bᵀ products in one loop (ILP for the tensor pipe).
+template <int DT, int HD, int N>
+__device__ __forceinline__ void mm_abt2(float (&c1)[N / 8][4], unsigned a1addr, unsigned b1addr,
+                                        float (&c2)[N / 8][4], unsigned a2addr, unsigned b2addr) {
+    constexpr int RSB = (HD + 8) * 2;
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c1[i][e] = c2[i][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+        unsigned a1[4], a2[4];
+        ldsm_x4(a1, a1addr + kk * 32);
+        ldsm_x4(a2, a2addr + kk * 32);
+#pragma unroll
+        for (int np = 0; np < N / 16; ++np) {
+            unsigned b1[4], b2[4];
+            ldsm_x4(b1, b1addr + np * 16 * RSB + kk * 32);
+            ldsm_x4(b2, b2addr + np * 16 * RSB + kk * 32);
+            Mma<DT>::run(c1[2 * np], a1, b1[0], b1[1]);
+            Mma<DT>::run(c2[2 * np], a2, b2[0], b2[1]);
+            Mma<DT>::run(c1[2 * np + 1], a1, b1[2], b1[3]);
+            Mma<DT>::run(c2[2 * np + 1], a2, b2[2], b2[3]);
+        }
+    }
+}
+
+// acc1 += P1·B1 and acc2 += P2·B2 in one loop (see mm_pb).
+template <int DT, int K, int NC, int RSB>
+__device__ __forceinline__ void mm_pb2(float (&acc1)[NC / 8][4], const float (&p1)[K / 8][4], unsigned bt1,
+                                       float (&acc2)[NC / 8][4], const float (&p2)[K / 8][4], unsigned bt2) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        unsigned a1[4], a2[4];
+        a1[0] = Mma<DT>::pack(p1[2 * kk][0], p1[2 * kk][1]);
+        a1[1] = Mma<DT>::pack(p1[2 * kk][2], p1[2 * kk][3]);
+        a1[2] = Mma<DT>::pack(p1[2 * kk + 1][0], p1[2 * kk + 1][1]);
+        a1[3] = Mma<DT>::pack(p1[2 * kk + 1][2], p1[2 * kk + 1][3]);
+        a2[0] = Mma<DT>::pack(p2[2 * kk][0], p2[2 * kk][1]);
+        a2[1] = Mma<DT>::pack(p2[2 * kk][2], p2[2 * kk][3]);
+        a2[2] = Mma<DT>::pack(p2[2 * kk + 1][0], p2[2 * kk + 1][1]);
+        a2[3] = Mma<DT>::pack(p2[2 * kk + 1][2], p2[2 * kk + 1][3]);
+#pragma unroll
+        for (int np = 0; np < NC / 16; ++np) {
+            unsigned b1[4], b2[4];
+            ldsm_x4_t(b1, bt1 + kk * 16 * RSB + np * 32);
+            ldsm_x4_t(b2, bt2 + kk * 16 * RSB + np * 32);
+            Mma<DT>::run(acc1[2 * np], a1, b1[0], b1[1]);
+            Mma<DT>::run(acc2[2 * np], a2, b2[0], b2[1]);
+            Mma<DT>::run(acc1[2 * np + 1], a1, b1[2], b1[3]);
+            Mma<DT>::run(acc2[2 * np + 1], a2, b2[2], b2[3]);
+        }
+    }
+}
+
+// dq_acc keeps each 16-column group of a row permuted so that lane t's four
+// values (columns 2t, 2t+1, 8+2t, 9+2t) are contiguous at 4t: one 16-byte
+// vector reduction (sm_90) instead of four atomics. Rows are padded to a
+// multiple of 16 floats.
+__device__ __forceinline__ int dq_hdp(int hd) { return (hd + 15) & ~15; }
+__device__ __forceinline__ int dq_pos(int c) { return (c & ~15) + 4 * ((c & 7) >> 1) + 2 * ((c >> 3) & 1) + (c & 1); }
+__device__ __forceinline__ void red4(float* dst, float a, float b, float c, float d) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "f"(a), "f"(b), "f"(c), "f"(d)
+                 : "memory");
+#else
+    atomicAdd(dst, a);
+    atomicAdd(dst + 1, b);
+    atomicAdd(dst + 2, c);
+    atomicAdd(dst + 3, d);
+#endif
 }
 
 struct Seq {
@@ -458,8 +534,7 @@ __device__ __forceinline__ void kv_loop(const FlashBwdParams& p, const Seq& S, i
         const float slope_log2 = (FEAT && p.alibi) ? p.alibi[z * p.alibi_sb + h * p.alibi_sh] * FB_LOG2E : 0.f;
 
         float dp[BM / 8][4], s[BM / 8][4];
-        mm_abt<DT, HD, BM>(dp, vA, doB + st * STB);
-        mm_abt<DT, HD, BM>(s, kA, qB + st * STB);
+        mm_abt2<DT, HD, BM>(dp, vA, doB + st * STB, s, kA, qB + st * STB);
         const int m_last = min(m0 + BM, S.sq) - 1;
         const bool full = n0 + BN <= S.sk && (p.left < 0 || n0 >= m_last + off - p.left) &&
                           (p.right < 0 || n0 + BN - 1 <= m0 + off + p.right);
@@ -470,8 +545,7 @@ __device__ __forceinline__ void kv_loop(const FlashBwdParams& p, const Seq& S, i
         else
             kv_elementwise<BM, true, FEAT>(s, dp, L, Dd, m0, n0 + kw * 16, off, S.sk, p, slope_log2, g, t);
 
-        mm_pb<DT, BM, HDW, RSB>(dv, s, doT + st * STB);
-        mm_pb<DT, BM, HDW, RSB>(dk, dp, qT + st * STB);
+        mm_pb2<DT, BM, HDW, RSB>(dv, s, doT + st * STB, dk, dp, qT + st * STB);
 
         if (p.dq_atomic) {
             if (cw == 0) {
@@ -502,14 +576,13 @@ __device__ __forceinline__ void kv_loop(const FlashBwdParams& p, const Seq& S, i
             for (int r = 0; r < 2; ++r) {
                 const int i = m0 + mq * 16 + g + 8 * r;
                 if (i < S.sq) {
-                    float* dst = p.dq_acc + ((S.rowbase + i) * p.hq + h) * p.hd;
+                    float* dst = p.dq_acc + ((S.rowbase + i) * p.hq + h) * dq_hdp(p.hd) + 4 * t;
 #pragma unroll
-                    for (int nt = 0; nt < HDQ / 8; ++nt) {
-                        const int col = qc + nt * 8 + 2 * t;
-                        if (col < p.hd) {
-                            atomicAdd(dst + col, dq[nt][2 * r]);
-                            atomicAdd(dst + col + 1, dq[nt][2 * r + 1]);
-                        }
+                    for (int np = 0; np < HDQ / 16; ++np) {
+                        const int col = qc + np * 16;
+                        if (col < p.hd)
+                            red4(dst + col, dq[2 * np][2 * r], dq[2 * np][2 * r + 1], dq[2 * np + 1][2 * r],
+                                 dq[2 * np + 1][2 * r + 1]);
                     }
                 }
             }
@@ -658,8 +731,7 @@ __device__ __forceinline__ void q_loop(const FlashBwdParams& p, const Seq& S, in
         load_tile<BN, HD, NT, VEC>(sV + (st ^ 1) * BN * RS, vg, p.v_ss, n0 + BN, S.sk, p.hd, it + 1 < n_t, tid);
         cp_async_commit();
         float s[BN / 8][4], dp[BN / 8][4];
-        mm_abt<DT, HD, BN>(s, qA, kB + st * STB);
-        mm_abt<DT, HD, BN>(dp, doA, vB + st * STB);
+        mm_abt2<DT, HD, BN>(s, qA, kB + st * STB, dp, doA, vB + st * STB);
         const bool full = n0 + BN <= S.sk && (p.left < 0 || n0 >= m_last + off - p.left) &&
                           (p.right < 0 || n0 + BN - 1 <= m0 + off + p.right);
         if (full)

@@ -511,7 +511,7 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 # head dim that is a multiple of 8 up to 256 (ops.py routes anything else to
 # the differentiable torch formula); anything else raises from the binding.
 # The backward allocates its float32 scratch here: lse2/dsum (hq, rows) and,
-# unless deterministic, the zeroed dQ accumulator (rows, hq, hd).
+# unless deterministic, the zeroed dQ accumulator (rows, hq, hd rounded up to 16).
 
 
 def _cuda_norm(q, softmax_scale, causal, wl, wr):
@@ -552,7 +552,7 @@ def _cuda_bwd(dout, q, k, v, out, lse, dlse, softmax_scale, causal, wl, wr, soft
     dv = v.new_zeros(v.shape) if varlen is not None else v.new_empty(v.shape)
     lse2 = q.new_empty((hq, rows), dtype=_F32)
     dsum = q.new_empty((hq, rows), dtype=_F32)
-    dq_acc = None if deterministic else q.new_zeros((rows, hq, hd), dtype=_F32)
+    dq_acc = None if deterministic else q.new_zeros((rows, hq, (hd + 15) // 16 * 16), dtype=_F32)
     extra = () if varlen is None else tuple(varlen[:2]) + (int(varlen[2]), int(varlen[3]))
     _core._flash_attn_bwd_cuda(dout, q, k, v, out, lse, dq, dk, dv, dq_acc, lse2, dsum, scale,
                                left, right, float(softcap), alibi_slopes, dlse, *extra,

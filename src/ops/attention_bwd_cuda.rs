@@ -10,7 +10,8 @@
 //! `lse` is the forward's (b, hq, sq) / varlen (hq, total_q) float32 and
 //! `dlse` (optional) its gradient. Scratch, float32 and contiguous, allocated
 //! by the caller with rows = b·sq (batched) or total_q (varlen): `lse2`,
-//! `dsum` (hq, rows); `dq_acc` (rows, hq, hd) zero-filled, or None when
+//! `dsum` (hq, rows); `dq_acc` (rows, hq, hd rounded up to 16) zero-filled
+//! (the kernel's private layout), or None when
 //! `deterministic` (then dQ is computed without atomics, bit-identical run
 //! to run). Varlen: rows of dk/dv past the last sequence are not written.
 
@@ -145,10 +146,15 @@ pub fn check(
     scratch(a.lse2, &[d.hq, rows], "(hq, rows)", dev)?;
     scratch(a.dsum, &[d.hq, rows], "(hq, rows)", dev)?;
     match (a.dq_acc, deterministic) {
-        (Some(t), _) => scratch(t, &[rows, d.hq, d.hd], "(rows, hq, hd)", dev)?,
+        (Some(t), _) => scratch(
+            t,
+            &[rows, d.hq, d.hd.div_ceil(16) * 16],
+            "(rows, hq, hd rounded up to 16)",
+            dev,
+        )?,
         (None, false) => {
             return Err(Error::value(
-                "dq_acc: required (zero-filled float32 (rows, hq, hd)) unless deterministic",
+                "dq_acc: required (zero-filled float32 (rows, hq, hd rounded up to 16)) unless deterministic",
             ))
         }
         (None, true) => {}
