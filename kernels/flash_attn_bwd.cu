@@ -77,6 +77,14 @@ struct FlashBwdParams {
 };
 
 #define FB_LOG2E 1.4426950408889634f
+// sm_90 (228 KB of shared memory): two dSᵀ buffers, and the dQ product of
+// step i runs after the dK/dV products of step i + 1 without a barrier of its
+// own. sm_80 (164 KB): one buffer and a barrier before each dQ product.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FB_DEFER_DQ 1
+#else
+#define FB_DEFER_DQ 0
+#endif
 #define FB_INF (__int_as_float(0x7f800000))
 #define FB_NEG_INF (-__int_as_float(0x7f800000))
 
@@ -439,7 +447,7 @@ struct KCfg {
     static constexpr int WQ = NW / (BM / 16);  // warps per 16-row m-tile of dQ
     static constexpr int HDQ = HD / WQ;        // dQ columns per warp
     static constexpr unsigned SMEM =
-        (2 * BN * RS + 4 * BM * RS + BN * RSS) * 2 + 4 * BM * 4;
+        (2 * BN * RS + 4 * BM * RS + (1 + FB_DEFER_DQ) * BN * RSS) * 2 + 4 * BM * 4;
 };
 
 
@@ -475,7 +483,7 @@ __device__ __forceinline__ void kv_loop(const FlashBwdParams& p, const Seq& S, i
     u16* sQ = sV + BN * RS;     // 2 stages
     u16* sdO = sQ + 2 * BM * RS;  // 2 stages
     u16* sdS = sdO + 2 * BM * RS;
-    float* sL = (float*)(sdS + BN * RSS);  // 2 stages
+    float* sL = (float*)(sdS + (FB_DEFER_DQ ? 2 : 1) * BN * RSS);  // 2 stages
     float* sD = sL + 2 * BM;                // 2 stages
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int kw = warp / WD, cw = warp % WD;
@@ -523,6 +531,40 @@ __device__ __forceinline__ void kv_loop(const FlashBwdParams& p, const Seq& S, i
     const unsigned dsA = b_addr(sdS, RSS, lane) + mq * 16 * 2;
     const unsigned kT = bt_addr(sK, RS, lane) + qc * 2;
 
+    // dQ_tile = dS·K from the dSᵀ tile at `dsa` (this lane's ldmatrix address),
+    // added into dq_acc rows m0.. of head hh.
+    auto dq_step = [&](unsigned dsa, int hh, int mm0) {
+        float dq[HDQ / 8][4];
+#pragma unroll
+        for (int i = 0; i < HDQ / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            unsigned a[4];
+            ldsm_x4_t(a, dsa + kk * 16 * RSS * 2);
+#pragma unroll
+            for (int np = 0; np < HDQ / 16; ++np) {
+                unsigned b[4];
+                ldsm_x4_t(b, kT + kk * 16 * RSB + np * 32);
+                Mma<DT>::run(dq[2 * np], a, b[0], b[1]);
+                Mma<DT>::run(dq[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int i = mm0 + mq * 16 + g + 8 * r;
+            if (i < S.sq) {
+                float* dst = p.dq_acc + ((S.rowbase + i) * p.hq + hh) * dq_hdp(p.hd) + 4 * t;
+#pragma unroll
+                for (int np = 0; np < HDQ / 16; ++np) {
+                    const int col = qc + np * 16;
+                    if (col < p.hd)
+                        red4(dst + col, dq[2 * np][2 * r], dq[2 * np][2 * r + 1], dq[2 * np + 1][2 * r],
+                             dq[2 * np + 1][2 * r + 1]);
+                }
+            }
+        }
+    };
+    int h_prev = 0, m0_prev = 0;
     for (int it = 0; it < total; ++it) {
         const int st = it & 1;
         const int h = hkv * rep + it / n_m;
@@ -548,45 +590,30 @@ __device__ __forceinline__ void kv_loop(const FlashBwdParams& p, const Seq& S, i
         mm_pb2<DT, BM, HDW, RSB>(dv, s, doT + st * STB, dk, dp, qT + st * STB);
 
         if (p.dq_atomic) {
+            u16* ds = sdS + (FB_DEFER_DQ ? st * BN * RSS : 0);
             if (cw == 0) {
 #pragma unroll
                 for (int nt = 0; nt < BM / 8; ++nt)
 #pragma unroll
                     for (int r = 0; r < 2; ++r)
-                        *(unsigned*)(sdS + (kw * 16 + g + 8 * r) * RSS + nt * 8 + 2 * t) =
+                        *(unsigned*)(ds + (kw * 16 + g + 8 * r) * RSS + nt * 8 + 2 * t) =
                             Mma<DT>::pack(dp[nt][2 * r], dp[nt][2 * r + 1]);
             }
-            __syncthreads();
-            float dq[HDQ / 8][4];
-#pragma unroll
-            for (int i = 0; i < HDQ / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                unsigned a[4];
-                ldsm_x4_t(a, dsA + kk * 16 * RSS * 2);
-#pragma unroll
-                for (int np = 0; np < HDQ / 16; ++np) {
-                    unsigned b[4];
-                    ldsm_x4_t(b, kT + kk * 16 * RSB + np * 32);
-                    Mma<DT>::run(dq[2 * np], a, b[0], b[1]);
-                    Mma<DT>::run(dq[2 * np + 1], a, b[2], b[3]);
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int i = m0 + mq * 16 + g + 8 * r;
-                if (i < S.sq) {
-                    float* dst = p.dq_acc + ((S.rowbase + i) * p.hq + h) * dq_hdp(p.hd) + 4 * t;
-#pragma unroll
-                    for (int np = 0; np < HDQ / 16; ++np) {
-                        const int col = qc + np * 16;
-                        if (col < p.hd)
-                            red4(dst + col, dq[2 * np][2 * r], dq[2 * np][2 * r + 1], dq[2 * np + 1][2 * r],
-                                 dq[2 * np + 1][2 * r + 1]);
-                    }
-                }
+            if (FB_DEFER_DQ) {
+                // dQ of the previous step: its dSᵀ (other buffer) was made
+                // visible by this step's first barrier; no second barrier.
+                if (it > 0) dq_step(dsA + (st ^ 1) * BN * RSS * 2, h_prev, m0_prev);
+            } else {
+                __syncthreads();
+                dq_step(dsA, h, m0);
             }
         }
+        h_prev = h;
+        m0_prev = m0;
+    }
+    if (FB_DEFER_DQ && p.dq_atomic && total > 0) {
+        __syncthreads();
+        dq_step(dsA + ((total - 1) & 1) * BN * RSS * 2, h_prev, m0_prev);
     }
     cp_async_wait_all();  // nothing in flight at exit (no iteration: K/V loads)
 }

@@ -79,10 +79,12 @@ impl BwdConfig {
         format!("hd{}_n{}w{}", self.hd, self.qbn, self.qnw)
     }
     /// K, V tiles, 2 stages of Q and dO, the dSᵀ tile (bf16/f16, rows padded
-    /// by 16 bytes) and 2 stages of lse/D (float32).
-    pub fn smem_bytes(&self) -> u32 {
+    /// by 16 bytes; two of them on sm_90 and later, where the kernel defers
+    /// each dQ product by one step) and 2 stages of lse/D (float32).
+    pub fn smem_bytes(&self, major: i32) -> u32 {
         let rs = self.hd + 8;
-        ((2 * self.bn * rs + 4 * self.bm * rs + self.bn * (self.bm + 8)) * 2 + 16 * self.bm) as u32
+        let ds = if major >= 9 { 2 } else { 1 };
+        ((2 * self.bn * rs + 4 * self.bm * rs + ds * self.bn * (self.bm + 8)) * 2 + 16 * self.bm) as u32
     }
     /// Q, dO tiles and 2 stages of K and V.
     pub fn q_smem_bytes(&self) -> u32 {
@@ -126,6 +128,19 @@ fn suffix(d: DType) -> Result<&'static str> {
     }
 }
 
+fn compute_major(ordinal: i32) -> Result<i32> {
+    use cudarc::driver::{result as cu, sys};
+    let err = |e: cu::DriverError| Error::runtime(format!("CUDA driver error: {e}"));
+    let dev = cu::device::get(ordinal).map_err(err)?;
+    unsafe {
+        cu::device::get_attribute(
+            dev,
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+        )
+    }
+    .map_err(err)
+}
+
 fn grid_1d(n: u64, per_block: u64) -> Result<u32> {
     let g = n.div_ceil(per_block);
     if g > i32::MAX as u64 {
@@ -155,9 +170,9 @@ pub fn flash_bwd(
             p.b, p.hq
         )));
     }
-    // Checks the architecture and shared memory as the forward does.
-    let fwd = super::attention::choose_config(ordinal, p.hd)?;
-    let _ = fwd;
+    // Checks the architecture as the forward does.
+    super::attention::choose_config(ordinal, p.hd)?;
+    let major = compute_major(ordinal)?;
     let c = config_for(p.hd).ok_or_else(|| {
         Error::value(format!(
             "q: head dim {} exceeds {}, the CUDA kernel's limit",
@@ -179,7 +194,7 @@ pub fn flash_bwd(
     // 2. dK, dV (and dQ atomics).
     if max_sk > 0 {
         let k = kernel(ordinal, &module, &format!("flash_bwd_{dt}_{}", c.tag()))?;
-        let smem = c.smem_bytes();
+        let smem = c.smem_bytes(major);
         k.set_max_dynamic_smem(smem)?;
         let gx = grid_1d(max_sk as u64, c.bn as u64)?;
         unsafe {
@@ -247,7 +262,8 @@ mod tests {
                     assert!(src.contains(&entry), "{entry}");
                 }
             }
-            assert!(c.smem_bytes() <= 163 * 1024, "{c:?}");
+            assert!(c.smem_bytes(8) <= 163 * 1024, "{c:?}");
+            assert!(c.smem_bytes(9) <= 227 * 1024, "{c:?}");
             assert!(c.q_smem_bytes() <= 163 * 1024, "{c:?}");
         }
     }
