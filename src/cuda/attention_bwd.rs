@@ -110,11 +110,21 @@ const CONFIGS: &[BwdConfig] = &[
     cfg(96, 128, 64, 1, 64, 4),
     cfg(128, 128, 64, 1, 64, 4),
     cfg(256, 64, 32, 2, 32, 4),
+    // Alternatives (MAMBA_ATTENTION_FAB_CFG, e.g. "n64m32w1": 4 warps, two CTAs per SM).
+    cfg(128, 64, 32, 1, 64, 4),
 ];
 
-/// The configuration for head dim `hd` (padded up to the next instantiated one).
+/// The configuration for head dim `hd` (padded up to the next instantiated
+/// one). MAMBA_ATTENTION_FAB_CFG (e.g. "n64m32w1") picks the configuration of
+/// that shape where it exists (a benchmarking knob); else the first listed.
 pub fn config_for(hd: i32) -> Option<BwdConfig> {
-    CONFIGS.iter().copied().find(|c| c.hd >= hd)
+    let padded = CONFIGS.iter().map(|c| c.hd).filter(|&p| p >= hd).min()?;
+    let mut v: Vec<BwdConfig> = CONFIGS.iter().copied().filter(|c| c.hd == padded).collect();
+    if let Ok(want) = std::env::var("MAMBA_ATTENTION_FAB_CFG") {
+        let want = want.trim().to_string();
+        v.sort_by_key(|c| !c.tag().ends_with(&want));
+    }
+    v.first().copied()
 }
 
 fn suffix(d: DType) -> Result<&'static str> {
