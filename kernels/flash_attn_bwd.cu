@@ -842,7 +842,6 @@ extern "C" __global__ void __launch_bounds__(128, 1) flash_bwd_dqk_bf16_hd96_n64
 #if !defined(FAB_MODULE) || (FAB_MODULE == 1 && FAB_ONLY_HD == 128 && FAB_ONLY_DT == DT_BF16)
 extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_bf16_hd128_n128m64w1(const __grid_constant__ FlashBwdParams p) { fab::flash_bwd_kv<DT_BF16, 128, 128, 64, 1>(p); }
 extern "C" __global__ void __launch_bounds__(128, 1) flash_bwd_dqk_bf16_hd128_n64w4(const __grid_constant__ FlashBwdParams p) { fab::flash_bwd_q<DT_BF16, 128, 64, 4>(p); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_bwd_bf16_hd128_n64m32w1(const __grid_constant__ FlashBwdParams p) { fab::flash_bwd_kv<DT_BF16, 128, 64, 32, 1>(p); }
 #endif
 #if !defined(FAB_MODULE) || (FAB_MODULE == 1 && FAB_ONLY_HD == 256 && FAB_ONLY_DT == DT_BF16)
 extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_bf16_hd256_n64m32w2(const __grid_constant__ FlashBwdParams p) { fab::flash_bwd_kv<DT_BF16, 256, 64, 32, 2>(p); }
@@ -863,7 +862,6 @@ extern "C" __global__ void __launch_bounds__(128, 1) flash_bwd_dqk_f16_hd96_n64w
 #if !defined(FAB_MODULE) || (FAB_MODULE == 1 && FAB_ONLY_HD == 128 && FAB_ONLY_DT == DT_F16)
 extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_f16_hd128_n128m64w1(const __grid_constant__ FlashBwdParams p) { fab::flash_bwd_kv<DT_F16, 128, 128, 64, 1>(p); }
 extern "C" __global__ void __launch_bounds__(128, 1) flash_bwd_dqk_f16_hd128_n64w4(const __grid_constant__ FlashBwdParams p) { fab::flash_bwd_q<DT_F16, 128, 64, 4>(p); }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_bwd_f16_hd128_n64m32w1(const __grid_constant__ FlashBwdParams p) { fab::flash_bwd_kv<DT_F16, 128, 64, 32, 1>(p); }
 #endif
 #if !defined(FAB_MODULE) || (FAB_MODULE == 1 && FAB_ONLY_HD == 256 && FAB_ONLY_DT == DT_F16)
 extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_f16_hd256_n64m32w2(const __grid_constant__ FlashBwdParams p) { fab::flash_bwd_kv<DT_F16, 256, 64, 32, 2>(p); }

@@ -84,7 +84,8 @@ impl BwdConfig {
     pub fn smem_bytes(&self, major: i32) -> u32 {
         let rs = self.hd + 8;
         let ds = if major >= 9 { 2 } else { 1 };
-        ((2 * self.bn * rs + 4 * self.bm * rs + ds * self.bn * (self.bm + 8)) * 2 + 16 * self.bm) as u32
+        ((2 * self.bn * rs + 4 * self.bm * rs + ds * self.bn * (self.bm + 8)) * 2 + 16 * self.bm)
+            as u32
     }
     /// Q, dO tiles and 2 stages of K and V.
     pub fn q_smem_bytes(&self) -> u32 {
@@ -110,12 +111,13 @@ const CONFIGS: &[BwdConfig] = &[
     cfg(96, 128, 64, 1, 64, 4),
     cfg(128, 128, 64, 1, 64, 4),
     cfg(256, 64, 32, 2, 32, 4),
-    // Alternatives (MAMBA_ATTENTION_FAB_CFG, e.g. "n64m32w1": 4 warps, two CTAs per SM).
-    cfg(128, 64, 32, 1, 64, 4),
+    // Alternatives go after the default of their head dim, selected with
+    // MAMBA_ATTENTION_FAB_CFG (hd 128 "n64m32w1", 4 warps and two CTAs per SM,
+    // measured 8 % slower on G6/G8 and removed: bench/attn_notes.md).
 ];
 
 /// The configuration for head dim `hd` (padded up to the next instantiated
-/// one). MAMBA_ATTENTION_FAB_CFG (e.g. "n64m32w1") picks the configuration of
+/// one). MAMBA_ATTENTION_FAB_CFG (e.g. "n128m64w1") picks the configuration of
 /// that shape where it exists (a benchmarking knob); else the first listed.
 pub fn config_for(hd: i32) -> Option<BwdConfig> {
     let padded = CONFIGS.iter().map(|c| c.hd).filter(|&p| p >= hd).min()?;
@@ -197,7 +199,11 @@ pub fn flash_bwd(
 
     // 1. D and lse2 (one warp per (row, head)).
     if pairs > 0 {
-        let k = kernel(ordinal, "flash_attn_bwd_aux", &format!("flash_bwd_pre_{dt}"))?;
+        let k = kernel(
+            ordinal,
+            "flash_attn_bwd_aux",
+            &format!("flash_bwd_pre_{dt}"),
+        )?;
         unsafe { k.launch((grid_1d(pairs, 8)?, 1, 1), (256, 1, 1), 0, stream, &p)? };
     }
     let module = format!("flash_attn_bwd_{dt}_hd{}", c.hd);
@@ -220,7 +226,11 @@ pub fn flash_bwd(
     // 3. dQ.
     if deterministic {
         if max_sq > 0 {
-            let k = kernel(ordinal, &module, &format!("flash_bwd_dqk_{dt}_{}", c.q_tag()))?;
+            let k = kernel(
+                ordinal,
+                &module,
+                &format!("flash_bwd_dqk_{dt}_{}", c.q_tag()),
+            )?;
             let smem = c.q_smem_bytes();
             k.set_max_dynamic_smem(smem)?;
             let gx = grid_1d(max_sq as u64, (16 * c.qnw) as u64)?;
@@ -249,7 +259,10 @@ mod tests {
     #[test]
     fn params_layout_matches_the_kernel() {
         // 16 pointers, 33 i64, 16 four-byte fields.
-        assert_eq!(std::mem::size_of::<FlashBwdParams>(), 16 * 8 + 33 * 8 + 16 * 4);
+        assert_eq!(
+            std::mem::size_of::<FlashBwdParams>(),
+            16 * 8 + 33 * 8 + 16 * 4
+        );
     }
 
     #[test]

@@ -190,7 +190,11 @@ pub fn plan(
         if d.varlen {
             [0, l.strides[0] as i64, l.strides[1] as i64]
         } else {
-            [l.strides[0] as i64, l.strides[1] as i64, l.strides[2] as i64]
+            [
+                l.strides[0] as i64,
+                l.strides[1] as i64,
+                l.strides[2] as i64,
+            ]
         }
     };
     let (alibi_sb, alibi_sh) = match a.alibi {
@@ -351,7 +355,15 @@ mod py {
         let dt = qv.dtype;
         py.detach(|| {
             catch_panic("flash_attn backward (CUDA)", || {
-                crate::cuda::attention_bwd::flash_bwd(ord, stream, &p, dt, d.sq, d.sk, deterministic)
+                crate::cuda::attention_bwd::flash_bwd(
+                    ord,
+                    stream,
+                    &p,
+                    dt,
+                    d.sq,
+                    d.sk,
+                    deterministic,
+                )
             })
         })?;
         Ok(())

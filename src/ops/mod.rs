@@ -2,10 +2,10 @@
 //! every backend; the `#[pyfunction]` bindings live beside them.
 
 pub mod attention;
+pub mod attention_bwd_cuda;
 pub mod attention_cuda;
 pub mod conv1d;
 pub mod hidden_attention;
 pub mod norm;
 pub mod scan;
 pub mod scan_bwd;
-pub mod attention_bwd_cuda;
