@@ -100,6 +100,7 @@ mod module {
         crate::ops::attention_cuda::register(m)?;
         crate::ops::attention::register(m)?;
         crate::ops::rotary::register(m)?;
+        crate::ops::attention_bwd_cuda::register(m)?;
         Ok(())
     }
 }

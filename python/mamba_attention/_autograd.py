@@ -320,6 +320,7 @@ def flash_attn_fwd(
     window_right: int,
     softcap: float,
     alibi_slopes: Optional[Tensor],
+    deterministic: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     out, lse = _core.attention_fwd(
         q, k, v, softmax_scale, causal, (window_left, window_right), softcap, alibi_slopes
@@ -328,7 +329,8 @@ def flash_attn_fwd(
 
 
 @flash_attn_fwd.register_fake
-def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes):
+def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+      deterministic=False):
     b, sq, hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b, hq, sq), dtype=_F32)
 
@@ -348,6 +350,7 @@ def flash_attn_bwd(
     window_right: int,
     softcap: float,
     alibi_slopes: Optional[Tensor],
+    deterministic: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _core.attention_bwd(
         dout, q, k, v, out, softmax_lse, softmax_scale, causal, (window_left, window_right),
@@ -358,12 +361,13 @@ def flash_attn_bwd(
 
 @flash_attn_bwd.register_fake
 def _(dout, q, k, v, out, softmax_lse, dsoftmax_lse, softmax_scale, causal, window_left,
-      window_right, softcap, alibi_slopes):
+      window_right, softcap, alibi_slopes, deterministic=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attn_setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, causal, wl, wr, softcap, alibi_slopes = inputs
+    q, k, v, softmax_scale, causal, wl, wr, softcap, alibi_slopes = inputs[:9]
+    ctx.deterministic = bool(inputs[9]) if len(inputs) > 9 else False
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
     ctx.params = (softmax_scale, causal, wl, wr, softcap)
@@ -375,9 +379,10 @@ def _attn_backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     softmax_scale, causal, wl, wr, softcap = ctx.params
     dq, dk, dv = torch.ops.mamba_attention.flash_attn_bwd(
-        dout, q, k, v, out, lse, dlse, softmax_scale, causal, wl, wr, softcap, alibi_slopes
+        dout, q, k, v, out, lse, dlse, softmax_scale, causal, wl, wr, softcap, alibi_slopes,
+        ctx.deterministic,
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 flash_attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
@@ -398,6 +403,7 @@ def flash_attn_varlen_fwd(
     window_right: int,
     softcap: float,
     alibi_slopes: Optional[Tensor],
+    deterministic: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     out, lse = _core.attention_varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
@@ -408,7 +414,7 @@ def flash_attn_varlen_fwd(
 
 @flash_attn_varlen_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      window_left, window_right, softcap, alibi_slopes):
+      window_left, window_right, softcap, alibi_slopes, deterministic=False):
     total, hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((hq, total), dtype=_F32)
 
@@ -432,6 +438,7 @@ def flash_attn_varlen_bwd(
     window_right: int,
     softcap: float,
     alibi_slopes: Optional[Tensor],
+    deterministic: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _core.attention_varlen_bwd(
         dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -442,13 +449,15 @@ def flash_attn_varlen_bwd(
 
 @flash_attn_varlen_bwd.register_fake
 def _(dout, q, k, v, out, softmax_lse, dsoftmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-      max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes):
+      max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+      deterministic=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _varlen_setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, wl, wr, softcap,
-     alibi_slopes) = inputs
+     alibi_slopes) = inputs[:13]
+    ctx.deterministic = bool(inputs[13]) if len(inputs) > 13 else False
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
     ctx.params = (max_q, max_k, softmax_scale, causal, wl, wr, softcap)
@@ -461,27 +470,27 @@ def _varlen_backward(ctx, dout, dlse):
     max_q, max_k, softmax_scale, causal, wl, wr, softcap = ctx.params
     dq, dk, dv = torch.ops.mamba_attention.flash_attn_varlen_bwd(
         dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, softmax_scale, causal, wl, wr,
-        softcap, alibi_slopes,
+        softcap, alibi_slopes, ctx.deterministic,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 flash_attn_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
 
 
 def flash_attn(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-               alibi_slopes=None):
+               alibi_slopes=None, deterministic=False):
     """(out, softmax_lse) of flash_attn_func through the differentiable custom op."""
     wl, wr = _window(window_size)
     return torch.ops.mamba_attention.flash_attn_fwd(
         q, k, v, _float_opt("softmax_scale", softmax_scale), bool(causal), wl, wr,
-        _float_opt("softcap", softcap) or 0.0, alibi_slopes,
+        _float_opt("softcap", softcap) or 0.0, alibi_slopes, bool(deterministic),
     )
 
 
 def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                      alibi_slopes=None):
+                      alibi_slopes=None, deterministic=False):
     """(out, softmax_lse) of flash_attn_varlen_func through the differentiable custom op."""
     wl, wr = _window(window_size)
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
@@ -490,7 +499,106 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     return torch.ops.mamba_attention.flash_attn_varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         _float_opt("softmax_scale", softmax_scale), bool(causal), wl, wr,
-        _float_opt("softcap", softcap) or 0.0, alibi_slopes,
+        _float_opt("softcap", softcap) or 0.0, alibi_slopes, bool(deterministic),
+    )
+
+
+# ------------------------------------------- attention on CUDA (SPEC §3, float16/bfloat16)
+#
+# CUDA implementations of the four attention custom ops above: the tensor-core
+# forward (kernels/flash_attn_fwd.cu) and backward (kernels/flash_attn_bwd.cu)
+# through the private bindings. They take float16/bfloat16 CUDA tensors with a
+# head dim that is a multiple of 8 up to 256 (ops.py routes anything else to
+# the differentiable torch formula); anything else raises from the binding.
+# The backward allocates its float32 scratch here: lse2/dsum (hq, rows) and,
+# unless deterministic, the zeroed dQ accumulator (rows, hq, hd rounded up to 16).
+
+
+def _cuda_norm(q, softmax_scale, causal, wl, wr):
+    import math
+
+    right = 0 if causal else int(wr)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return scale, int(wl), right
+
+
+def _cuda_fwd(q, k, v, softmax_scale, causal, wl, wr, softcap, alibi_slopes, varlen=None):
+    scale, left, right = _cuda_norm(q, softmax_scale, causal, wl, wr)
+    out = q.new_empty(q.shape)
+    if varlen is None:
+        b, sq, hq, _ = q.shape
+        lse = q.new_empty((b, hq, sq), dtype=_F32)
+        _core._flash_attn_fwd_cuda(q, k, v, out, lse, scale, left, right, float(softcap),
+                                   alibi_slopes)
+    else:
+        cu_q, cu_k, max_q, max_k = varlen
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=_F32)
+        _core._flash_attn_fwd_cuda(q, k, v, out, lse, scale, left, right, float(softcap),
+                                   alibi_slopes, cu_q, cu_k, int(max_q), int(max_k))
+    return out, lse
+
+
+def _cuda_bwd(dout, q, k, v, out, lse, dlse, softmax_scale, causal, wl, wr, softcap,
+              alibi_slopes, deterministic, varlen=None):
+    scale, left, right = _cuda_norm(q, softmax_scale, causal, wl, wr)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    hq, hd = q.shape[-2], q.shape[-1]
+    rows = q.shape[0] if varlen is not None else q.shape[0] * q.shape[1]
+    # Varlen: rows outside every sequence get zero gradients.
+    zero_q = varlen is not None and deterministic
+    dq = q.new_zeros(q.shape) if zero_q else q.new_empty(q.shape)
+    dk = k.new_zeros(k.shape) if varlen is not None else k.new_empty(k.shape)
+    dv = v.new_zeros(v.shape) if varlen is not None else v.new_empty(v.shape)
+    lse2 = q.new_empty((hq, rows), dtype=_F32)
+    dsum = q.new_empty((hq, rows), dtype=_F32)
+    dq_acc = None if deterministic else q.new_zeros((rows, hq, (hd + 15) // 16 * 16), dtype=_F32)
+    extra = () if varlen is None else tuple(varlen[:2]) + (int(varlen[2]), int(varlen[3]))
+    _core._flash_attn_bwd_cuda(dout, q, k, v, out, lse, dq, dk, dv, dq_acc, lse2, dsum, scale,
+                               left, right, float(softcap), alibi_slopes, dlse, *extra,
+                               deterministic=bool(deterministic))
+    return dq, dk, dv
+
+
+@flash_attn_fwd.register_kernel("cuda")
+def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+      deterministic=False):
+    return _cuda_fwd(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
+                     alibi_slopes)
+
+
+@flash_attn_bwd.register_kernel("cuda")
+def _(dout, q, k, v, out, softmax_lse, dsoftmax_lse, softmax_scale, causal, window_left,
+      window_right, softcap, alibi_slopes, deterministic=False):
+    return _cuda_bwd(dout, q, k, v, out, softmax_lse, dsoftmax_lse, softmax_scale, causal,
+                     window_left, window_right, softcap, alibi_slopes, deterministic)
+
+
+@flash_attn_varlen_fwd.register_kernel("cuda")
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+      window_left, window_right, softcap, alibi_slopes, deterministic=False):
+    return _cuda_fwd(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
+                     alibi_slopes, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+
+
+@flash_attn_varlen_bwd.register_kernel("cuda")
+def _(dout, q, k, v, out, softmax_lse, dsoftmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+      max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+      deterministic=False):
+    return _cuda_bwd(dout, q, k, v, out, softmax_lse, dsoftmax_lse, softmax_scale, causal,
+                     window_left, window_right, softcap, alibi_slopes, deterministic,
+                     (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+
+
+def cuda_attention_supported(q, k, v):
+    """Whether the CUDA custom-op path (our forward and backward kernels) takes
+    these tensors: float16/bfloat16 CUDA, one dtype, head dim a multiple of 8 ≤ 256."""
+    return (
+        q.dtype in (torch.float16, torch.bfloat16)
+        and k.dtype == q.dtype
+        and v.dtype == q.dtype
+        and q.shape[-1] % 8 == 0
+        and 0 < q.shape[-1] <= 256
     )
 # ------------------------------------------------------------ rotary (SPEC §5)
 #

@@ -298,6 +298,7 @@ def workloads() -> List[Workload]:
         _attn_workload("C4", "cpu", b=1, s=4096, h=16, hd=64),
         _attn_workload("C5", "cpu", b=1, s=4096, h=16, hd=64, window=512),
         *attention_workloads(),
+        *attention_bwd_workloads(),
         # The Mamba layer (nn.Mamba), forward + backward.
         _mamba_layer_workload("CM1", "cpu", b=1, d_model=256, l=1024, dtype="float32"),
         _mamba_layer_workload("GM1", "cuda", b=4, d_model=2048, l=4096, dtype="bfloat16"),
@@ -1378,4 +1379,101 @@ def hybrid_workloads() -> List[Workload]:
         _samba_decode_workload("G11-16k", "cuda", 16384),
         _samba_decode_workload("G11-64k", "cuda", 65536),
         _rotary_workload("GR1", "cuda"),
+    ]
+
+
+# --------------------------------------------------------------------------
+# G6b, G8b: attention forward + backward (CUDA, bf16)
+# --------------------------------------------------------------------------
+
+
+def _attn_fwd_bwd_workload(wid, b, s, hq, hk, hd, causal=True, window=None):
+    """flash_attn_func forward + backward (dq, dk, dv), bf16, layout (b, s, h, d),
+    fresh leaves each call. FLOPs: forward + 2.5 × forward (the backward's five
+    matmuls against the forward's two). Peers, each timed fwd+bwd in the same
+    process: SDPA flash (FlashAttention-2) and cuDNN where the mask is plain
+    causal (k/v expanded to hq heads inside the call for GQA, so their gradients
+    are summed back like ours), flex_attention (torch.compile'd, block mask,
+    enable_gqa) for every mask. Each call returns (out, dq, dk, dv)."""
+    flops = 3.5 * attn_fwd_flops(b, hq, s, s, hd, causal=causal, window=window)
+
+    def setup():
+        import torch
+        import torch.nn.functional as F
+
+        from .ops import flash_attn_func
+
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, do = (torch.randn(b, s, h, hd, device="cuda", generator=g, dtype=torch.bfloat16)
+                       for h in (hq, hk, hk, hq))
+        left = -1 if window is None else window - 1
+
+        def step(fwd, layout_bhsd=False):
+            def call():
+                qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+                if layout_bhsd:
+                    o = fwd(*(t.transpose(1, 2) for t in (qq, kk, vv))).transpose(1, 2)
+                else:
+                    o = fwd(qq, kk, vv)
+                dq, dk, dv = torch.autograd.grad(o, (qq, kk, vv), do)
+                return o.detach(), dq, dk, dv
+            return call
+
+        fns = {"ours": step(lambda qq, kk, vv: flash_attn_func(
+            qq, kk, vv, causal=causal, window_size=(left, -1 if causal else left)))}
+        if window is None:
+            try:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                def sdpa(backend):
+                    def fn(qt, kt, vt):
+                        if hq != hk:
+                            kt, vt = (t.repeat_interleave(hq // hk, dim=1) for t in (kt, vt))
+                        with sdpa_kernel(backend):
+                            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                    return fn
+
+                fns["SDPA flash (FA2)"] = step(sdpa(SDPBackend.FLASH_ATTENTION), True)
+                fns["SDPA cuDNN"] = step(sdpa(SDPBackend.CUDNN_ATTENTION), True)
+            except ImportError:
+                pass
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            def mask_mod(bb, hh, qi, kj):
+                m = kj <= qi if causal else (kj >= 0)
+                if window is not None:
+                    m = m & (qi - kj < window)
+                    if not causal:
+                        m = m & (kj - qi < window)
+                return m
+
+            bm = create_block_mask(mask_mod, None, None, s, s, device="cuda")
+            flex = torch.compile(flex_attention, dynamic=False)
+            fns["flex_attention"] = step(
+                lambda qt, kt, vt: flex(qt, kt, vt, block_mask=bm, enable_gqa=hq != hk), True)
+        except Exception:  # noqa: BLE001 - flex unavailable on this torch
+            pass
+        return fns
+
+    mask = "causal" if causal and window is None else (
+        f"window {window}{' causal' if causal else ''}" if window else "full")
+    return Workload(
+        id=wid,
+        device="cuda",
+        description=f"flash_attn fwd+bwd bf16 {mask} b{b} s{s} hq{hq} hk{hk} hd{hd} "
+                    f"({flops / 1e12:.3g} TFLOP)",
+        setup=setup,
+        floor_ms=1e3 * flops / ATTN_TFLOPS_REF,
+        floor_note="FLOPs (3.5 × forward, BENCHMARKS.md convention) at 800 TFLOP/s bf16: "
+                   "TFLOP/s = 800 × floor fraction",
+        rtol=3e-2,
+    )
+
+
+def attention_bwd_workloads() -> List[Workload]:
+    """G6b, G8b: the G6 and G8 shapes, forward + backward."""
+    return [
+        _attn_fwd_bwd_workload("G6b", b=4, s=8192, hq=32, hk=32, hd=128, causal=True),
+        _attn_fwd_bwd_workload("G8b", b=2, s=16384, hq=32, hk=8, hd=128, causal=True, window=2048),
     ]

@@ -272,3 +272,35 @@ def _rotary_cuda(
     """Private: NeoX rotary embedding of q (b, l, hq, hd) and k (b, l, hk, hd), CUDA tensors
     of one float dtype, any strides, in one launch: (q_out, k_out), contiguous. positions
     (l,) int32/int64, inv_freq (hd/2,) float32; angle = float(pos)·inv; conj rotates by −angle."""
+def _flash_attn_bwd_cuda(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    dq_acc: Optional[Tensor],
+    lse2: Tensor,
+    dsum: Tensor,
+    softmax_scale: float,
+    left: int,
+    right: int,
+    softcap: float,
+    alibi_slopes: Optional[Tensor] = None,
+    dlse: Optional[Tensor] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    deterministic: bool = False,
+) -> None:
+    """Private: CUDA flash-attention backward into caller-allocated dq, dk, dv (shapes of
+    q, k, v) from the forward's out and lse (options normalised as for
+    _flash_attn_fwd_cuda). Scratch, float32 contiguous, rows = b·sq or total_q: lse2,
+    dsum (hq, rows); dq_acc (rows, hq, hd rounded up to 16) zero-filled, or None when
+    deterministic (dQ without atomics, bit-identical run to run). dlse: the gradient of
+    lse (or None). Varlen rows of dk/dv past the last sequence are not written."""
+    ...

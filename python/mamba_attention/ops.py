@@ -384,19 +384,32 @@ def _torch_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi
 
 
 def _cuda_attention(op, q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                    varlen=None):
+                    varlen=None, deterministic=False):
     """Forward through the CUDA flash-attention kernel (torch float16/bfloat16 CUDA
-    tensors). There is no CUDA backward yet: with gradients required, the
-    differentiable torch formula (:func:`_torch_attention`) runs instead."""
+    tensors). With gradients required (or under torch.compile), float16/bfloat16
+    with a head dim that is a multiple of 8 up to 256 go through the custom ops of
+    ``_autograd`` (our CUDA forward and backward kernels); other dtypes and head
+    dims run the differentiable torch formula (:func:`_torch_attention`)."""
     import math
 
     import torch
 
     if _needs_autograd(q, (q, k, v)):
+        from . import _autograd
+
+        if _autograd.cuda_attention_supported(q, k, v):
+            if varlen is None:
+                return _autograd.flash_attn(q, k, v, softmax_scale, causal, window_size,
+                                            softcap, alibi_slopes, deterministic)
+            cu_q, cu_k, max_q, max_k = varlen
+            return _autograd.flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k,
+                                               softmax_scale, causal, window_size, softcap,
+                                               alibi_slopes, deterministic)
         if varlen is not None:
             raise RuntimeError(
-                f"{op}: q is on {q.device} and gradients are required, but the CUDA "
-                "attention backward is not implemented yet (forward only on CUDA)"
+                f"{op}: q is on {q.device} ({q.dtype}, head dim {q.shape[-1]}) and gradients "
+                "are required: the CUDA attention backward takes float16/bfloat16 with a "
+                "head dim that is a multiple of 8 up to 256"
             )
         return _torch_attention(q, k, v, softmax_scale, causal, window_size, softcap,
                                 alibi_slopes)
@@ -438,10 +451,10 @@ def flash_attn_func(
     return_attn_probs=False,
 ):
     """Attention (SPEC §3), a drop-in for ``flash_attn.flash_attn_func``. CPU: forward
-    and backward, every dtype. CUDA: the tensor-core forward for float16/bfloat16
-    (head dims up to 256, a multiple of 8); when q, k or v require grad on CUDA, a
-    differentiable torch implementation of the same formula runs instead (O(sq·sk)
-    memory) until a CUDA attention backward exists.
+    and backward, every dtype. CUDA: tensor-core forward and backward kernels for
+    float16/bfloat16 (head dims up to 256, a multiple of 8); for float32 (or other
+    head dims) with gradients on CUDA, a differentiable torch implementation of the
+    same formula runs instead (O(sq·sk) memory).
 
     Shapes: ``q`` (b, sq, hq, hd), ``k``/``v`` (b, sk, hk, hd) with hq % hk == 0
     (GQA/MQA: query head h reads kv head h // (hq // hk)); any hd; any strides (a
@@ -456,8 +469,9 @@ def flash_attn_func(
     that sees no key outputs 0 (and its lse is −inf; flash-attn's kernel writes
     +inf there). Work is proportional to the visible keys: a window of W costs O(s·W).
 
-    ``dropout_p`` must be 0.0 (ValueError otherwise); ``deterministic`` is accepted
-    and ignored (the CPU kernels are deterministic). Returns ``out`` (q's shape and
+    ``dropout_p`` must be 0.0 (ValueError otherwise). ``deterministic``: the CUDA
+    backward then computes dQ without atomics (bit-identical run to run, a little
+    slower); the CPU kernels are always deterministic. Returns ``out`` (q's shape and
     dtype), or with ``return_attn_probs`` the tuple (out, softmax_lse (b, hq, sq)
     float32, None): flash-attn's third value (the dropout mask / probabilities,
     only meaningful in its tests) is not materialised.
@@ -468,7 +482,8 @@ def flash_attn_func(
     _check_dropout(dropout_p)
     if _on_cuda(q):
         out, lse = _cuda_attention("flash_attn_func", q, k, v, softmax_scale, causal,
-                                   window_size, softcap, alibi_slopes)
+                                   window_size, softcap, alibi_slopes,
+                                   deterministic=deterministic)
     elif _needs_autograd(q, (q, k, v)):
         from ._autograd import flash_attn
 
@@ -515,7 +530,7 @@ def flash_attn_varlen_func(
         out, lse = _cuda_attention("flash_attn_varlen_func", q, k, v, softmax_scale, causal,
                                    window_size, softcap, alibi_slopes,
                                    varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                           max_seqlen_k))
+                                           max_seqlen_k), deterministic=deterministic)
     elif _needs_autograd(q, (q, k, v)):
         from ._autograd import flash_attn_varlen
 

@@ -4,6 +4,7 @@
 //! the caller's (PyTorch's) current stream.
 
 pub mod attention;
+pub mod attention_bwd;
 pub mod cache;
 pub mod conv1d;
 pub mod hidden_attention;
@@ -116,6 +117,83 @@ pub const SOURCES: &[(&str, &str)] = &[
         concat!(
             "#define FA_ONLY_DT DT_F16\n#define FA_ONLY_HD 256\n",
             include_str!("../../kernels/flash_attn_fwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_bwd_aux",
+        concat!(
+            "#define FAB_MODULE 0\n",
+            include_str!("../../kernels/flash_attn_bwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_bwd_bf16_hd32",
+        concat!(
+            "#define FAB_MODULE 1\n#define FAB_ONLY_DT DT_BF16\n#define FAB_ONLY_HD 32\n",
+            include_str!("../../kernels/flash_attn_bwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_bwd_bf16_hd64",
+        concat!(
+            "#define FAB_MODULE 1\n#define FAB_ONLY_DT DT_BF16\n#define FAB_ONLY_HD 64\n",
+            include_str!("../../kernels/flash_attn_bwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_bwd_bf16_hd96",
+        concat!(
+            "#define FAB_MODULE 1\n#define FAB_ONLY_DT DT_BF16\n#define FAB_ONLY_HD 96\n",
+            include_str!("../../kernels/flash_attn_bwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_bwd_bf16_hd128",
+        concat!(
+            "#define FAB_MODULE 1\n#define FAB_ONLY_DT DT_BF16\n#define FAB_ONLY_HD 128\n",
+            include_str!("../../kernels/flash_attn_bwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_bwd_bf16_hd256",
+        concat!(
+            "#define FAB_MODULE 1\n#define FAB_ONLY_DT DT_BF16\n#define FAB_ONLY_HD 256\n",
+            include_str!("../../kernels/flash_attn_bwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_bwd_f16_hd32",
+        concat!(
+            "#define FAB_MODULE 1\n#define FAB_ONLY_DT DT_F16\n#define FAB_ONLY_HD 32\n",
+            include_str!("../../kernels/flash_attn_bwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_bwd_f16_hd64",
+        concat!(
+            "#define FAB_MODULE 1\n#define FAB_ONLY_DT DT_F16\n#define FAB_ONLY_HD 64\n",
+            include_str!("../../kernels/flash_attn_bwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_bwd_f16_hd96",
+        concat!(
+            "#define FAB_MODULE 1\n#define FAB_ONLY_DT DT_F16\n#define FAB_ONLY_HD 96\n",
+            include_str!("../../kernels/flash_attn_bwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_bwd_f16_hd128",
+        concat!(
+            "#define FAB_MODULE 1\n#define FAB_ONLY_DT DT_F16\n#define FAB_ONLY_HD 128\n",
+            include_str!("../../kernels/flash_attn_bwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_bwd_f16_hd256",
+        concat!(
+            "#define FAB_MODULE 1\n#define FAB_ONLY_DT DT_F16\n#define FAB_ONLY_HD 256\n",
+            include_str!("../../kernels/flash_attn_bwd.cu")
         ),
     ),
 ];
