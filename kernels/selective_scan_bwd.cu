@@ -692,7 +692,7 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 // (no block of 32 channels straddles two groups; a block that would writes
 // NaN to du and returns).
 //   grid  = (ceil(d / 32), b, 1)    block = (128, 1, 1)
-//   dynamic shared memory = 4 * (2*16*SF_T + 5*32*SF_T + 4*128*(SF_NSUB-1) + 2*32*64)
+//   dynamic shared memory = 4 * (2*16*SF_T + 5*32*SF_T + 4*128*(SF_NSUB-1) + (1+SF_DBUF)*2*32*64)
 //                         = 55296 bytes for SF_T = 32 (cuFuncSetAttribute needed)
 //   nchunks = ceil(l / SF_T) (32-step chunks); scratch: float32 (b, d, nchunks, n)
 //   when nchunks > 1. Zero-filled outputs as for selective_scan_bwd.
@@ -729,6 +729,12 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 #define SF_THREADS 128
 #ifndef SF_MINB
 #define SF_MINB 4
+#endif
+#ifndef SF_DBUF
+#define SF_DBUF 0      // double-buffered dB/dC reduction buffer: one barrier per sub-chunk (+16 KB)
+#endif
+#ifndef SF_WRED
+#define SF_WRED 0      // dB/dC summed per warp (8 channels), no block barriers per sub-chunk, 4x the atomics
 #endif
 #define SF_LN2 0.6931471805599453f
 
@@ -912,7 +918,7 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
     s.sC = s.sB + SF_T * 16;
     s.rows = s.sC + SF_T * 16;
     s.hst = reinterpret_cast<float4*>(s.rows + NROWS * 32 * SF_T);
-    s.red = reinterpret_cast<float*>(s.hst + (SF_NSUB - 1) * SF_THREADS);
+    s.red = reinterpret_cast<float*>(s.hst + (SF_NSUB - 1) * SF_THREADS);  // [1 + SF_DBUF][2][32][64]
 
     const int tid = threadIdx.x, ch = tid >> 2, q = tid & 3;
     const int bi = blockIdx.y, c0 = blockIdx.x * SF_CPB;
@@ -1032,7 +1038,15 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                     hh[i + 1][k] = fmaf(a[i][k], hh[i][k], Bv[k] * du[i]);
                 }
             }
+#if SF_WRED
+            __syncwarp();  // this warp's reads of its slice of s.red (previous sub-chunk) are done
+            float* const red = s.red;
+#elif SF_DBUF
+            float* const red = s.red + (sc & 1) * (2 * 32 * 64);  // its last reader finished before the last barrier
+#else
             __syncthreads();  // the previous sub-chunk's reduction has read s.red
+            float* const red = s.red;
+#endif
             float pB[4], pA[4], pY[4];
 #pragma unroll
             for (int i = SF_S - 1; i >= 0; i--) {  // the adjoint, steps in reverse
@@ -1055,8 +1069,8 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                 pB[i] = sgB;
                 pA[i] = sA;
                 pY[i] = sy;
-                *reinterpret_cast<float4*>(s.red + red_idx(ch, i * 4 + q)) = make_float4(vB[0], vB[1], vB[2], vB[3]);
-                *reinterpret_cast<float4*>(s.red + 32 * 64 + red_idx(ch, i * 4 + q)) =
+                *reinterpret_cast<float4*>(red + red_idx(ch, i * 4 + q)) = make_float4(vB[0], vB[1], vB[2], vB[3]);
+                *reinterpret_cast<float4*>(red + 32 * 64 + red_idx(ch, i * 4 + q)) =
                     make_float4(vC[0], vC[1], vC[2], vC[3]);
             }
             // this lane's step ts + q: sums over the channel's 16 states
@@ -1078,9 +1092,33 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                         st_any((void*)p.dz.ptr, p.dz.dtype, off_dz + (i64)t * p.dz.stride[2], gz * fmaf(Dv, uu, SY));
                 }
             }
+#if SF_WRED
+            __syncwarp();
+            {  // lane: dB (lane < 16) / dC of step (lane & 15) / 4, states 4 * (lane & 3) .. +3,
+               // summed over the warp's 8 channels; 4 atomics
+                const int lane = tid & 31, wQ = lane >> 4, wj = lane & 15;
+                const float* base = red + wQ * 32 * 64;
+                float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+                for (int m = 0; m < 8; m++) {
+                    const float4 v = *reinterpret_cast<const float4*>(base + red_idx((tid >> 5) * 8 + m, wj));
+                    acc.x += v.x; acc.y += v.y; acc.z += v.z; acc.w += v.w;
+                }
+                const Tensor4& X = wQ ? p.dC : p.dB;
+                const int t = t0 + ts + (wj >> 2), k0 = (wj & 3) * 4;
+                float* dst = (float*)X.ptr + (i64)bi * X.stride[0] + (i64)(wQ ? grpC : grpB) * X.stride[1] +
+                             (i64)t * X.stride[3];
+                const float av[4] = {acc.x, acc.y, acc.z, acc.w};
+                if (t < l) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        if (k0 + e < n) atomicAdd(dst + (i64)(k0 + e) * X.stride[2], av[e]);
+                }
+            }
+#else
             __syncthreads();  // s.red complete
             {  // dB (rQ = 0) / dC (1) of step ri, states rk: sum over the 32 channels
-                const float* base = s.red + rQ * 32 * 64;
+                const float* base = red + rQ * 32 * 64;
                 float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
                 for (int m = 0; m < 8; m++) {
@@ -1091,6 +1129,7 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                 const int t = t0 + ts + ri;
                 if (rk < n && t < l) atomicAdd(dXrow + (i64)t * dX.stride[3], v);
             }
+#endif
         }
     }
     if (act && p.dinit.ptr) {

@@ -108,7 +108,8 @@ def launch_variant(spec, x):
     grid, block = ((d + W - 1) // W, b, 1), (32 * W, 1, 1)
     if kern == "fast":
         name = "selective_scan_bwd_fast"
-        smem = 4 * (2 * 16 * CH + 5 * 32 * CH + 4 * 128 * (CH // 4 - 1) + 2 * 32 * 64)
+        nbuf = 1 + int(kv.get("SF_DBUF", 0))
+        smem = 4 * (2 * 16 * CH + 5 * 32 * CH + 4 * 128 * (CH // 4 - 1) + nbuf * 2 * 32 * 64)
         grid, block = ((d + 31) // 32, b, 1), (128, 1, 1)
     f = mod.fn(name)
     gs.ck(gs.cuda.cuFuncSetAttribute(f, 8, smem), "cuFuncSetAttribute")
