@@ -692,7 +692,7 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 // (no block of 32 channels straddles two groups; a block that would writes
 // NaN to du and returns).
 //   grid  = (ceil(d / 32), b, 1)    block = (128, 1, 1)
-//   dynamic shared memory = 4 * (2*16*SF_T + 5*32*SF_T + 4*128*(SF_NSUB-1) + (1+SF_DBUF)*2*32*64)
+//   dynamic shared memory = 4 * (2*16*SF_T + 5*32*SF_T + 4*128*(SF_NSUB-1) + 2*32*64)
 //                         = 55296 bytes for SF_T = 32 (cuFuncSetAttribute needed)
 //   nchunks = ceil(l / SF_T) (32-step chunks); scratch: float32 (b, d, nchunks, n)
 //   when nchunks > 1. Zero-filled outputs as for selective_scan_bwd.
@@ -720,9 +720,7 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 // Three exps per element (pre-pass, chunk forward, sub-chunk forward).
 // ============================================================================
 
-#ifndef SF_T
-#define SF_T 32        // chunk length of the fast kernel (a multiple of 8)
-#endif
+#define SF_T 32        // chunk length of the fast kernel (the staging assumes 32)
 #define SF_S 4         // steps per sub-chunk (= lanes per channel)
 #define SF_NSUB (SF_T / SF_S)
 #define SF_CPB 32      // channels per block
@@ -730,11 +728,14 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 #ifndef SF_MINB
 #define SF_MINB 4
 #endif
-#ifndef SF_DBUF
-#define SF_DBUF 0      // double-buffered dB/dC reduction buffer: one barrier per sub-chunk (+16 KB)
+#ifndef SF_OST
+#define SF_OST 0       // du, dΔ, dz staged in shared memory (in the consumed rows), stored 8 steps at a time per chunk
 #endif
-#ifndef SF_WRED
-#define SF_WRED 0      // dB/dC summed per warp (8 channels), no block barriers per sub-chunk, 4x the atomics
+#ifndef SF_FSIG
+#define SF_FSIG 0      // sigmoid in the staging with __fdividef (MUFU.RCP) instead of an IEEE division
+#endif
+#ifndef SF_PF
+#define SF_PF 0        // prefetch the next chunk's rows and B/C into L2 after staging a chunk
 #endif
 #define SF_LN2 0.6931471805599453f
 
@@ -742,8 +743,15 @@ namespace sbf {
 
 using sbwd::ex2;
 using sbwd::row_off;
-using sbwd::sigmoid;
 using sbwd::softplus;
+
+__device__ __forceinline__ float sigmoid(float x) {
+#if SF_FSIG
+    return __fdividef(1.0f, 1.0f + __expf(-x));  // 0 when exp(-x) = inf
+#else
+    return sbwd::sigmoid(x);
+#endif
+}
 
 enum { R_D = 0, R_U = 1, R_Y = 2, R_SP = 3, R_GZ = 4, NROWS = 5 };
 
@@ -800,6 +808,37 @@ __device__ __forceinline__ void load8(float (&v)[8], const void* ptr, int dtype,
     } else {
 #pragma unroll
         for (int i = 0; i < 8; i++) v[i] = t + i < l ? ld_any(ptr, dtype, base + (i64)(t + i) * st) : 0.0f;
+    }
+}
+
+// Stores v[0..7] as elements t .. t+7 of a row (element i at base + i*st),
+// only those below l: one or two 16-byte stores when st == 1, the row is
+// aligned and t + 8 <= l; st_any per element otherwise.
+__device__ __forceinline__ void store8(const float (&v)[8], const Tensor4& x, i64 base, int t, int l) {
+    const i64 st = x.stride[2];
+    const int es = x.dtype == DT_F32 ? 4 : (x.dtype == DT_F64 ? 8 : 2);
+    char* p = (char*)x.ptr + (base + (i64)t * st) * es;
+    const bool vec = st == 1 && x.dtype != DT_F64 && t + 8 <= l &&
+                     ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0);
+    if (vec) {
+        if (x.dtype == DT_F32) {
+            reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+            reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+        } else {
+            unsigned w[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                if (x.dtype == DT_BF16)
+                    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w[i]) : "f"(v[2 * i + 1]), "f"(v[2 * i]));
+                else
+                    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w[i]) : "f"(v[2 * i + 1]), "f"(v[2 * i]));
+            }
+            *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (t + i < l) st_any((void*)x.ptr, x.dtype, base + (i64)(t + i) * st, v[i]);
     }
 }
 
@@ -896,6 +935,33 @@ __device__ __forceinline__ void stage(const ScanBwdParams& p, const Sm& s, int b
     }
 }
 
+// L2 prefetch of what stage<MAIN> will load for chunk t0 (no registers held).
+__device__ __forceinline__ void pf(const void* ptr, int dtype, i64 idx) {
+    const int es = dtype == DT_F32 ? 4 : (dtype == DT_F64 ? 8 : 2);
+    asm volatile("prefetch.L2 [%0];" ::"l"((const char*)ptr + idx * es));
+}
+template <bool MAIN>
+__device__ __forceinline__ void prefetch(const ScanBwdParams& p, int bi, int c0, int grpB, int grpC, int t0,
+                                         int tid) {
+    const int ch = tid >> 2, seg = tid & 3, t = t0 + seg * 8;
+    if (t < p.l && c0 + ch < p.d) {
+        const int c = c0 + ch;
+        pf(p.delta.ptr, p.delta.dtype, row_off(p.delta, bi, c) + (i64)t * p.delta.stride[2]);
+        pf(p.u.ptr, p.u.dtype, row_off(p.u, bi, c) + (i64)t * p.u.stride[2]);
+        if (MAIN) {
+            pf(p.dout.ptr, p.dout.dtype, row_off(p.dout, bi, c) + (i64)t * p.dout.stride[2]);
+            if (p.z.ptr) pf(p.z.ptr, p.z.dtype, row_off(p.z, bi, c) + (i64)t * p.z.stride[2]);
+        }
+    }
+    const int idx = tid & 63, k = idx & 15, tb = t0 + (idx >> 4) * 8;
+    const bool which = tid >= 64;
+    if ((MAIN || !which) && k < p.n && tb < p.l) {
+        const Tensor4& X = which ? p.C : p.B;
+        pf(X.ptr, X.dtype, (i64)bi * X.stride[0] + (i64)(which ? grpC : grpB) * X.stride[1] +
+                               (i64)k * X.stride[2] + (i64)tb * X.stride[3]);
+    }
+}
+
 // Forward over the 4 steps ts .. ts+3 (local) of channel row ch, states of quad q.
 __device__ __forceinline__ void fwd4(float (&h)[4], const Sm& s, int ch, int q, int ts, const float (&A2)[4]) {
     const float4 D4 = *reinterpret_cast<const float4*>(s.rows + R_D * 32 * SF_T + rsw(ch, ts));
@@ -918,7 +984,7 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
     s.sC = s.sB + SF_T * 16;
     s.rows = s.sC + SF_T * 16;
     s.hst = reinterpret_cast<float4*>(s.rows + NROWS * 32 * SF_T);
-    s.red = reinterpret_cast<float*>(s.hst + (SF_NSUB - 1) * SF_THREADS);  // [1 + SF_DBUF][2][32][64]
+    s.red = reinterpret_cast<float*>(s.hst + (SF_NSUB - 1) * SF_THREADS);  // [2][32][64]
 
     const int tid = threadIdx.x, ch = tid >> 2, q = tid & 3;
     const int bi = blockIdx.y, c0 = blockIdx.x * SF_CPB;
@@ -941,7 +1007,15 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
     }
     const int grpB = c0 / (d / p.groups_b), grpC = c0 / (d / p.groups_c);
 
-    float A2[4], r[4], dA[4], hin[4];
+    // initial state of this lane's states (re-read where needed: fewer live registers)
+    auto h_init = [&](int i) -> float {
+        const int k = 4 * q + i;
+        return (k < n && p.initial_state.ptr)
+                   ? ld_any(p.initial_state.ptr, p.initial_state.dtype,
+                            row_off(p.initial_state, bi, cc) + (i64)k * p.initial_state.stride[2])
+                   : 0.0f;
+    };
+    float A2[4], r[4], dA[4];
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         const int k = 4 * q + i;
@@ -950,10 +1024,6 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
         r[i] = (kv && act && p.dlast.ptr)
                    ? ld_any(p.dlast.ptr, p.dlast.dtype, row_off(p.dlast, bi, cc) + (i64)k * p.dlast.stride[2])
                    : 0.0f;
-        hin[i] = (kv && p.initial_state.ptr)
-                     ? ld_any(p.initial_state.ptr, p.initial_state.dtype,
-                              row_off(p.initial_state, bi, cc) + (i64)k * p.initial_state.stride[2])
-                     : 0.0f;
         dA[i] = 0.0f;
     }
     const int nch = p.nchunks;
@@ -962,12 +1032,16 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
 
     // ---- forward pre-pass: the states at the starts of chunks 1 .. nch-1
     if (nch > 1) {
-        float h[4] = {hin[0], hin[1], hin[2], hin[3]};
+        float h[4] = {h_init(0), h_init(1), h_init(2), h_init(3)};
 #pragma unroll 1
         for (int j = 0; j + 1 < nch; j++) {
             __syncthreads();
             stage<false>(p, s, bi, c0, grpB, grpC, j * SF_T, tid);
             __syncthreads();
+            if (SF_PF) {
+                if (j + 2 < nch) prefetch<false>(p, bi, c0, grpB, grpC, (j + 1) * SF_T, tid);
+                else prefetch<true>(p, bi, c0, grpB, grpC, (nch - 1) * SF_T, tid);
+            }
 #pragma unroll 1
             for (int sc = 0; sc < SF_NSUB; sc++) fwd4(h, s, ch, q, sc * SF_S, A2);
             if (act) {
@@ -982,26 +1056,33 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
     // ---- main pass, chunks in reverse
     const float Dv = p.D.ptr ? ld_any(p.D.ptr, p.D.dtype, (i64)cc * p.D.stride[0]) : 0.0f;
     float dD_acc = 0.0f, ddb_acc = 0.0f;
+#if !SF_OST
     const i64 off_du = row_off(p.du, bi, cc), off_dd = row_off(p.ddelta, bi, cc);
     const i64 off_dz = p.dz.ptr ? row_off(p.dz, bi, cc) : 0;
+#endif
     // the dB/dC reduction: this thread's float4 output slot
     const int rr = tid & 3, roj = tid >> 2, rQ = roj >> 4, rj = roj & 15;
-    const Tensor4& dX = rQ ? p.dC : p.dB;
     const int rk = (rj & 3) * 4 + rr, ri = rj >> 2;
-    float* const dXrow = (float*)dX.ptr + (i64)bi * dX.stride[0] + (i64)(rQ ? grpC : grpB) * dX.stride[1] +
-                         (i64)rk * dX.stride[2];
 #pragma unroll 1
     for (int j = nch - 1; j >= 0; j--) {
         const int t0 = j * SF_T;
         float hc0[4];
+        {
+            // the row offset recomputed per chunk (opaque to hoisting: a loop-long
+            // 64-bit value would be spilled)
+            int cc_o;
+            asm volatile("mov.b32 %0, %1;" : "=r"(cc_o) : "r"(cc));
+            const i64 srow = scr ? row_off(p.scratch, bi, cc_o) : 0;
 #pragma unroll
-        for (int i = 0; i < 4; i++)
-            hc0[i] = (j == 0 || 4 * q + i >= n || !act)
-                         ? hin[i]
-                         : scr[scr_row + (i64)j * p.scratch.stride[2] + (i64)(4 * q + i) * p.scratch.stride[3]];
+            for (int i = 0; i < 4; i++)
+                hc0[i] = (j == 0 || 4 * q + i >= n || !act)
+                             ? h_init(i)
+                             : scr[srow + (i64)j * p.scratch.stride[2] + (i64)(4 * q + i) * p.scratch.stride[3]];
+        }
         __syncthreads();
         stage<true>(p, s, bi, c0, grpB, grpC, t0, tid);
         __syncthreads();
+        if (SF_PF && j > 0) prefetch<true>(p, bi, c0, grpB, grpC, t0 - SF_T, tid);
         {  // states at the sub-chunk starts
             float h[4] = {hc0[0], hc0[1], hc0[2], hc0[3]};
 #pragma unroll 1
@@ -1038,15 +1119,8 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                     hh[i + 1][k] = fmaf(a[i][k], hh[i][k], Bv[k] * du[i]);
                 }
             }
-#if SF_WRED
-            __syncwarp();  // this warp's reads of its slice of s.red (previous sub-chunk) are done
-            float* const red = s.red;
-#elif SF_DBUF
-            float* const red = s.red + (sc & 1) * (2 * 32 * 64);  // its last reader finished before the last barrier
-#else
             __syncthreads();  // the previous sub-chunk's reduction has read s.red
             float* const red = s.red;
-#endif
             float pB[4], pA[4], pY[4];
 #pragma unroll
             for (int i = SF_S - 1; i >= 0; i--) {  // the adjoint, steps in reverse
@@ -1083,6 +1157,17 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                 const float gz = s.rows[R_GZ * 32 * SF_T + o];
                 const float duv = fmaf(dl, SB, Dv * dy);
                 const float ddv = fmaf(uu, SB, SA) * spd;
+#if SF_OST
+                // into the slots just consumed (the quad read its rows before the shuffles)
+                __syncwarp();
+                s.rows[R_Y * 32 * SF_T + o] = duv;
+                s.rows[R_SP * 32 * SF_T + o] = ddv;
+                s.rows[R_GZ * 32 * SF_T + o] = gz * fmaf(Dv, uu, SY);
+                if (act && t < l) {
+                    dD_acc = fmaf(dy, uu, dD_acc);
+                    ddb_acc += ddv;
+                }
+#else
                 if (act && t < l) {
                     dD_acc = fmaf(dy, uu, dD_acc);
                     ddb_acc += ddv;
@@ -1091,31 +1176,8 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                     if (p.dz.ptr)
                         st_any((void*)p.dz.ptr, p.dz.dtype, off_dz + (i64)t * p.dz.stride[2], gz * fmaf(Dv, uu, SY));
                 }
+#endif
             }
-#if SF_WRED
-            __syncwarp();
-            {  // lane: dB (lane < 16) / dC of step (lane & 15) / 4, states 4 * (lane & 3) .. +3,
-               // summed over the warp's 8 channels; 4 atomics
-                const int lane = tid & 31, wQ = lane >> 4, wj = lane & 15;
-                const float* base = red + wQ * 32 * 64;
-                float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-                for (int m = 0; m < 8; m++) {
-                    const float4 v = *reinterpret_cast<const float4*>(base + red_idx((tid >> 5) * 8 + m, wj));
-                    acc.x += v.x; acc.y += v.y; acc.z += v.z; acc.w += v.w;
-                }
-                const Tensor4& X = wQ ? p.dC : p.dB;
-                const int t = t0 + ts + (wj >> 2), k0 = (wj & 3) * 4;
-                float* dst = (float*)X.ptr + (i64)bi * X.stride[0] + (i64)(wQ ? grpC : grpB) * X.stride[1] +
-                             (i64)t * X.stride[3];
-                const float av[4] = {acc.x, acc.y, acc.z, acc.w};
-                if (t < l) {
-#pragma unroll
-                    for (int e = 0; e < 4; e++)
-                        if (k0 + e < n) atomicAdd(dst + (i64)(k0 + e) * X.stride[2], av[e]);
-                }
-            }
-#else
             __syncthreads();  // s.red complete
             {  // dB (rQ = 0) / dC (1) of step ri, states rk: sum over the 32 channels
                 const float* base = red + rQ * 32 * 64;
@@ -1127,10 +1189,36 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                 }
                 const float v = rs4(acc, rr);
                 const int t = t0 + ts + ri;
-                if (rk < n && t < l) atomicAdd(dXrow + (i64)t * dX.stride[3], v);
+                if (rk < n && t < l) {
+                    int bo;  // opaque: the 64-bit address is recomputed here, not kept live
+                    asm volatile("mov.b32 %0, %1;" : "=r"(bo) : "r"(bi));
+                    const Tensor4& dX = rQ ? p.dC : p.dB;
+                    atomicAdd((float*)dX.ptr + (i64)bo * dX.stride[0] + (i64)(rQ ? grpC : grpB) * dX.stride[1] +
+                                  (i64)rk * dX.stride[2] + (i64)t * dX.stride[3],
+                              v);
+                }
             }
-#endif
         }
+#if SF_OST
+        // this quad's outputs of the chunk, staged in its rows: thread (ch, seg)
+        // stores steps seg*8 .. seg*8+7
+        __syncwarp();
+        if (act) {
+            const int tl = q * 8, t = t0 + tl;
+            float v[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[i] = s.rows[R_Y * 32 * SF_T + rsw(ch, tl + i)];
+            store8(v, p.du, row_off(p.du, bi, c), t, l);
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[i] = s.rows[R_SP * 32 * SF_T + rsw(ch, tl + i)];
+            store8(v, p.ddelta, row_off(p.ddelta, bi, c), t, l);
+            if (p.dz.ptr) {
+#pragma unroll
+                for (int i = 0; i < 8; i++) v[i] = s.rows[R_GZ * 32 * SF_T + rsw(ch, tl + i)];
+                store8(v, p.dz, row_off(p.dz, bi, c), t, l);
+            }
+        }
+#endif
     }
     if (act && p.dinit.ptr) {
 #pragma unroll

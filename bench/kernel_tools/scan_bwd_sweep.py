@@ -83,7 +83,7 @@ def launch_variant(spec, x):
     W, IT, KB = int(kv.get("SB_W", 8)), int(kv.get("SB_IT", 8)), int(kv.get("SB_KB", 16))
     CH = 32 * IT
     if kern == "fast":  # the channel-parallel kernel: 32-step chunks
-        CH = int(kv.get("SF_T", 32))
+        CH = 32
     mod = gs.Module(os.path.join(gs.KDIR, "selective_scan_bwd.cu"), defines)
     b, d, l = x["u"].shape
     n = x["A"].shape[1]
@@ -108,8 +108,7 @@ def launch_variant(spec, x):
     grid, block = ((d + W - 1) // W, b, 1), (32 * W, 1, 1)
     if kern == "fast":
         name = "selective_scan_bwd_fast"
-        nbuf = 1 + int(kv.get("SF_DBUF", 0))
-        smem = 4 * (2 * 16 * CH + 5 * 32 * CH + 4 * 128 * (CH // 4 - 1) + nbuf * 2 * 32 * 64)
+        smem = 4 * (2 * 16 * CH + 5 * 32 * CH + 4 * 128 * (CH // 4 - 1) + 2 * 32 * 64)
         grid, block = ((d + 31) // 32, b, 1), (128, 1, 1)
     f = mod.fn(name)
     gs.ck(gs.cuda.cuFuncSetAttribute(f, 8, smem), "cuFuncSetAttribute")
