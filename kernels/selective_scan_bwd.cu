@@ -729,10 +729,10 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 #define SF_MINB 4
 #endif
 #ifndef SF_OST
-#define SF_OST 0       // du, dΔ, dz staged in shared memory (in the consumed rows), stored 8 steps at a time per chunk
+#define SF_OST 1       // du, dΔ, dz staged in shared memory (in the consumed rows), stored 8 steps at a time per chunk
 #endif
 #ifndef SF_FSIG
-#define SF_FSIG 0      // sigmoid in the staging with __fdividef (MUFU.RCP) instead of an IEEE division
+#define SF_FSIG 1      // sigmoid in the staging with __fdividef (MUFU.RCP) instead of an IEEE division
 #endif
 #ifndef SF_PF
 #define SF_PF 0        // prefetch the next chunk's rows and B/C into L2 after staging a chunk
