@@ -4,6 +4,13 @@
 // includes nothing and declares its own parameter struct (mirrored by
 // src/cuda/scan_bwd.rs). Compiled by NVRTC for the device's exact sm_XY.
 //
+// Two kernels: selective_scan_bwd_fast (channel-parallel, see its own
+// section near the end of this file) for 1 <= n <= 16 with time-varying B
+// and C whose groups hold whole blocks of 32 channels (G2 and every usual
+// Mamba layout), and selective_scan_bwd (time-parallel within a warp, below)
+// for everything else (n > 16, constant (d, n) B or C, groups that straddle
+// blocks of 32 channels). src/cuda/scan_bwd.rs (use_fast) picks one.
+//
 // ============================================================================
 // KERNEL AND LAUNCH CONFIGURATION (the host must follow this exactly)
 // ============================================================================
@@ -716,8 +723,16 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 // with one atomic per (t, k) per block. Per chunk, the block stages B, C
 // ([t][16] float32) and the rows Δ = softplus(delta + bias), u,
 // dy = dout silu(z), softplus'(.), dout silu'(z) ([32][SF_T]) in shared
-// memory, with 16-byte loads where rows are contiguous and aligned.
-// Three exps per element (pre-pass, chunk forward, sub-chunk forward).
+// memory, with 16-byte loads where rows are contiguous and aligned. du, dΔ,
+// dz go back into the row slots their step has consumed (SF_OST) and leave
+// once per chunk, 8 steps per thread (16-byte stores where possible).
+// Occupancy is what matters: 128 registers (launch bounds 128 x 4) and 54 KB
+// of shared memory give 4 blocks = 16 warps per SM; a 3-block variant
+// (SF_DBUF, one barrier less per sub-chunk) measured 1.6x slower.
+// Three exps per element (pre-pass, chunk forward, sub-chunk forward);
+// ~42 instructions per (t, k, channel). G2 backward alone: 1.53 ms on an
+// H100 (the warp-scan kernel above: 3.64 ms). bench/scan_bwd_notes.md has
+// the measurements of each knob.
 // ============================================================================
 
 #define SF_T 32        // chunk length of the fast kernel (the staging assumes 32)

@@ -3,8 +3,9 @@ kernels/selective_scan_bwd.cu) against autograd through the float64 reference of
 test_grad.py, plus the custom ops' opcheck and torch.compile on CUDA tensors.
 
 The inputs are those of test_grad.py (rounded to the tested dtype, then moved to the
-GPU); the reference runs on the CPU in float64 on the same rounded values. The chunk
-of the kernel is 256 steps and a block holds 8 channels, so sizes straddle both.
+GPU); the reference runs on the CPU in float64 on the same rounded values. The
+warp-scan kernel (n > 16, constant B/C, straddling groups) has 256-step chunks and
+8-channel blocks, so sizes straddle both; the fast kernel's cases are at the end.
 Every test is marked ``cuda`` and skipped without a usable GPU.
 """
 
