@@ -54,7 +54,10 @@ pub const FAST_CHUNK: usize = 32;
 /// time-varying B and C, and no block of 32 channels straddling two groups.
 pub fn use_fast(d: usize, n: usize, groups_b: i32, groups_c: i32) -> bool {
     let fits = |g: i32| {
-        g == 1 || (g > 1 && d % g as usize == 0 && (d / g as usize) % FAST_CPB as usize == 0)
+        g == 1
+            || (g > 1
+                && d.is_multiple_of(g as usize)
+                && (d / g as usize).is_multiple_of(FAST_CPB as usize))
     };
     (1..=16).contains(&n) && fits(groups_b) && fits(groups_c)
 }
