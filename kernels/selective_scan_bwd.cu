@@ -4,6 +4,13 @@
 // includes nothing and declares its own parameter struct (mirrored by
 // src/cuda/scan_bwd.rs). Compiled by NVRTC for the device's exact sm_XY.
 //
+// Two kernels: selective_scan_bwd_fast (channel-parallel, see its own
+// section near the end of this file) for 1 <= n <= 16 with time-varying B
+// and C whose groups hold whole blocks of 32 channels (G2 and every usual
+// Mamba layout), and selective_scan_bwd (time-parallel within a warp, below)
+// for everything else (n > 16, constant (d, n) B or C, groups that straddle
+// blocks of 32 channels). src/cuda/scan_bwd.rs (use_fast) picks one.
+//
 // ============================================================================
 // KERNEL AND LAUNCH CONFIGURATION (the host must follow this exactly)
 // ============================================================================
@@ -683,3 +690,574 @@ __device__ __forceinline__ void entry(const ScanBwdParams& p) {
 
 extern "C" __global__ void __launch_bounds__(SB_THREADS, SB_MINB)
 selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
+
+// ============================================================================
+// selective_scan_bwd_fast: the channel-parallel backward (the common case)
+// ============================================================================
+// Use when ALL of:  1 <= n <= 16, groups_b >= 1 and groups_c >= 1 (B and C
+// time-varying), and for each of B, C: groups == 1 or (d / groups) % 32 == 0
+// (no block of 32 channels straddles two groups; a block that would writes
+// NaN to du and returns).
+//   grid  = (ceil(d / 32), b, 1)    block = (128, 1, 1)
+//   dynamic shared memory = 4 * (2*16*SF_T + 5*32*SF_T + 4*128*(SF_NSUB-1) + 2*32*64)
+//                         = 55296 bytes for SF_T = 32 (cuFuncSetAttribute needed)
+//   nchunks = ceil(l / SF_T) (32-step chunks); scratch: float32 (b, d, nchunks, n)
+//   when nchunks > 1. Zero-filled outputs as for selective_scan_bwd.
+//
+// Design. Like the forward's fast kernel, each (batch, channel) is owned by
+// SF_P = 4 adjacent lanes, lane q holding the states k = 4q .. 4q+3 in
+// registers, and steps through time; no shuffles in the recurrences. The
+// states at chunk starts (32 steps) come from a forward pre-pass over the
+// sequence (scratch); per chunk, taken in reverse, a forward over the chunk
+// leaves the states at its sub-chunk starts (4 steps) in shared memory; per
+// sub-chunk, in reverse, a forward recomputes h_t and a_t = exp(Δ_t A) of its
+// 4 steps into registers and the adjoint steps back through them:
+//   g = C_t dy_t + r,  r := a_t g  (r enters step t-1; r = dlast at the end)
+//   dC_t[k] += dy_t h_t     dB_t[k] += g Δ_t u_t     y_t += C_t h_t
+//   du_t += g Δ_t B_t       dΔ_t += g (u_t B_t + A a_t h_{t-1})
+//   dA[c,k] += Δ_t g a_t h_{t-1}
+// The per-step sums over k (of g B, g A a h, C h) are reduce-scattered over
+// the 4 lanes so that lane q finishes step 4s+q of the sub-chunk (du, dΔ, dz,
+// dD, dΔbias). dB_t[k], dC_t[k] are summed over the block's 32 channels
+// through shared memory (per sub-chunk, one float4 per thread) and added
+// with one atomic per (t, k) per block. Per chunk, the block stages B, C
+// ([t][16] float32) and the rows Δ = softplus(delta + bias), u,
+// dy = dout silu(z), softplus'(.), dout silu'(z) ([32][SF_T]) in shared
+// memory, with 16-byte loads where rows are contiguous and aligned. du, dΔ,
+// dz go back into the row slots their step has consumed (SF_OST) and leave
+// once per chunk, 8 steps per thread (16-byte stores where possible).
+// Occupancy is what matters: 128 registers (launch bounds 128 x 4) and 54 KB
+// of shared memory give 4 blocks = 16 warps per SM; a 3-block variant
+// (SF_DBUF, one barrier less per sub-chunk) measured 1.6x slower.
+// Three exps per element (pre-pass, chunk forward, sub-chunk forward);
+// ~42 instructions per (t, k, channel). G2 backward alone: 1.53 ms on an
+// H100 (the warp-scan kernel above: 3.64 ms). bench/scan_bwd_notes.md has
+// the measurements of each knob.
+// ============================================================================
+
+#define SF_T 32        // chunk length of the fast kernel (the staging assumes 32)
+#define SF_S 4         // steps per sub-chunk (= lanes per channel)
+#define SF_NSUB (SF_T / SF_S)
+#define SF_CPB 32      // channels per block
+#define SF_THREADS 128
+#ifndef SF_MINB
+#define SF_MINB 4
+#endif
+#ifndef SF_OST
+#define SF_OST 1       // du, dΔ, dz staged in shared memory (in the consumed rows), stored 8 steps at a time per chunk
+#endif
+#ifndef SF_FSIG
+#define SF_FSIG 1      // sigmoid in the staging with __fdividef (MUFU.RCP) instead of an IEEE division
+#endif
+#ifndef SF_PF
+#define SF_PF 0        // prefetch the next chunk's rows and B/C into L2 after staging a chunk
+#endif
+#define SF_LN2 0.6931471805599453f
+
+namespace sbf {
+
+using sbwd::ex2;
+using sbwd::row_off;
+using sbwd::softplus;
+
+__device__ __forceinline__ float sigmoid(float x) {
+#if SF_FSIG
+    return __fdividef(1.0f, 1.0f + __expf(-x));  // 0 when exp(-x) = inf
+#else
+    return sbwd::sigmoid(x);
+#endif
+}
+
+enum { R_D = 0, R_U = 1, R_Y = 2, R_SP = 3, R_GZ = 4, NROWS = 5 };
+
+// Element t (local) of channel row ch in a [32][SF_T] row block: float4
+// groups XOR-swizzled by the channel's parity (conflict-free LDS.128 for the
+// two channels of a quarter warp).
+__device__ __forceinline__ int rsw(int ch, int t) {
+    return ch * SF_T + ((((t >> 2) ^ (ch & 1))) << 2) + (t & 3);
+}
+
+// Float4 slot j (= step i * 4 + state quad kq) of channel ch in the dB/dC
+// reduction buffer [32][16 float4]: swizzled so that both the writers (two
+// channels per quarter warp) and the readers (four channels m*4 + r) hit
+// distinct banks.
+__device__ __forceinline__ int fsw(int ch) { return ((ch & 1) << 2) | (((ch >> 1) & 1) << 1); }
+__device__ __forceinline__ int red_idx(int ch, int j) { return ch * 64 + ((j ^ fsw(ch)) << 2); }
+
+// Sum over the 4 lanes of a quad of x[q] (q = this lane's index in the quad):
+// a reduce-scatter, 3 shuffles.
+__device__ __forceinline__ float rs4(const float (&x)[4], int q) {
+    const bool b1 = (q & 2) != 0, b0 = (q & 1) != 0;
+    const float y0 = (b1 ? x[2] : x[0]) + __shfl_xor_sync(SB_FULL, b1 ? x[0] : x[2], 2);
+    const float y1 = (b1 ? x[3] : x[1]) + __shfl_xor_sync(SB_FULL, b1 ? x[1] : x[3], 2);
+    return (b0 ? y1 : y0) + __shfl_xor_sync(SB_FULL, b0 ? y0 : y1, 1);
+}
+
+// 8 consecutive elements t .. t+7 of a row (element i at base + i*st) as
+// float32, zero beyond l. One or two 16-byte loads when st == 1, the row is
+// aligned and t + 8 <= l; scalar loads otherwise.
+__device__ __forceinline__ void load8(float (&v)[8], const void* ptr, int dtype, i64 base, i64 st, int t,
+                                      int l) {
+    const int es = dtype == DT_F32 ? 4 : (dtype == DT_F64 ? 8 : 2);
+    const char* p = (const char*)ptr + (base + (i64)t * st) * es;
+    const bool vec = st == 1 && dtype != DT_F64 && t + 8 <= l &&
+                     ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0);
+    if (vec) {
+        if (dtype == DT_F32) {
+            const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+            const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+            v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+            v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+        } else {
+            const uint4 a = __ldg(reinterpret_cast<const uint4*>(p));
+            const unsigned w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const unsigned x = w[i >> 1];
+                if (dtype == DT_BF16)
+                    v[i] = __uint_as_float((i & 1) ? (x & 0xffff0000u) : (x << 16));
+                else
+                    v[i] = f16_to_f32((u16)((i & 1) ? (x >> 16) : (x & 0xffffu)));
+            }
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[i] = t + i < l ? ld_any(ptr, dtype, base + (i64)(t + i) * st) : 0.0f;
+    }
+}
+
+// Stores v[0..7] as elements t .. t+7 of a row (element i at base + i*st),
+// only those below l: one or two 16-byte stores when st == 1, the row is
+// aligned and t + 8 <= l; st_any per element otherwise.
+__device__ __forceinline__ void store8(const float (&v)[8], const Tensor4& x, i64 base, int t, int l) {
+    const i64 st = x.stride[2];
+    const int es = x.dtype == DT_F32 ? 4 : (x.dtype == DT_F64 ? 8 : 2);
+    char* p = (char*)x.ptr + (base + (i64)t * st) * es;
+    const bool vec = st == 1 && x.dtype != DT_F64 && t + 8 <= l &&
+                     ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0);
+    if (vec) {
+        if (x.dtype == DT_F32) {
+            reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+            reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+        } else {
+            unsigned w[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                if (x.dtype == DT_BF16)
+                    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w[i]) : "f"(v[2 * i + 1]), "f"(v[2 * i]));
+                else
+                    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w[i]) : "f"(v[2 * i + 1]), "f"(v[2 * i]));
+            }
+            *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (t + i < l) st_any((void*)x.ptr, x.dtype, base + (i64)(t + i) * st, v[i]);
+    }
+}
+
+struct Sm {
+    float *sB, *sC;    // [SF_T][16]
+    float* rows;       // NROWS x [32][SF_T]
+    float4* hst;       // [SF_NSUB-1][128]: state at the start of sub-chunk s+1
+    float* red;        // [2][32][64]: dB, dC per channel, step, state
+};
+
+// Stages the rows of chunk t0 (main: all five; else Δ and u) and B (and C
+// when main) into shared memory.
+template <bool MAIN>
+__device__ __forceinline__ void stage(const ScanBwdParams& p, const Sm& s, int bi, int c0, int grpB,
+                                      int grpC, int t0, int tid) {
+    const int l = p.l;
+    {
+        const int ch = tid >> 2, seg = tid & 3;
+        const int c = c0 + ch;
+        const bool act = c < p.d;
+        const int cc = act ? c : p.d - 1;
+        const int t = t0 + seg * 8;
+        float dl[8], uu[8];
+        load8(dl, p.delta.ptr, p.delta.dtype, row_off(p.delta, bi, cc), p.delta.stride[2], t, l);
+        load8(uu, p.u.ptr, p.u.dtype, row_off(p.u, bi, cc), p.u.stride[2], t, l);
+        float go[8] = {}, zz[8] = {};
+        if (MAIN) {
+            load8(go, p.dout.ptr, p.dout.dtype, row_off(p.dout, bi, cc), p.dout.stride[2], t, l);
+            if (p.z.ptr) load8(zz, p.z.ptr, p.z.dtype, row_off(p.z, bi, cc), p.z.stride[2], t, l);
+        }
+        const float bias = p.delta_bias.ptr
+                               ? ld_any(p.delta_bias.ptr, p.delta_bias.dtype, (i64)cc * p.delta_bias.stride[0])
+                               : 0.0f;
+        float sp[8], dy[8], gz[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const bool valid = act && t + i < l;
+            const float x = dl[i] + bias;
+            float dt = x, spd = 1.0f;
+            if (p.softplus) {
+                dt = softplus(x);
+                spd = x > 20.0f ? 1.0f : sigmoid(x);
+            }
+            dl[i] = valid ? dt : 0.0f;  // padding: Δ = 0 (a = 1, nothing added)
+            uu[i] = valid ? uu[i] : 0.0f;
+            sp[i] = spd;
+            if (MAIN) {
+                float y = go[i], gzv = 0.0f;
+                if (p.z.ptr) {
+                    const float sg = sigmoid(zz[i]);
+                    y = go[i] * zz[i] * sg;
+                    gzv = go[i] * sg * fmaf(zz[i], 1.0f - sg, 1.0f);
+                }
+                dy[i] = valid ? y : 0.0f;
+                gz[i] = valid ? gzv : 0.0f;
+            }
+        }
+        const int tl = seg * 8;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int o = rsw(ch, tl + 4 * h);
+            *reinterpret_cast<float4*>(s.rows + R_D * 32 * SF_T + o) =
+                make_float4(dl[4 * h], dl[4 * h + 1], dl[4 * h + 2], dl[4 * h + 3]);
+            *reinterpret_cast<float4*>(s.rows + R_U * 32 * SF_T + o) =
+                make_float4(uu[4 * h], uu[4 * h + 1], uu[4 * h + 2], uu[4 * h + 3]);
+            if (MAIN) {
+                *reinterpret_cast<float4*>(s.rows + R_Y * 32 * SF_T + o) =
+                    make_float4(dy[4 * h], dy[4 * h + 1], dy[4 * h + 2], dy[4 * h + 3]);
+                *reinterpret_cast<float4*>(s.rows + R_SP * 32 * SF_T + o) =
+                    make_float4(sp[4 * h], sp[4 * h + 1], sp[4 * h + 2], sp[4 * h + 3]);
+                *reinterpret_cast<float4*>(s.rows + R_GZ * 32 * SF_T + o) =
+                    make_float4(gz[4 * h], gz[4 * h + 1], gz[4 * h + 2], gz[4 * h + 3]);
+            }
+        }
+    }
+    // B (threads 0..63) and C (64..127): state k = idx % 16, steps seg*8 .. +7
+    for (int v = tid; v < (MAIN ? 2 : 1) * 16 * (SF_T / 8); v += SF_THREADS) {
+        const int which = v / (16 * (SF_T / 8));
+        const int idx = v % (16 * (SF_T / 8));
+        const int k = idx & 15, seg = idx >> 4;
+        const Tensor4& X = which ? p.C : p.B;
+        float* dst = which ? s.sC : s.sB;
+        float vals[8];
+        if (k < p.n) {
+            const int grp = which ? grpC : grpB;
+            const i64 base = (i64)bi * X.stride[0] + (i64)grp * X.stride[1] + (i64)k * X.stride[2];
+            load8(vals, X.ptr, X.dtype, base, X.stride[3], t0 + seg * 8, l);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) vals[i] = 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) dst[(seg * 8 + i) * 16 + k] = vals[i];
+    }
+}
+
+// L2 prefetch of what stage<MAIN> will load for chunk t0 (no registers held).
+__device__ __forceinline__ void pf(const void* ptr, int dtype, i64 idx) {
+    const int es = dtype == DT_F32 ? 4 : (dtype == DT_F64 ? 8 : 2);
+    asm volatile("prefetch.L2 [%0];" ::"l"((const char*)ptr + idx * es));
+}
+template <bool MAIN>
+__device__ __forceinline__ void prefetch(const ScanBwdParams& p, int bi, int c0, int grpB, int grpC, int t0,
+                                         int tid) {
+    const int ch = tid >> 2, seg = tid & 3, t = t0 + seg * 8;
+    if (t < p.l && c0 + ch < p.d) {
+        const int c = c0 + ch;
+        pf(p.delta.ptr, p.delta.dtype, row_off(p.delta, bi, c) + (i64)t * p.delta.stride[2]);
+        pf(p.u.ptr, p.u.dtype, row_off(p.u, bi, c) + (i64)t * p.u.stride[2]);
+        if (MAIN) {
+            pf(p.dout.ptr, p.dout.dtype, row_off(p.dout, bi, c) + (i64)t * p.dout.stride[2]);
+            if (p.z.ptr) pf(p.z.ptr, p.z.dtype, row_off(p.z, bi, c) + (i64)t * p.z.stride[2]);
+        }
+    }
+    const int idx = tid & 63, k = idx & 15, tb = t0 + (idx >> 4) * 8;
+    const bool which = tid >= 64;
+    if ((MAIN || !which) && k < p.n && tb < p.l) {
+        const Tensor4& X = which ? p.C : p.B;
+        pf(X.ptr, X.dtype, (i64)bi * X.stride[0] + (i64)(which ? grpC : grpB) * X.stride[1] +
+                               (i64)k * X.stride[2] + (i64)tb * X.stride[3]);
+    }
+}
+
+// Forward over the 4 steps ts .. ts+3 (local) of channel row ch, states of quad q.
+__device__ __forceinline__ void fwd4(float (&h)[4], const Sm& s, int ch, int q, int ts, const float (&A2)[4]) {
+    const float4 D4 = *reinterpret_cast<const float4*>(s.rows + R_D * 32 * SF_T + rsw(ch, ts));
+    const float4 U4 = *reinterpret_cast<const float4*>(s.rows + R_U * 32 * SF_T + rsw(ch, ts));
+    const float Dl[4] = {D4.x, D4.y, D4.z, D4.w}, Ul[4] = {U4.x, U4.y, U4.z, U4.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float du = Dl[i] * Ul[i];
+        const float4 B4 = *reinterpret_cast<const float4*>(s.sB + (ts + i) * 16 + 4 * q);
+        const float Bv[4] = {B4.x, B4.y, B4.z, B4.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) h[k] = fmaf(ex2(Dl[i] * A2[k]), h[k], Bv[k] * du);
+    }
+}
+
+__device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
+    extern __shared__ float4 smem4[];
+    Sm s;
+    s.sB = reinterpret_cast<float*>(smem4);
+    s.sC = s.sB + SF_T * 16;
+    s.rows = s.sC + SF_T * 16;
+    s.hst = reinterpret_cast<float4*>(s.rows + NROWS * 32 * SF_T);
+    s.red = reinterpret_cast<float*>(s.hst + (SF_NSUB - 1) * SF_THREADS);  // [2][32][64]
+
+    const int tid = threadIdx.x, ch = tid >> 2, q = tid & 3;
+    const int bi = blockIdx.y, c0 = blockIdx.x * SF_CPB;
+    const int d = p.d, l = p.l, n = p.n;
+    const int c = c0 + ch;
+    const bool act = c < d;
+    const int cc = act ? c : d - 1;
+    {
+        const int c1 = min(c0 + SF_CPB, d) - 1;
+        const bool ok = n >= 1 && n <= 16 && p.groups_b >= 1 && p.groups_c >= 1 &&
+                        c0 / (d / p.groups_b) == c1 / (d / p.groups_b) &&
+                        c0 / (d / p.groups_c) == c1 / (d / p.groups_c);
+        if (!ok) {  // block-uniform: the host broke the launch rules
+            if (act && q == 0)
+                for (int t = 0; t < l; t++)
+                    st_any((void*)p.du.ptr, p.du.dtype, row_off(p.du, bi, c) + (i64)t * p.du.stride[2],
+                           __int_as_float(0x7fc00000));
+            return;
+        }
+    }
+    const int grpB = c0 / (d / p.groups_b), grpC = c0 / (d / p.groups_c);
+
+    // initial state of this lane's states (re-read where needed: fewer live registers)
+    auto h_init = [&](int i) -> float {
+        const int k = 4 * q + i;
+        return (k < n && p.initial_state.ptr)
+                   ? ld_any(p.initial_state.ptr, p.initial_state.dtype,
+                            row_off(p.initial_state, bi, cc) + (i64)k * p.initial_state.stride[2])
+                   : 0.0f;
+    };
+    float A2[4], r[4], dA[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int k = 4 * q + i;
+        const bool kv = k < n;
+        A2[i] = kv ? ld_any(p.A.ptr, p.A.dtype, (i64)cc * p.A.stride[0] + (i64)k * p.A.stride[1]) * SB_LOG2E : 0.0f;
+        r[i] = (kv && act && p.dlast.ptr)
+                   ? ld_any(p.dlast.ptr, p.dlast.dtype, row_off(p.dlast, bi, cc) + (i64)k * p.dlast.stride[2])
+                   : 0.0f;
+        dA[i] = 0.0f;
+    }
+    const int nch = p.nchunks;
+    float* scr = (float*)p.scratch.ptr;
+    const i64 scr_row = scr ? row_off(p.scratch, bi, cc) : 0;
+
+    // ---- forward pre-pass: the states at the starts of chunks 1 .. nch-1
+    if (nch > 1) {
+        float h[4] = {h_init(0), h_init(1), h_init(2), h_init(3)};
+#pragma unroll 1
+        for (int j = 0; j + 1 < nch; j++) {
+            __syncthreads();
+            stage<false>(p, s, bi, c0, grpB, grpC, j * SF_T, tid);
+            __syncthreads();
+            if (SF_PF) {
+                if (j + 2 < nch) prefetch<false>(p, bi, c0, grpB, grpC, (j + 1) * SF_T, tid);
+                else prefetch<true>(p, bi, c0, grpB, grpC, (nch - 1) * SF_T, tid);
+            }
+#pragma unroll 1
+            for (int sc = 0; sc < SF_NSUB; sc++) fwd4(h, s, ch, q, sc * SF_S, A2);
+            if (act) {
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    if (4 * q + i < n)
+                        scr[scr_row + (i64)(j + 1) * p.scratch.stride[2] + (i64)(4 * q + i) * p.scratch.stride[3]] = h[i];
+            }
+        }
+    }
+
+    // ---- main pass, chunks in reverse
+    const float Dv = p.D.ptr ? ld_any(p.D.ptr, p.D.dtype, (i64)cc * p.D.stride[0]) : 0.0f;
+    float dD_acc = 0.0f, ddb_acc = 0.0f;
+#if !SF_OST
+    const i64 off_du = row_off(p.du, bi, cc), off_dd = row_off(p.ddelta, bi, cc);
+    const i64 off_dz = p.dz.ptr ? row_off(p.dz, bi, cc) : 0;
+#endif
+    // the dB/dC reduction: this thread's float4 output slot
+    const int rr = tid & 3, roj = tid >> 2, rQ = roj >> 4, rj = roj & 15;
+    const int rk = (rj & 3) * 4 + rr, ri = rj >> 2;
+#pragma unroll 1
+    for (int j = nch - 1; j >= 0; j--) {
+        const int t0 = j * SF_T;
+        float hc0[4];
+        {
+            // the row offset recomputed per chunk (opaque to hoisting: a loop-long
+            // 64-bit value would be spilled)
+            int cc_o;
+            asm volatile("mov.b32 %0, %1;" : "=r"(cc_o) : "r"(cc));
+            const i64 srow = scr ? row_off(p.scratch, bi, cc_o) : 0;
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                hc0[i] = (j == 0 || 4 * q + i >= n || !act)
+                             ? h_init(i)
+                             : scr[srow + (i64)j * p.scratch.stride[2] + (i64)(4 * q + i) * p.scratch.stride[3]];
+        }
+        __syncthreads();
+        stage<true>(p, s, bi, c0, grpB, grpC, t0, tid);
+        __syncthreads();
+        if (SF_PF && j > 0) prefetch<true>(p, bi, c0, grpB, grpC, t0 - SF_T, tid);
+        {  // states at the sub-chunk starts
+            float h[4] = {hc0[0], hc0[1], hc0[2], hc0[3]};
+#pragma unroll 1
+            for (int sc = 0; sc + 1 < SF_NSUB; sc++) {
+                fwd4(h, s, ch, q, sc * SF_S, A2);
+                s.hst[sc * SF_THREADS + tid] = make_float4(h[0], h[1], h[2], h[3]);
+            }
+        }
+#pragma unroll 1
+        for (int sc = SF_NSUB - 1; sc >= 0; sc--) {
+            const int ts = sc * SF_S;
+            float hh[5][4], a[4][4];
+            if (sc == 0) {
+#pragma unroll
+                for (int k = 0; k < 4; k++) hh[0][k] = hc0[k];
+            } else {
+                const float4 h4 = s.hst[(sc - 1) * SF_THREADS + tid];
+                hh[0][0] = h4.x; hh[0][1] = h4.y; hh[0][2] = h4.z; hh[0][3] = h4.w;
+            }
+            const float4 D4 = *reinterpret_cast<const float4*>(s.rows + R_D * 32 * SF_T + rsw(ch, ts));
+            const float4 U4 = *reinterpret_cast<const float4*>(s.rows + R_U * 32 * SF_T + rsw(ch, ts));
+            const float4 Y4 = *reinterpret_cast<const float4*>(s.rows + R_Y * 32 * SF_T + rsw(ch, ts));
+            const float Dl[4] = {D4.x, D4.y, D4.z, D4.w}, Ul[4] = {U4.x, U4.y, U4.z, U4.w};
+            const float Yl[4] = {Y4.x, Y4.y, Y4.z, Y4.w};
+            float du[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {  // recompute h_t, a_t of the sub-chunk
+                du[i] = Dl[i] * Ul[i];
+                const float4 B4 = *reinterpret_cast<const float4*>(s.sB + (ts + i) * 16 + 4 * q);
+                const float Bv[4] = {B4.x, B4.y, B4.z, B4.w};
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    a[i][k] = ex2(Dl[i] * A2[k]);
+                    hh[i + 1][k] = fmaf(a[i][k], hh[i][k], Bv[k] * du[i]);
+                }
+            }
+            __syncthreads();  // the previous sub-chunk's reduction has read s.red
+            float* const red = s.red;
+            float pB[4], pA[4], pY[4];
+#pragma unroll
+            for (int i = SF_S - 1; i >= 0; i--) {  // the adjoint, steps in reverse
+                const float4 B4 = *reinterpret_cast<const float4*>(s.sB + (ts + i) * 16 + 4 * q);
+                const float4 C4 = *reinterpret_cast<const float4*>(s.sC + (ts + i) * 16 + 4 * q);
+                const float Bv[4] = {B4.x, B4.y, B4.z, B4.w}, Cv[4] = {C4.x, C4.y, C4.z, C4.w};
+                float vB[4], vC[4], sgB = 0.0f, sA = 0.0f, sy = 0.0f;
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const float g = fmaf(Cv[k], Yl[i], r[k]);
+                    vC[k] = Yl[i] * hh[i + 1][k];
+                    sy = fmaf(Cv[k], hh[i + 1][k], sy);
+                    vB[k] = g * du[i];
+                    sgB = fmaf(g, Bv[k], sgB);
+                    const float x = g * (a[i][k] * hh[i][k]);
+                    dA[k] = fmaf(Dl[i], x, dA[k]);
+                    sA = fmaf(A2[k], x, sA);
+                    r[k] = a[i][k] * g;
+                }
+                pB[i] = sgB;
+                pA[i] = sA;
+                pY[i] = sy;
+                *reinterpret_cast<float4*>(red + red_idx(ch, i * 4 + q)) = make_float4(vB[0], vB[1], vB[2], vB[3]);
+                *reinterpret_cast<float4*>(red + 32 * 64 + red_idx(ch, i * 4 + q)) =
+                    make_float4(vC[0], vC[1], vC[2], vC[3]);
+            }
+            // this lane's step ts + q: sums over the channel's 16 states
+            const float SB = rs4(pB, q), SA = rs4(pA, q) * SF_LN2, SY = rs4(pY, q);
+            {
+                const int tl = ts + q, t = t0 + tl;
+                const int o = rsw(ch, tl);
+                const float dl = s.rows[R_D * 32 * SF_T + o], uu = s.rows[R_U * 32 * SF_T + o];
+                const float dy = s.rows[R_Y * 32 * SF_T + o], spd = s.rows[R_SP * 32 * SF_T + o];
+                const float gz = s.rows[R_GZ * 32 * SF_T + o];
+                const float duv = fmaf(dl, SB, Dv * dy);
+                const float ddv = fmaf(uu, SB, SA) * spd;
+#if SF_OST
+                // into the slots just consumed (the quad read its rows before the shuffles)
+                __syncwarp();
+                s.rows[R_Y * 32 * SF_T + o] = duv;
+                s.rows[R_SP * 32 * SF_T + o] = ddv;
+                s.rows[R_GZ * 32 * SF_T + o] = gz * fmaf(Dv, uu, SY);
+                if (act && t < l) {
+                    dD_acc = fmaf(dy, uu, dD_acc);
+                    ddb_acc += ddv;
+                }
+#else
+                if (act && t < l) {
+                    dD_acc = fmaf(dy, uu, dD_acc);
+                    ddb_acc += ddv;
+                    st_any((void*)p.du.ptr, p.du.dtype, off_du + (i64)t * p.du.stride[2], duv);
+                    st_any((void*)p.ddelta.ptr, p.ddelta.dtype, off_dd + (i64)t * p.ddelta.stride[2], ddv);
+                    if (p.dz.ptr)
+                        st_any((void*)p.dz.ptr, p.dz.dtype, off_dz + (i64)t * p.dz.stride[2], gz * fmaf(Dv, uu, SY));
+                }
+#endif
+            }
+            __syncthreads();  // s.red complete
+            {  // dB (rQ = 0) / dC (1) of step ri, states rk: sum over the 32 channels
+                const float* base = red + rQ * 32 * 64;
+                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int m = 0; m < 8; m++) {
+                    const float4 v = *reinterpret_cast<const float4*>(base + red_idx(m * 4 + rr, rj));
+                    acc[0] += v.x; acc[1] += v.y; acc[2] += v.z; acc[3] += v.w;
+                }
+                const float v = rs4(acc, rr);
+                const int t = t0 + ts + ri;
+                if (rk < n && t < l) {
+                    int bo;  // opaque: the 64-bit address is recomputed here, not kept live
+                    asm volatile("mov.b32 %0, %1;" : "=r"(bo) : "r"(bi));
+                    const Tensor4& dX = rQ ? p.dC : p.dB;
+                    atomicAdd((float*)dX.ptr + (i64)bo * dX.stride[0] + (i64)(rQ ? grpC : grpB) * dX.stride[1] +
+                                  (i64)rk * dX.stride[2] + (i64)t * dX.stride[3],
+                              v);
+                }
+            }
+        }
+#if SF_OST
+        // this quad's outputs of the chunk, staged in its rows: thread (ch, seg)
+        // stores steps seg*8 .. seg*8+7
+        __syncwarp();
+        if (act) {
+            const int tl = q * 8, t = t0 + tl;
+            float v[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[i] = s.rows[R_Y * 32 * SF_T + rsw(ch, tl + i)];
+            store8(v, p.du, row_off(p.du, bi, c), t, l);
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[i] = s.rows[R_SP * 32 * SF_T + rsw(ch, tl + i)];
+            store8(v, p.ddelta, row_off(p.ddelta, bi, c), t, l);
+            if (p.dz.ptr) {
+#pragma unroll
+                for (int i = 0; i < 8; i++) v[i] = s.rows[R_GZ * 32 * SF_T + rsw(ch, tl + i)];
+                store8(v, p.dz, row_off(p.dz, bi, c), t, l);
+            }
+        }
+#endif
+    }
+    if (act && p.dinit.ptr) {
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            if (4 * q + i < n)
+                st_any((void*)p.dinit.ptr, p.dinit.dtype, row_off(p.dinit, bi, c) + (i64)(4 * q + i) * p.dinit.stride[2], r[i]);
+    }
+    if (act) {
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            if (4 * q + i < n)
+                atomicAdd((float*)p.dA.ptr + (i64)c * p.dA.stride[0] + (i64)(4 * q + i) * p.dA.stride[1], dA[i]);
+    }
+    dD_acc += __shfl_xor_sync(SB_FULL, dD_acc, 1);
+    dD_acc += __shfl_xor_sync(SB_FULL, dD_acc, 2);
+    ddb_acc += __shfl_xor_sync(SB_FULL, ddb_acc, 1);
+    ddb_acc += __shfl_xor_sync(SB_FULL, ddb_acc, 2);
+    if (act && q == 0) {
+        if (p.dD.ptr) atomicAdd((float*)p.dD.ptr + (i64)c * p.dD.stride[0], dD_acc);
+        if (p.ddelta_bias.ptr) atomicAdd((float*)p.ddelta_bias.ptr + (i64)c * p.ddelta_bias.stride[0], ddb_acc);
+    }
+}
+
+}  // namespace sbf
+
+extern "C" __global__ void __launch_bounds__(SF_THREADS, SF_MINB)
+selective_scan_bwd_fast(const __grid_constant__ ScanBwdParams p) { sbf::fast_entry(p); }

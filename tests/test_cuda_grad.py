@@ -3,8 +3,9 @@ kernels/selective_scan_bwd.cu) against autograd through the float64 reference of
 test_grad.py, plus the custom ops' opcheck and torch.compile on CUDA tensors.
 
 The inputs are those of test_grad.py (rounded to the tested dtype, then moved to the
-GPU); the reference runs on the CPU in float64 on the same rounded values. The chunk
-of the kernel is 256 steps and a block holds 8 channels, so sizes straddle both.
+GPU); the reference runs on the CPU in float64 on the same rounded values. The
+warp-scan kernel (n > 16, constant B/C, straddling groups) has 256-step chunks and
+8-channel blocks, so sizes straddle both; the fast kernel's cases are at the end.
 Every test is marked ``cuda`` and skipped without a usable GPU.
 """
 
@@ -247,3 +248,81 @@ def test_torch_compile_fullgraph_cuda():
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
     for k, gc, ge in zip(ORDER, grads_c, grads_e):
         torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5, msg=k)
+
+
+# ------------------------------------------- the channel-parallel kernel (fast path)
+# selective_scan_bwd_fast runs when n <= 16, B and C are time-varying and no block
+# of 32 channels straddles two groups: 32-step chunks of 8 sub-chunks of 4 steps,
+# so the sizes below straddle channel blocks, chunks and sub-chunks.
+
+FAST_OPTION_CASES = [
+    pytest.param(dict(zip(OPTION_NAMES, vals)),
+                 id="".join("DZbsiL"[j] if on else "_" for j, on in enumerate(vals)))
+    for vals in itertools.product([False, True], repeat=6)
+]
+
+
+@pytest.mark.parametrize("opts", FAST_OPTION_CASES)
+def test_fast_options(opts):
+    check_grads(b=2, d=33, l=37, n=5, g=1, B="shared", C="grouped", **opts)
+
+
+@pytest.mark.parametrize("l", [1, 3, 4, 5, 31, 32, 33, 64, 97, 300])
+@pytest.mark.parametrize("d,n", [(33, 16), (40, 7)])
+def test_fast_sizes(d, n, l):
+    check_grads(b=2, d=d, l=l, n=n, B="grouped", C="shared", g=1, **ALL_ON)
+
+
+@pytest.mark.parametrize("d,g,bl,cl", [(64, 2, "grouped", "grouped"), (96, 3, "grouped", "shared"),
+                                       (64, 2, "shared", "grouped"), (128, 4, "grouped", "grouped")])
+def test_fast_groups(d, g, bl, cl):
+    """Groups of 32, 64 channels: one group per block of 32 channels."""
+    check_grads(b=2, d=d, l=70, n=16, g=g, B=bl, C=cl, **ALL_ON)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fast_dtypes_long(dtype):
+    check_grads(dtype, b=2, d=64, l=1000, n=16, g=1, B="grouped", C="grouped", **ALL_ON)
+
+
+def test_fast_noncontiguous_and_mixed_dtypes():
+    """The fast path with channel-last u/delta/z, time-major B, bf16 C, f64 D."""
+    x = make_inputs("float32", 3, True, b=2, d=40, l=75, n=16, B="shared", C="grouped", g=1,
+                    **OPTS)
+    v = {k: t.detach().cuda() for k, t in x.items()}
+    for k in ("u", "delta", "z"):
+        v[k] = v[k].transpose(1, 2).contiguous().transpose(1, 2)
+    v["B"] = v["B"].transpose(1, 2).contiguous().transpose(1, 2)
+    v["C"] = v["C"].bfloat16()
+    v["D"] = v["D"].double()
+    v = {k: t.requires_grad_() for k, t in v.items()}
+    out, h = selective_scan_fn(**v, delta_softplus=True, return_last_state=True)
+    (out.square().sum() + h.sum()).backward()
+    ref = {k: t.detach().cpu().double().requires_grad_() for k, t in v.items()}
+    ro, rh = ref_scan(**ref, delta_softplus=True)
+    (ro.square().sum() + rh.sum()).backward()
+    for k in v:
+        tol = TOL["bfloat16"] if k == "C" else TOL["float32"]
+        assert v[k].grad.dtype == v[k].dtype
+        assert rel_err(v[k].grad.cpu(), ref[k].grad) <= tol, k
+
+
+def test_fast_matches_general_kernel():
+    """The fast kernel (g = 1) against the general one (the same B, C given as
+    groups of 16 channels, which the fast path does not take) at bf16."""
+    x = {k: t.detach().cuda() for k, t in make_inputs("bfloat16", 7, True, b=2, d=64, l=600,
+                                                       n=16, B="grouped", C="grouped", g=1,
+                                                       **OPTS).items()}
+    dout = torch.randn(2, 64, 600, device="cuda").bfloat16()
+    dlast = torch.randn(2, 64, 16, device="cuda")
+    args = lambda B, C: (x["u"], x["delta"], x["A"], B, C, x["D"], x["z"], x["delta_bias"],  # noqa: E731
+                         True, x["initial_state"], dout, dlast)
+    gf = _core.selective_scan_bwd(*args(x["B"], x["C"]))
+    Bg, Cg = (t.expand(2, 4, 16, 600).contiguous() for t in (x["B"], x["C"]))
+    gg = _core.selective_scan_bwd(*args(Bg, Cg))
+    gg = list(gg)
+    gg[3], gg[4] = gg[3].sum(1, keepdim=True), gg[4].sum(1, keepdim=True)
+    for a, b in zip(gf, gg):
+        if a is None:
+            continue
+        assert rel_err(a.float().cpu(), b.float().cpu()) <= 1e-2

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Compile variants of kernels/selective_scan_bwd.cu (NVRTC -D knobs, and the
-kernel entry: v1 = selective_scan_bwd, v2 = selective_scan_bwd_v2), launch them
+kernel entry: v1 = selective_scan_bwd, v2 = selective_scan_bwd_v2, fast =
+selective_scan_bwd_fast), launch them
 through the driver API on torch tensors, check each against the installed
 library's backward (itself checked against the float64 reference by
 tests/test_cuda_grad.py) on the G2 shape and on an odd layout, and time them at
@@ -66,12 +67,23 @@ def odd(b=2, d=34, n=20, l=600):
                 dout=torch.randn(b, d, l, device=dev))
 
 
+def odd_fast(b=3, d=40, n=7, l=601):
+    """An odd shape within the fast kernel's rules (n <= 16, time-varying B/C)."""
+    x = odd(b=b, d=d, n=n, l=l)
+    torch.manual_seed(7)
+    x["B"] = torch.randn(b, 1, n, l, device="cuda")
+    x["C"] = torch.randn(b, 1, n, l, device="cuda").bfloat16()
+    return x
+
+
 def launch_variant(spec, x):
     kern, _, defs = spec.partition(":")
     defines = [a for a in defs.split(",") if a]
     kv = dict(a.split("=") for a in defines)
     W, IT, KB = int(kv.get("SB_W", 8)), int(kv.get("SB_IT", 8)), int(kv.get("SB_KB", 16))
     CH = 32 * IT
+    if kern == "fast":  # the channel-parallel kernel: 32-step chunks
+        CH = 32
     mod = gs.Module(os.path.join(gs.KDIR, "selective_scan_bwd.cu"), defines)
     b, d, l = x["u"].shape
     n = x["A"].shape[1]
@@ -93,9 +105,14 @@ def launch_variant(spec, x):
     if kern == "v2":  # the warp-per-channel variant (removed from the file after it measured slower)
         smem += 4 * 2 * KB * (CH + 32)
         name = "selective_scan_bwd_v2"
+    grid, block = ((d + W - 1) // W, b, 1), (32 * W, 1, 1)
+    if kern == "fast":
+        name = "selective_scan_bwd_fast"
+        smem = 4 * (2 * 16 * CH + 5 * 32 * CH + 4 * 128 * (CH // 4 - 1) + 2 * 32 * 64)
+        grid, block = ((d + 31) // 32, b, 1), (128, 1, 1)
     f = mod.fn(name)
     gs.ck(gs.cuda.cuFuncSetAttribute(f, 8, smem), "cuFuncSetAttribute")
-    go = mod.prepare(name, ((d + W - 1) // W, b, 1), (32 * W, 1, 1), p, smem)
+    go = mod.prepare(name, grid, block, p, smem)
     info = mod.info.get(name, {})
     return go, o, info
 
@@ -116,7 +133,7 @@ def main():
     from mamba_attention import _core
 
     cases = []
-    for mk in (g2, odd):
+    for mk in (g2, odd, odd_fast):
         x = mk()
         ref = _core.selective_scan_bwd(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                        x["delta_bias"], True, x.get("initial_state"), x["dout"],
@@ -128,7 +145,8 @@ def main():
             ms = gs.bench(go, iters=5, reps=3)
             msg = f"{spec:36s} regs {info.get('regs', '?')} frame {info.get('frame', '?')}  {ms:.3f} ms"
             if "SB_DIAG" not in spec:
-                msg += "  err vs library: G2 {:.1e} odd {:.1e}".format(*(check(spec, x, r) for x, r in cases))
+                sel = cases[0::2] if spec.startswith("fast") else cases[:2]
+                msg += "  err vs library: G2 {:.1e} odd {:.1e}".format(*(check(spec, x, r) for x, r in sel))
             print(msg, flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"{spec}: ERROR {e}", flush=True)

@@ -44,10 +44,29 @@ pub struct ScanBwdParams {
 pub const BWD_W: u32 = 8;
 /// Timesteps per chunk: 32 * SB_IT in the kernel.
 pub const BWD_CHUNK: usize = 256;
+/// The fast (channel-parallel) kernel: channels per block (SF_CPB), threads
+/// per block (SF_THREADS), chunk length (SF_T).
+pub const FAST_CPB: u32 = 32;
+pub const FAST_THREADS: u32 = 128;
+pub const FAST_CHUNK: usize = 32;
 
-/// Number of chunks of a sequence of length `l`.
-pub fn bwd_chunks(l: usize) -> usize {
-    l.div_ceil(BWD_CHUNK)
+/// Whether `selective_scan_bwd_fast` applies (its launch rules): n <= 16,
+/// time-varying B and C, and no block of 32 channels straddling two groups.
+pub fn use_fast(d: usize, n: usize, groups_b: i32, groups_c: i32) -> bool {
+    let fits = |g: i32| {
+        g == 1
+            || (g > 1
+                && d.is_multiple_of(g as usize)
+                && (d / g as usize).is_multiple_of(FAST_CPB as usize))
+    };
+    (1..=16).contains(&n) && fits(groups_b) && fits(groups_c)
+}
+
+/// Number of chunks of a sequence of length `l` for the kernel that
+/// `use_fast(d, n, groups_b, groups_c)` selects: the scratch buffer is
+/// float32 (b, d, nchunks, n) when this is above 1.
+pub fn bwd_chunks(l: usize, fast: bool) -> usize {
+    l.div_ceil(if fast { FAST_CHUNK } else { BWD_CHUNK })
 }
 
 /// Dynamic shared memory of one block (the kernel's launch rules).
@@ -56,15 +75,36 @@ fn smem_bytes(n: u32) -> u32 {
     4 * (6 * BWD_W * ch + BWD_W * (ch + ch / 32) + 2 * BWD_W * n + 64 * BWD_W)
 }
 
+/// Dynamic shared memory of one block of the fast kernel.
+fn smem_bytes_fast() -> u32 {
+    let t = FAST_CHUNK as u32;
+    4 * (2 * 16 * t + 5 * 32 * t + 4 * 128 * (t / 4 - 1) + 2 * 32 * 64)
+}
+
 /// Launches the backward on `stream` of GPU `ordinal`. The caller has zeroed
-/// dA, dB, dC, dD and ddelta_bias (added into atomically) and allocated the
-/// scratch buffer when `nchunks > 1`.
+/// dA, dB, dC, dD and ddelta_bias (added into atomically), set `nchunks` to
+/// `bwd_chunks(l, use_fast(..))` and allocated the scratch buffer when
+/// `nchunks > 1`.
 pub fn scan_backward(ordinal: i32, stream: u64, p: &ScanBwdParams) -> Result<()> {
     if p.b > 65535 {
         return Err(Error::value(format!(
             "u: the batch size b = {} exceeds 65535, the CUDA kernels' limit",
             p.b
         )));
+    }
+    let fast = use_fast(p.d as usize, p.n as usize, p.groups_b, p.groups_c);
+    if p.nchunks as usize != bwd_chunks(p.l as usize, fast) {
+        return Err(Error::value(format!(
+            "selective_scan_bwd: internal error: nchunks = {} for l = {}",
+            p.nchunks, p.l
+        )));
+    }
+    if fast {
+        let k = kernel(ordinal, "selective_scan_bwd", "selective_scan_bwd_fast")?;
+        let smem = smem_bytes_fast();
+        k.set_max_dynamic_smem(smem)?;
+        let grid = ((p.d as u32).div_ceil(FAST_CPB), p.b as u32, 1);
+        return unsafe { k.launch(grid, (FAST_THREADS, 1, 1), smem, stream, p) };
     }
     let k = kernel(ordinal, "selective_scan_bwd", "selective_scan_bwd")?;
     let smem = smem_bytes(p.n as u32);

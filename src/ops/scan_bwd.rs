@@ -104,7 +104,10 @@ pub fn plan_scan_bwd_cuda(
         groups_b,
         groups_c,
         softplus: softplus as i32,
-        nchunks: crate::cuda::scan_bwd::bwd_chunks(dims.l) as i32,
+        nchunks: crate::cuda::scan_bwd::bwd_chunks(
+            dims.l,
+            crate::cuda::scan_bwd::use_fast(dims.d, dims.n, groups_b, groups_c),
+        ) as i32,
         u: Tensor4::of(a.u),
         delta: Tensor4::of(a.delta),
         z: Tensor4::opt(a.z),
@@ -241,7 +244,10 @@ mod py {
                 for o in zero {
                     o.call_method0("zero_")?;
                 }
-                let nchunks = crate::cuda::scan_bwd::bwd_chunks(l);
+                let (_, gb) = crate::cuda::scan::scan_bc(&bv);
+                let (_, gc) = crate::cuda::scan::scan_bc(&cv);
+                let fast = crate::cuda::scan_bwd::use_fast(d, n, gb, gc);
+                let nchunks = crate::cuda::scan_bwd::bwd_chunks(l, fast);
                 let scratch = if nchunks > 1 {
                     Some(alloc("scratch", u, &uv, &[b, d, nchunks, n], f32_)?)
                 } else {
