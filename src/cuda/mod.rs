@@ -414,15 +414,18 @@ impl Kernel {
 
 /// Compiles every kernel for `arch` (CI's check; needs NVRTC, no GPU).
 /// Returns (module, cubin bytes, NVRTC log) per source.
+/// The modules compile in parallel (NVRTC is thread-safe across programs).
 pub fn compile_all(arch: (i32, i32)) -> Result<Vec<(String, usize, String)>> {
+    use rayon::prelude::*;
     let n = nvrtc()?;
-    let mut out = Vec::new();
-    for (name, src) in SOURCES {
-        let full = format!("{COMMON}\n{src}");
-        let (bin, log) = n.compile(name, &full, arch).map_err(Error::runtime)?;
-        out.push((name.to_string(), bin.len(), log));
-    }
-    Ok(out)
+    SOURCES
+        .par_iter()
+        .map(|(name, src)| {
+            let full = format!("{COMMON}\n{src}");
+            let (bin, log) = n.compile(name, &full, arch).map_err(Error::runtime)?;
+            Ok((name.to_string(), bin.len(), log))
+        })
+        .collect()
 }
 
 /// A summary for `python -m mamba_attention info`.
