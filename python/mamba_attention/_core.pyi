@@ -57,11 +57,13 @@ def selective_scan_bwd(
     initial_state: Optional[Tensor] = None,
     dout: Optional[Tensor] = None,
     dlast_state: Optional[Tensor] = None,
+    checkpoints: Optional[Tensor] = None,
 ) -> Tuple[Optional[Tensor], ...]:
     """Gradients of selective_scan_fn given dout (b, d, l) [and dlast_state (b, d, n)]:
     (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); du and ddelta in
     u's dtype, dz in z's, the rest float32 in their input's shape; None for an input
-    that was None."""
+    that was None. ``checkpoints`` (CPU): selective_scan_fwd_ck's third output, which
+    saves recomputing the chunk-start states (an empty tensor counts as None)."""
 
 def selective_state_update(
     state: Tensor,
@@ -266,3 +268,20 @@ def attention_ring(
     alibi_slopes: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """One sliding-window ring-cache step: the n new tokens (positions pos..pos+n) attend causally to the window = k_ring.shape[1] most recent positions (ring slot = position mod window, plus the new k/v), then k/v are written into the rings. (out, softmax_lse (b, hq, n) float32)."""
+
+
+def selective_scan_fwd_ck(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    initial_state: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """CPU training forward of selective_scan_fn: (out, last_state, checkpoints),
+    checkpoints float32 (b, d, ceil(l / chunk), n) = the states before every chunk
+    steps (chunk 16, more for very large problems), for selective_scan_bwd."""
