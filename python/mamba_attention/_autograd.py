@@ -123,6 +123,9 @@ def _setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state = inputs
     checkpoints = output[2]
     ctx.mark_non_differentiable(checkpoints)
+    # No zero-filled gradients for unused outputs: the checkpoints' would be as
+    # large as u (b·d·l·n/16 floats), and an unused last_state's is just None.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints)
     ctx.delta_softplus = delta_softplus
 
