@@ -699,7 +699,7 @@ struct UpdateTask<'a> {
 }
 
 #[inline(always)]
-unsafe fn update_task<S: Simd>(task: &UpdateTask) {
+unsafe fn update_task<S: super::scan_bwd::BwdSimd>(task: &UpdateTask) {
     let job = task.job;
     let (bi, c0, c1, n) = (task.bi, task.c0, task.c1, job.n);
     let m = c1 - c0;
@@ -771,6 +771,9 @@ unsafe fn update_task<S: Simd>(task: &UpdateTask) {
     let mut hbuf = [0.0f32; MAX_N];
     let mut abuf = [0.0f32; MAX_N];
     let log2e = S::splat(LOG2E);
+    // y's dot products of 8 channels at a time, summed over lanes together
+    // (a shuffle tree for 8 is cheaper than 8 horizontal sums).
+    let mut accs = [S::zero(); 8];
     for j in 0..m {
         let ch = c0 + j;
         let (gb, gc) = (ch / sb, ch / sc);
@@ -820,7 +823,17 @@ unsafe fn update_task<S: Simd>(task: &UpdateTask) {
         if !direct {
             store_row(&hbuf[..n], sp, job.state.dtype, job.state.strides[2]);
         }
-        y[j] = S::hsum(acc) + dsk[j] * x[j];
+        accs[j % 8] = acc;
+        if j % 8 == 7 {
+            let j0 = j - 7;
+            S::add_lane_sums8(&accs, y.as_mut_ptr().add(j0));
+        }
+    }
+    for (i, a) in accs.iter().enumerate().take(m % 8) {
+        y[m - m % 8 + i] = S::hsum(*a);
+    }
+    for j in 0..m {
+        y[j] += dsk[j] * x[j];
     }
     if let Some(z) = &job.z {
         let mut zr = [0.0f32; UPDATE_CHUNK];
