@@ -101,6 +101,7 @@ mod module {
         crate::ops::attention::register(m)?;
         crate::ops::rotary::register(m)?;
         crate::ops::attention_bwd_cuda::register(m)?;
+        crate::ops::scan_ck::register(m)?;
         Ok(())
     }
 }

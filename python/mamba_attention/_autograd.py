@@ -2,10 +2,12 @@
 
 Two ``torch.library`` custom ops wrap the Rust kernels:
 
-- ``mamba_attention::selective_scan_fwd`` -> ``(out, last_state)``: always
-  returns last_state (float32), so that its gradient can flow back (SPEC §1
+- ``mamba_attention::selective_scan_fwd`` -> ``(out, last_state, checkpoints)``:
+  always returns last_state (float32), so that its gradient can flow back (SPEC §1
   extension; mamba_ssm drops it). :func:`selective_scan` drops it again when
-  it was not requested.
+  it was not requested. On the CPU, checkpoints are the states before every
+  ``_checkpoint_chunk`` steps (float32 (b, d, nchunks, n)), saved for the
+  backward so that it does not recompute them; elsewhere an empty tensor.
 - ``mamba_attention::selective_scan_bwd`` -> the gradients of every input.
   Custom ops cannot return ``None``, so the gradient of an optional input that
   was not given is an empty tensor here (and ``None`` to autograd).
@@ -42,17 +44,37 @@ def selective_scan_fwd(
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
     initial_state: Optional[Tensor],
-) -> Tuple[Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor]:
+    if u.device.type == "cpu":
+        return _core.selective_scan_fwd_ck(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
+        )
     out, last_state = _core.selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, initial_state
     )
-    return out, last_state
+    return out, last_state, u.new_empty((0,), dtype=_F32)
+
+
+def _checkpoint_chunk(b, d, n, l):
+    """Steps between the CPU forward's checkpoints: the rule of the Rust
+    ``cpu::scan_bwd::checkpoint_chunk`` (16, doubled up to 64 while the
+    checkpoints would pass 256 MB), for the fake implementation."""
+    ts = 16
+    while ts < 64 and b * d * n * ((l + ts - 1) // ts) * 4 > (256 << 20):
+        ts *= 2
+    return ts
 
 
 @selective_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
-    b, d, _ = u.shape
-    return u.new_empty(u.shape), u.new_empty((b, d, A.shape[1]), dtype=_F32)
+    b, d, l = u.shape
+    n = A.shape[1]
+    if u.device.type == "cpu":
+        nch = (l + _checkpoint_chunk(b, d, n, l) - 1) // _checkpoint_chunk(b, d, n, l)
+        ck = u.new_empty((b, d, nch, n), dtype=_F32)
+    else:
+        ck = u.new_empty((0,), dtype=_F32)
+    return u.new_empty(u.shape), u.new_empty((b, d, n), dtype=_F32), ck
 
 
 @torch.library.custom_op("mamba_attention::selective_scan_bwd", mutates_args=())
@@ -69,15 +91,18 @@ def selective_scan_bwd(
     initial_state: Optional[Tensor],
     dout: Tensor,
     dlast_state: Optional[Tensor],
+    checkpoints: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _core.selective_scan_bwd(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, dout, dlast_state
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, dout, dlast_state,
+        checkpoints,
     )
     return tuple(u.new_empty((0,)) if g is None else g for g in grads)
 
 
 @selective_scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, dout, dlast_state):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, dout, dlast_state,
+      checkpoints=None):
     def like(t, dtype=_F32):
         return u.new_empty((0,)) if t is None else t.new_empty(t.shape, dtype=dtype)
 
@@ -96,16 +121,22 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, dout, 
 
 def _setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    checkpoints = output[2]
+    ctx.mark_non_differentiable(checkpoints)
+    # No zero-filled gradients for unused outputs: the checkpoints' would be as
+    # large as u (b·d·l·n/16 floats), and an unused last_state's is just None.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints)
     ctx.delta_softplus = delta_softplus
 
 
-def _backward(ctx, dout, dlast_state):
-    u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
+def _backward(ctx, dout, dlast_state, _dcheckpoints=None):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
     if dout is None:  # only last_state was used
         dout = u.new_zeros(u.shape)
     grads = torch.ops.mamba_attention.selective_scan_bwd(
-        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state, dout, dlast_state
+        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state, dout, dlast_state,
+        checkpoints,
     )
     # Optional inputs that were None get None; float32 gradients of inputs of
     # another dtype (A in float64, B in bfloat16, ...) get the input's dtype.
@@ -133,7 +164,7 @@ def selective_scan(
     initial_state=None,
 ):
     """``selective_scan_fn`` for torch tensors through the differentiable custom op."""
-    out, last_state = torch.ops.mamba_attention.selective_scan_fwd(
+    out, last_state, _ = torch.ops.mamba_attention.selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state
     )
     return (out, last_state) if return_last_state else out

@@ -289,6 +289,7 @@ def workloads() -> List[Workload]:
     return [
         _scan_workload("C1", "cpu", b=1, d=1536, n=16, l=2048, g=1),
         _update_workload("C6", "cpu", b=1, d=1536, n=16),
+        _scan_fwd_bwd_workload("C2", "cpu", b=1, d=1536, n=16, l=2048, g=1, dtype="float32"),
         # GPU (BENCHMARKS.md; floors are H100 estimates: 3.0 TB/s, 3.9 T exp/s).
         _scan_workload("G1", "cuda", b=8, d=2048, n=16, l=2048, g=1, dtype="bfloat16"),
         _scan_workload("G1f", "cuda", b=8, d=2048, n=16, l=2048, g=1, dtype="float32"),

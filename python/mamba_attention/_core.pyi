@@ -57,11 +57,13 @@ def selective_scan_bwd(
     initial_state: Optional[Tensor] = None,
     dout: Optional[Tensor] = None,
     dlast_state: Optional[Tensor] = None,
+    checkpoints: Optional[Tensor] = None,
 ) -> Tuple[Optional[Tensor], ...]:
     """Gradients of selective_scan_fn given dout (b, d, l) [and dlast_state (b, d, n)]:
     (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); du and ddelta in
     u's dtype, dz in z's, the rest float32 in their input's shape; None for an input
-    that was None."""
+    that was None. ``checkpoints`` (CPU): selective_scan_fwd_ck's third output, which
+    saves recomputing the chunk-start states (an empty tensor counts as None)."""
 
 def selective_state_update(
     state: Tensor,
@@ -304,3 +306,20 @@ def _flash_attn_bwd_cuda(
     deterministic (dQ without atomics, bit-identical run to run). dlse: the gradient of
     lse (or None). Varlen rows of dk/dv past the last sequence are not written."""
     ...
+
+
+def selective_scan_fwd_ck(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    initial_state: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """CPU training forward of selective_scan_fn: (out, last_state, checkpoints),
+    checkpoints float32 (b, d, ceil(l / chunk), n) = the states before every chunk
+    steps (chunk 16, more for very large problems), for selective_scan_bwd."""

@@ -133,10 +133,33 @@ struct BlockCtx<'a> {
     ct: *const f32,
     first: bool,
     last_chunk: bool,
+    /// Where to write the states at sub-chunk starts (see [`Checkpoints`]).
+    ck: Option<Checkpoints>,
+}
+
+/// Chunk-start states for the backward pass: float32 (b, d, l.div_ceil(ts), n),
+/// contiguous; entry j is the state before step j·ts (entry 0: initial_state or
+/// zeros). `ts` must divide the tile length `T` (16, 32 or 64).
+#[derive(Clone, Copy)]
+pub struct Checkpoints {
+    pub ptr: usize,
+    pub ts: usize,
 }
 
 /// Runs the whole scan.
 pub fn scan_forward(job: &ScanJob, level: SimdLevel) {
+    scan_forward_ck(job, level, None)
+}
+
+/// Runs the whole scan and, when `ck` is given, also writes the states at the
+/// start of every `ck.ts` steps (what the backward would otherwise recompute).
+pub fn scan_forward_ck(job: &ScanJob, level: SimdLevel, ck: Option<Checkpoints>) {
+    if let Some(c) = ck {
+        assert!(
+            c.ts > 0 && T.is_multiple_of(c.ts),
+            "checkpoint interval must divide {T}"
+        );
+    }
     let lanes = match level {
         SimdLevel::Avx512 => 16,
         _ => 8,
@@ -176,6 +199,7 @@ pub fn scan_forward(job: &ScanJob, level: SimdLevel) {
                     ct: (ct_p as *const f32).wrapping_add(ct_off),
                     first: t0 == 0,
                     last_chunk: t1 == job.l,
+                    ck,
                 };
                 simd_dispatch!(level, scan_block, &ctx, &BlockCtx);
             });
@@ -392,13 +416,44 @@ unsafe fn scan_block<S: Simd>(ctx: &BlockCtx) {
             h,
             tt,
         };
-        match (n, bvar, cvar) {
-            (16, true, true) => recur16::<S, true, true>(&tiles),
-            (16, false, false) => recur16::<S, false, false>(&tiles),
-            (_, true, true) => recur_dyn::<S, true, true>(&tiles, n),
-            (_, true, false) => recur_dyn::<S, true, false>(&tiles, n),
-            (_, false, true) => recur_dyn::<S, false, true>(&tiles, n),
-            (_, false, false) => recur_dyn::<S, false, false>(&tiles, n),
+        // (A function, not a closure: closures do not inherit the caller's
+        // target features, and the kernels would not inline into one.)
+        #[inline(always)]
+        unsafe fn recur<S: Simd>(tiles: &Tiles, n: usize, bvar: bool, cvar: bool) {
+            match (n, bvar, cvar) {
+                (16, true, true) => recur16::<S, true, true>(tiles),
+                (16, false, false) => recur16::<S, false, false>(tiles),
+                (_, true, true) => recur_dyn::<S, true, true>(tiles, n),
+                (_, true, false) => recur_dyn::<S, true, false>(tiles, n),
+                (_, false, true) => recur_dyn::<S, false, true>(tiles, n),
+                (_, false, false) => recur_dyn::<S, false, false>(tiles, n),
+            }
+        }
+        match ctx.ck {
+            None => recur::<S>(&tiles, n, bvar, cvar),
+            Some(ck) => {
+                // Sub-tiles of ck.ts steps (t is a multiple of T, so of ts),
+                // each preceded by its start state.
+                let nch = job.l.div_ceil(ck.ts);
+                let mut s = 0;
+                while s < tt {
+                    let st = ck.ts.min(tt - s);
+                    let dst = (ck.ptr as *mut f32)
+                        .add(((ctx.bi * job.d + ctx.c0) * nch + (t + s) / ck.ts) * n);
+                    store_checkpoint::<S>(h, n, len, dst, nch * n);
+                    let sub = Tiles {
+                        u: tiles.u.add(s * lanes),
+                        dt: tiles.dt.add(s * lanes),
+                        y: tiles.y.add(s * lanes),
+                        bp: if bvar { bp.add(s * n) } else { bp },
+                        cp: if cvar { cp.add(s * n) } else { cp },
+                        tt: st,
+                        ..tiles
+                    };
+                    recur::<S>(&sub, n, bvar, cvar);
+                    s += st;
+                }
+            }
         }
         // y += D·u; y *= silu(z).
         let dvec = S::load(dv.as_ptr());
@@ -447,7 +502,39 @@ unsafe fn scan_block<S: Simd>(ctx: &BlockCtx) {
     }
 }
 
+/// Writes the block state h ([n][LANES]) to rows `dst + j·row` (channel j <
+/// len, float32 [n] each) of the checkpoint tensor.
+#[inline(always)]
+unsafe fn store_checkpoint<S: Simd>(
+    h: *const f32,
+    n: usize,
+    len: usize,
+    dst: *mut f32,
+    row: usize,
+) {
+    let lanes = S::LANES;
+    if S::AVX && len == lanes && n.is_multiple_of(8) {
+        for k0 in (0..n).step_by(8) {
+            for j0 in (0..lanes).step_by(8) {
+                S::transpose8(
+                    h.add(k0 * lanes + j0),
+                    lanes as isize,
+                    dst.add(j0 * row + k0),
+                    row as isize,
+                );
+            }
+        }
+        return;
+    }
+    for j in 0..len {
+        for k in 0..n {
+            *dst.add(j * row + k) = *h.add(k * lanes + j);
+        }
+    }
+}
+
 /// Pointers into one tile's buffers.
+#[derive(Clone, Copy)]
 struct Tiles {
     u: *const f32,
     dt: *const f32,
@@ -612,7 +699,7 @@ struct UpdateTask<'a> {
 }
 
 #[inline(always)]
-unsafe fn update_task<S: Simd>(task: &UpdateTask) {
+unsafe fn update_task<S: super::scan_bwd::BwdSimd>(task: &UpdateTask) {
     let job = task.job;
     let (bi, c0, c1, n) = (task.bi, task.c0, task.c1, job.n);
     let m = c1 - c0;
@@ -684,6 +771,9 @@ unsafe fn update_task<S: Simd>(task: &UpdateTask) {
     let mut hbuf = [0.0f32; MAX_N];
     let mut abuf = [0.0f32; MAX_N];
     let log2e = S::splat(LOG2E);
+    // y's dot products of 8 channels at a time, summed over lanes together
+    // (a shuffle tree for 8 is cheaper than 8 horizontal sums).
+    let mut accs = [S::zero(); 8];
     for j in 0..m {
         let ch = c0 + j;
         let (gb, gc) = (ch / sb, ch / sc);
@@ -733,7 +823,17 @@ unsafe fn update_task<S: Simd>(task: &UpdateTask) {
         if !direct {
             store_row(&hbuf[..n], sp, job.state.dtype, job.state.strides[2]);
         }
-        y[j] = S::hsum(acc) + dsk[j] * x[j];
+        accs[j % 8] = acc;
+        if j % 8 == 7 {
+            let j0 = j - 7;
+            S::add_lane_sums8(&accs, y.as_mut_ptr().add(j0));
+        }
+    }
+    for (i, a) in accs.iter().enumerate().take(m % 8) {
+        y[m - m % 8 + i] = S::hsum(*a);
+    }
+    for j in 0..m {
+        y[j] += dsk[j] * x[j];
     }
     if let Some(z) = &job.z {
         let mut zr = [0.0f32; UPDATE_CHUNK];

@@ -41,7 +41,7 @@
 //! DRAM with softplus/sigmoid/silu per step. Checkpoints saved by the forward
 //! would remove pass 1.
 
-use super::scan::{bc, channel_blocks, BcSrc, ScanJob, MAX_LANES};
+use super::scan::{bc, channel_blocks, BcSrc, Checkpoints, ScanJob, MAX_LANES};
 use super::simd::{Simd, LOG2E};
 use super::SimdLevel;
 use crate::simd_dispatch;
@@ -647,6 +647,8 @@ struct Pass2<'a> {
     ts: usize,
     /// Checkpoints and block states of block blk0 (the task's blocks follow).
     ck: *const f32,
+    /// The forward's checkpoints, float32 (b, d, nch, n) (null: use `ck`).
+    ext: *const f32,
     st: *mut f32,
     st_sz: usize,
     tabs: *const f32,
@@ -662,6 +664,8 @@ struct Pass2<'a> {
 /// Scratch of one pass-2 task.
 struct Scratch {
     tiles: Vec<f32>,
+    /// A checkpoint of `ext` in lane layout [n][LANES].
+    ckbuf: Vec<f32>,
     abuf: Vec<f32>,
     hbuf: Vec<f32>,
 }
@@ -680,6 +684,7 @@ unsafe fn pass2_task<S: BwdSimd>(c: &Pass2) {
     let (l, ts) = (S::LANES, c.ts);
     let mut sc = Scratch {
         tiles: vec![0.0; NTILES * ts * l],
+        ckbuf: vec![0.0; if c.ext.is_null() { 0 } else { job.n * l }],
         abuf: vec![0.0; ts * KG * l],
         hbuf: vec![0.0; (ts + 1) * KG * l],
     };
@@ -733,7 +738,14 @@ unsafe fn sub_block<S: BwdSimd>(
     let i = blk - c.blk0;
     let tab = c.tabs.add(blk * c.tab_sz);
     let st = c.st.add(i * c.st_sz);
-    let ck = c.ck.add((i * job.l.div_ceil(c.ts) + j) * hsz);
+    let nch = job.l.div_ceil(c.ts);
+    let ck = if c.ext.is_null() {
+        c.ck.add((i * nch + j) * hsz)
+    } else {
+        let src = c.ext.add(((bi * job.d + c0) * nch + j) * n);
+        load_checkpoint::<S>(src, nch * n, n, len, sc.ckbuf.as_mut_ptr());
+        sc.ckbuf.as_ptr()
+    };
     let (bvar, cvar) = (job.bm.is_var(), job.cm.is_var());
 
     let tp = sc.tiles.as_mut_ptr();
@@ -862,14 +874,52 @@ unsafe fn sub_block<S: BwdSimd>(
     }
 }
 
+/// The inverse of `scan::store_checkpoint`: rows `src + j·row` (channel j <
+/// len, float32 [n] each) into [n][LANES] (lanes ≥ len zero).
+#[inline(always)]
+unsafe fn load_checkpoint<S: Simd>(
+    src: *const f32,
+    row: usize,
+    n: usize,
+    len: usize,
+    dst: *mut f32,
+) {
+    let lanes = S::LANES;
+    if S::AVX && len == lanes && n.is_multiple_of(8) {
+        for k0 in (0..n).step_by(8) {
+            for j0 in (0..lanes).step_by(8) {
+                S::transpose8(
+                    src.add(j0 * row + k0),
+                    row as isize,
+                    dst.add(k0 * lanes + j0),
+                    lanes as isize,
+                );
+            }
+        }
+        return;
+    }
+    for k in 0..n {
+        for j in 0..lanes {
+            *dst.add(k * lanes + j) = if j < len { *src.add(j * row + k) } else { 0.0 };
+        }
+    }
+}
+
 // ------------------------------------------------------------------ driver
 
 /// The sub-chunk length: short, so that the recompute buffers and the dB/dC
 /// accumulators stay in L1, unless the checkpoints (b·d·n·l/ts floats) would
 /// pass 256 MB.
 fn sub_chunk(job: &ScanJob) -> usize {
+    checkpoint_chunk(job.b, job.d, job.n, job.l)
+}
+
+/// The sub-chunk length of a (b, d, n, l) problem: 16, doubled (up to 64)
+/// while the checkpoints would pass 256 MB. The forward writes checkpoints for
+/// the backward at this interval (`_autograd._checkpoint_chunk` is the same rule).
+pub fn checkpoint_chunk(b: usize, d: usize, n: usize, l: usize) -> usize {
     let mut ts = 16;
-    while ts < TMAX && job.b * job.d * job.n * job.l.div_ceil(ts) * 4 > 256 << 20 {
+    while ts < TMAX && b * d * n * l.div_ceil(ts) * 4 > 256 << 20 {
         ts *= 2;
     }
     ts
@@ -886,11 +936,22 @@ fn outer_chunk(job: &ScanJob, ntasks: usize, ts: usize) -> usize {
 
 /// Computes every gradient of `bj`.
 pub fn scan_backward(bj: &BwdJob, level: SimdLevel) {
-    scan_backward_tuned(bj, level, None)
+    scan_backward_tuned(bj, level, None, None)
+}
+
+/// `scan_backward` from the forward's checkpoints (`scan_forward_ck` with
+/// `ts = checkpoint_chunk(..)`): skips the recomputation of pass 1.
+pub fn scan_backward_ck(bj: &BwdJob, level: SimdLevel, ck: Option<Checkpoints>) {
+    scan_backward_tuned(bj, level, ck.map(|c| (c.ts, 0)), ck)
 }
 
 /// `scan_backward` with the sub-chunk and outer chunk lengths forced (tests).
-fn scan_backward_tuned(bj: &BwdJob, level: SimdLevel, tune: Option<(usize, usize)>) {
+fn scan_backward_tuned(
+    bj: &BwdJob,
+    level: SimdLevel,
+    tune: Option<(usize, usize)>,
+    ext: Option<Checkpoints>,
+) {
     let job = &bj.fwd;
     let lanes = match level {
         SimdLevel::Avx512 => 16,
@@ -927,14 +988,21 @@ fn scan_backward_tuned(bj: &BwdJob, level: SimdLevel, tune: Option<(usize, usize
             }
         }
     }
-    let lc = tune.map_or_else(|| outer_chunk(job, tasks.len(), ts), |t| t.1);
+    let lc = match tune {
+        Some((_, lc)) if lc > 0 => lc,
+        _ => outer_chunk(job, tasks.len(), ts),
+    };
 
     // Pass 1: checkpoints (every element is written before pass 2 reads it).
-    let mut ck = std::mem::take(&mut *CHECKPOINTS.lock().unwrap_or_else(|e| e.into_inner()));
-    ck.resize(b * nb * nch * hsz, 0.0);
+    // Skipped when the forward saved them (`ext`).
+    let mut ck = Vec::new();
+    if ext.is_none() {
+        ck = std::mem::take(&mut *CHECKPOINTS.lock().unwrap_or_else(|e| e.into_inner()));
+        ck.resize(b * nb * nch * hsz, 0.0);
+    }
     let (mut bt, mut ct) = (Vec::new(), Vec::new());
     let mut t0 = 0;
-    while t0 < len_l {
+    while ext.is_none() && t0 < len_l {
         let t1 = (t0 + lc).min(len_l);
         transpose_bc(&job.bm, b, n, t0, t1 - t0, &mut bt);
         let (bt_p, lt) = (bt.as_ptr() as usize, t1 - t0);
@@ -987,7 +1055,7 @@ fn scan_backward_tuned(bj: &BwdJob, level: SimdLevel, tune: Option<(usize, usize
     while t1 > 0 {
         let t0 = (t1 - 1) / lc * lc;
         let lt = t1 - t0;
-        if t1 != len_l {
+        if t1 != len_l || ext.is_some() {
             transpose_bc(&job.bm, b, n, t0, lt, &mut bt);
         }
         transpose_bc(&job.cm, b, n, t0, lt, &mut ct);
@@ -1020,6 +1088,7 @@ fn scan_backward_tuned(bj: &BwdJob, level: SimdLevel, tune: Option<(usize, usize
                     t1,
                     ts,
                     ck: (ck_p as *const f32).wrapping_add(first * nch * hsz),
+                    ext: ext.map_or(std::ptr::null(), |e| e.ptr as *const f32),
                     st: (st_p as *mut f32).wrapping_add(first * st_sz),
                     st_sz,
                     tabs: tabs.as_ptr(),
@@ -1056,7 +1125,7 @@ fn scan_backward_tuned(bj: &BwdJob, level: SimdLevel, tune: Option<(usize, usize
         }
         t1 = t0;
     }
-    if ck.len() <= KEEP_CHECKPOINTS {
+    if ext.is_none() && ck.len() <= KEEP_CHECKPOINTS {
         *CHECKPOINTS.lock().unwrap_or_else(|e| e.into_inner()) = ck;
     }
 
@@ -1226,7 +1295,7 @@ mod tests {
                 let want: Vec<Vec<f32>> = bufs[8..].to_vec();
                 assert!(want.iter().flatten().all(|x| x.is_finite()));
                 for tune in [(16, 16), (16, 48), (32, 64), (64, 64), (64, 192)] {
-                    scan_backward_tuned(&job, level, Some(tune));
+                    scan_backward_tuned(&job, level, Some(tune), None);
                     for (i, w) in want.iter().enumerate() {
                         assert!(
                             bufs[8 + i] == *w,
@@ -1234,6 +1303,46 @@ mod tests {
                             level.name()
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Checkpoints written by the forward (`scan_forward_ck`) are the states
+    /// pass 1 recomputes, bitwise: the backward from them gives the same bits.
+    #[test]
+    fn forward_checkpoints_match_recompute() {
+        use crate::cpu::scan::scan_forward_ck;
+        for (dims, gb, gc) in [
+            ((2, 20, 150, 5), Some(2), Some(1)),
+            ((1, 40, 64, 16), Some(1), Some(1)),
+            ((1, 33, 1, 16), None, Some(1)),
+            ((2, 16, 97, 8), Some(1), None),
+            ((1, 24, 40, 3), None, None),
+        ] {
+            let (b, d, l, n) = dims;
+            let (bufs, mut job) = problem(dims, gb, gc);
+            let out = vec![0.0f32; b * d * l];
+            job.fwd.out.ptr = out.as_ptr() as usize;
+            let ts = checkpoint_chunk(b, d, n, l);
+            let ck = vec![f32::NAN; b * d * l.div_ceil(ts) * n];
+            let ckp = Checkpoints {
+                ptr: ck.as_ptr() as usize,
+                ts,
+            };
+            for level in SimdLevel::available() {
+                scan_backward(&job, level);
+                let want: Vec<Vec<f32>> = bufs[8..].to_vec();
+                assert!(want.iter().flatten().all(|x| x.is_finite()));
+                scan_forward_ck(&job.fwd, level, Some(ckp));
+                assert!(ck.iter().all(|x| x.is_finite()));
+                scan_backward_ck(&job, level, Some(ckp));
+                for (i, w) in want.iter().enumerate() {
+                    assert!(
+                        bufs[8 + i] == *w,
+                        "{} {dims:?}: output {i} differs",
+                        level.name()
+                    );
                 }
             }
         }
@@ -1272,7 +1381,7 @@ mod tests {
             let mut best = f64::MAX;
             for _ in 0..reps {
                 let t = std::time::Instant::now();
-                scan_backward_tuned(&job, level, tune);
+                scan_backward_tuned(&job, level, tune, None);
                 best = best.min(t.elapsed().as_secs_f64());
             }
             eprintln!(

@@ -10,3 +10,4 @@ pub mod norm;
 pub mod rotary;
 pub mod scan;
 pub mod scan_bwd;
+pub mod scan_ck;

@@ -138,7 +138,7 @@ pub use py::register;
 #[cfg(feature = "python")]
 mod py {
     use super::*;
-    use crate::cpu::scan_bwd::scan_backward;
+    use crate::cpu::scan_bwd::scan_backward_ck;
     use crate::cpu::SimdLevel;
     use crate::error::{catch_panic, Error};
     use crate::tensor::{alloc, current_stream, extract, extract_opt, DType, Device};
@@ -150,7 +150,7 @@ mod py {
     /// ddelta_bias, dinitial_state): du, ddelta in u's dtype, dz in z's, the rest
     /// float32 in their input's shape; None for an input that was None.
     #[pyfunction]
-    #[pyo3(signature = (u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=false, initial_state=None, dout=None, dlast_state=None))]
+    #[pyo3(signature = (u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=false, initial_state=None, dout=None, dlast_state=None, checkpoints=None))]
     #[allow(non_snake_case, clippy::too_many_arguments)]
     fn selective_scan_bwd<'py>(
         py: Python<'py>,
@@ -166,6 +166,7 @@ mod py {
         initial_state: Option<&Bound<'py, PyAny>>,
         dout: Option<&Bound<'py, PyAny>>,
         dlast_state: Option<&Bound<'py, PyAny>>,
+        checkpoints: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let uv = extract("u", u)?;
         let dv = extract("delta", delta)?;
@@ -195,6 +196,13 @@ mod py {
             initial_state: init.as_ref(),
         };
         let dims = check_scan_bwd(&args, &gv, glast.as_ref())?;
+        // The forward's checkpoints (`selective_scan_fwd_ck`); an empty tensor
+        // counts as None (the autograd op's placeholder on CUDA).
+        let ckv = extract_opt("checkpoints", checkpoints)?.filter(|t| !t.shape.contains(&0));
+        let ckp = match &ckv {
+            Some(t) => Some(crate::ops::scan_ck::check_checkpoints(t, dims)?),
+            None => None,
+        };
         crate::ops::scan::check_backend(&uv)?;
         let ScanDims { b, d, l, n } = dims;
         let f32_ = Some(DType::F32);
@@ -231,7 +239,7 @@ mod py {
                 let job = plan_scan_bwd(&args, dims, delta_softplus, &gv, glast.as_ref(), &outs);
                 py.detach(|| {
                     catch_panic("selective_scan_bwd", || {
-                        scan_backward(&job, level);
+                        scan_backward_ck(&job, level, ckp);
                         Ok(())
                     })
                 })?;

@@ -1,0 +1,119 @@
+//! The selective scan's training forward on the CPU: the forward that also
+//! returns the chunk-start states (checkpoints) so that the backward skips
+//! recomputing them (`selective_scan_bwd(..., checkpoints=...)`).
+
+use crate::cpu::scan::Checkpoints;
+use crate::cpu::scan_bwd::checkpoint_chunk;
+use crate::error::{Error, Result};
+use crate::ops::scan::ScanDims;
+use crate::tensor::{DType, Device, TensorView};
+
+/// Validates a checkpoint tensor: float32 (b, d, l.div_ceil(ts), n) on the
+/// CPU, contiguous, ts = `checkpoint_chunk(b, d, n, l)`.
+pub fn check_checkpoints(t: &TensorView, dims: ScanDims) -> Result<Checkpoints> {
+    let ScanDims { b, d, l, n } = dims;
+    let ts = checkpoint_chunk(b, d, n, l);
+    let nch = l.div_ceil(ts);
+    if t.device != Device::Cpu {
+        return Err(Error::value(format!(
+            "{}: expected a CPU tensor (checkpoints exist for the CPU backward only)",
+            t.name
+        )));
+    }
+    t.expect_dtype(DType::F32)?;
+    t.expect_shape(&[b, d, nch, n], "(b, d, ceil(l / chunk), n)")?;
+    let want = [(d * nch * n) as isize, (nch * n) as isize, n as isize, 1];
+    let ok = (0..4).all(|i| t.shape[i] <= 1 || t.strides[i] == want[i]);
+    if !ok {
+        return Err(Error::value(format!(
+            "{}: expected a contiguous tensor, got strides {:?}",
+            t.name, t.strides
+        )));
+    }
+    Ok(Checkpoints { ptr: t.ptr, ts })
+}
+
+#[cfg(feature = "python")]
+pub use py::register;
+
+#[cfg(feature = "python")]
+mod py {
+    use super::*;
+    use crate::cpu::scan::scan_forward_ck;
+    use crate::cpu::SimdLevel;
+    use crate::error::catch_panic;
+    use crate::ops::scan::{check_backend, check_scan, plan_scan, ScanArgs};
+    use crate::tensor::{alloc, extract, extract_opt};
+    use pyo3::prelude::*;
+    use pyo3::types::PyTuple;
+
+    /// Forward selective scan on the CPU for training: returns (out,
+    /// last_state, checkpoints), checkpoints float32 (b, d, ceil(l / chunk), n)
+    /// the states before every `chunk` steps, for `selective_scan_bwd`.
+    #[pyfunction]
+    #[pyo3(signature = (u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=false, initial_state=None))]
+    #[allow(non_snake_case, clippy::too_many_arguments)]
+    fn selective_scan_fwd_ck<'py>(
+        py: Python<'py>,
+        u: &Bound<'py, PyAny>,
+        delta: &Bound<'py, PyAny>,
+        A: &Bound<'py, PyAny>,
+        B: &Bound<'py, PyAny>,
+        C: &Bound<'py, PyAny>,
+        D: Option<&Bound<'py, PyAny>>,
+        z: Option<&Bound<'py, PyAny>>,
+        delta_bias: Option<&Bound<'py, PyAny>>,
+        delta_softplus: bool,
+        initial_state: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let uv = extract("u", u)?;
+        let dv = extract("delta", delta)?;
+        let av = extract("A", A)?;
+        let bv = extract("B", B)?;
+        let cv = extract("C", C)?;
+        let dsk = extract_opt("D", D)?;
+        let zv = extract_opt("z", z)?;
+        let bias = extract_opt("delta_bias", delta_bias)?;
+        let init = extract_opt("initial_state", initial_state)?;
+        let args = ScanArgs {
+            u: &uv,
+            delta: &dv,
+            a: &av,
+            b: &bv,
+            c: &cv,
+            d: dsk.as_ref(),
+            z: zv.as_ref(),
+            delta_bias: bias.as_ref(),
+            initial_state: init.as_ref(),
+        };
+        let dims = check_scan(&args)?;
+        check_backend(&uv)?;
+        if uv.device != Device::Cpu {
+            return Err(Error::value(
+                "u: expected a CPU tensor (selective_scan_fwd_ck is the CPU training forward)",
+            )
+            .into());
+        }
+        let ScanDims { b, d, l, n } = dims;
+        let f32_ = Some(DType::F32);
+        let nch = l.div_ceil(checkpoint_chunk(b, d, n, l));
+        let (out_o, out) = alloc("out", u, &uv, &[b, d, l], None)?;
+        let (last_o, last) = alloc("last_state", u, &uv, &[b, d, n], f32_)?;
+        let (ck_o, ck) = alloc("checkpoints", u, &uv, &[b, d, nch, n], f32_)?;
+        let ckp = check_checkpoints(&ck, dims)?;
+        let level = SimdLevel::current()?;
+        let job = plan_scan(&args, dims, delta_softplus, &out, Some(&last));
+        py.detach(|| {
+            catch_panic("selective_scan_fn", || {
+                scan_forward_ck(&job, level, Some(ckp));
+                Ok(())
+            })
+        })?;
+        PyTuple::new(py, [out_o, last_o, ck_o])
+    }
+
+    pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_function(wrap_pyfunction!(selective_scan_fwd_ck, m)?)?;
+        Ok(())
+    }
+}
