@@ -99,6 +99,7 @@ mod module {
         crate::ops::hidden_attention::register(m)?;
         crate::ops::attention_cuda::register(m)?;
         crate::ops::attention::register(m)?;
+        crate::ops::conv_scan::register(m)?;
         Ok(())
     }
 }

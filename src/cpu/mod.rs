@@ -8,6 +8,7 @@ pub mod norm;
 pub mod scan;
 pub mod scan_bwd;
 pub mod simd;
+pub mod conv_scan;
 
 use crate::error::{Error, Result};
 

@@ -11,6 +11,7 @@ pub mod norm;
 pub mod nvrtc;
 pub mod scan;
 pub mod scan_bwd;
+pub mod conv_scan;
 
 use crate::error::{Error, Result};
 use cudarc::driver::{result as cu, sys};

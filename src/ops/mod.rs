@@ -8,3 +8,4 @@ pub mod hidden_attention;
 pub mod norm;
 pub mod scan;
 pub mod scan_bwd;
+pub mod conv_scan;
