@@ -545,10 +545,15 @@ __device__ __noinline__ void poison_block(const ScanFwdParams& p, int c0, int cp
 // u = act(bias + sum_m taps[m] * x[t - m]) (causal depthwise conv1d, act =
 // SiLU or identity) computed where u is loaded, so the conv output never goes
 // through global memory. p.u then holds x (same dtype and shape as u). Each
-// value is formed exactly as causal_conv1d.cu forms it (same FMA order from
-// the newest tap, same SiLU expression) and rounded to u's dtype, as the
-// unfused causal_conv1d_fn -> selective_scan_fn pair would store and reload
-// it: the fused and unfused outputs are the same bits. KW = taps kept in
+// value is formed as causal_conv1d.cu forms it (same FMA order from the
+// newest tap) and rounded to u's dtype, as the unfused causal_conv1d_fn ->
+// selective_scan_fn pair would store and reload it. The SiLU is this file's
+// silu() (ex2.approx and a fast divide, within ~2 ulp of the conv kernel's
+// IEEE-divided one): an exact division compiles to a branch to a slow path,
+// which splits the pipelined group loop's basic block (measured in SASS:
+// inner loop 664 instructions with 4 CALLs vs 583 and no branch; the plain
+// scan's is 531). So the fused result equals the unfused pair's to float32
+// rounding of u, not bit for bit (the CPU's is bit for bit). KW = taps kept in
 // registers (>= the conv width; taps past the width are zero); KW = 0 is the
 // plain scan and compiles to exactly the code it was before.
 // ----------------------------------------------------------------------------
@@ -582,7 +587,7 @@ struct ConvTaps {
     // The activation and the rounding to u's dtype of a conv sum z.
     template <int DT>
     __device__ __forceinline__ float finish(float z) const {
-        const float a = silu ? z * (1.0f / (1.0f + __expf(-z))) : z;
+        const float a = silu ? scan::silu(z) : z;
         return IO<DT>::to_f(IO<DT>::from_f(a));
     }
 };
@@ -618,6 +623,55 @@ __device__ __forceinline__ float conv_at(const Row<DT>& r, int t, const ConvTaps
         z = fmaf(tp.v[m], xv, z);
     }
     return tp.template finish<DT>(z);
+}
+
+// u of the 8 steps of a group, the work split between the FP lanes of the
+// channel: lane sub forms the FS steps sub*FS .. sub*FS+FS-1 (from its window
+// of FS + KW - 1 inputs, picked by selects), rounds them to u's dtype (16-bit:
+// one paired cvt per 2 values, the same round-to-nearest-even as
+// f32_to_bf16 / f32_to_f16 for every non-NaN value) and the lanes share them
+// with shuffles, as prep() shares Δ.
+template <int DT, int KW>
+__device__ __forceinline__ void conv8_split(float (&u)[8], const unsigned (&prev)[IO<DT>::W8],
+                                            const unsigned (&cur)[IO<DT>::W8],
+                                            const ConvTaps<KW>& tp, int sub) {
+    float x[16];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        x[i] = IO<DT>::get(prev, i);
+        x[8 + i] = IO<DT>::get(cur, i);
+    }
+    const int NW = FS + KW - 1;  // the lane's inputs: x[8 + sub*FS - (KW-1) + k]
+    float xs[NW];
+#pragma unroll
+    for (int k = 0; k < NW; k++) {
+        float v = x[8 - (KW - 1) + k];
+#pragma unroll
+        for (int q = 1; q < FP; q++) v = (sub == q) ? x[8 + q * FS - (KW - 1) + k] : v;
+        xs[k] = v;
+    }
+    float own[FS];
+#pragma unroll
+    for (int i = 0; i < FS; i++) {
+        float z = tp.bias;
+#pragma unroll
+        for (int m = 0; m < KW; m++) z = fmaf(tp.v[m], xs[KW - 1 + i - m], z);
+        own[i] = select(tp.silu, silu(z), z);  // branch-free
+    }
+    if (DT != DT_F32) {
+#pragma unroll
+        for (int i = 0; i + 1 < FS; i += 2) {
+            const unsigned w[2] = {IO<DT>::pack2(own[i], own[i + 1]), 0u};
+            unsigned ww[IO<DT>::W8];
+#pragma unroll
+            for (int q = 0; q < IO<DT>::W8; q++) ww[q] = q < 2 ? w[q] : 0u;
+            own[i] = IO<DT>::get(ww, 0);
+            own[i + 1] = IO<DT>::get(ww, 1);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+        u[j] = (FP == 1) ? own[j % FS] : __shfl_sync(SCAN_FULL, own[j % FS], j / FS, FP);
 }
 
 // Element sub*FS + i of 8 floats (the lane's own steps).
@@ -754,7 +808,7 @@ __device__ __forceinline__ void fast_entry(const ScanFwdParams& p, const ConvSca
             float DtN[8], GN[FS];
             prep<DT>(DtN, GN, D1, Z1, sub, bias, do_softplus, has_z);
             float UfN[8];  // conv: u of the next group (from x loaded a group ago)
-            if (KW > 0) conv8<DT, KW>(UfN, U, X1, tp);
+            if (KW > 0) conv8_split<DT, KW>(UfN, U, X1, tp, sub);
 
             // the 8 steps of this group
             float y[8];

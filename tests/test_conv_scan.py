@@ -2,9 +2,10 @@
 
 Parity with the float64 composition of the references (tests/reference.py:
 causal_conv1d_ref then selective_scan_ref), on every CPU SIMD level and on CUDA
-(``target``); equality, bit for bit, with the unfused pair causal_conv1d_fn →
-selective_scan_fn on the same device (the fused kernels round u to x's dtype
-exactly where the unfused pair stores it); gradients against torch autograd
+(``target``); agreement with the unfused pair causal_conv1d_fn → selective_scan_fn on
+the same device: bit for bit on the CPU (the fused kernel rounds u to x's dtype where
+the unfused pair stores it), to float32 rounding of u on CUDA (the fused kernel's SiLU
+is the scan's fast one; see kernels/selective_scan_fwd.cu); gradients against torch autograd
 through a float64 torch composition; the custom ops (opcheck, torch.compile);
 argument errors; nn.Mamba's fused path against its unfused one.
 """
@@ -98,10 +99,9 @@ def run_fused(kind=None, layout="contiguous", softplus=True, activation="silu", 
         rest = {k: v for k, v in x.items() if k not in CONV}
         out_u, h_u = selective_scan_fn(u, **rest, delta_softplus=softplus, return_last_state=True)
         sync()
-        assert same_values(out, out_u), (
-            f"fused != unfused: max |diff| {np.abs(_f64(out) - _f64(out_u)).max():.3e}")
+        assert_unfused(out, out_u, split_kind(kind)[1])
         if h is not None:
-            assert same_values(h, h_u), "last_state: fused != unfused"
+            assert_unfused(h, h_u, "float32", "last_state")
     return out, h
 
 
@@ -112,6 +112,19 @@ def reference(x, kind, softplus, activation):
     u = to_f64(convert(u, kind))
     rest = {k: v for k, v in x.items() if k not in CONV}
     return selective_scan_ref(u, **rest, delta_softplus=softplus, return_last_state=True)
+
+
+def assert_unfused(ours, unfused, dtype, what="out"):
+    """CPU: the same bits; CUDA: within float32 rounding of u (a flipped 16-bit rounding
+    of one u value moves the outputs by about one ulp of the dtype)."""
+    if not on_cuda():
+        assert same_values(ours, unfused), (
+            f"{what}: fused != unfused: max |diff| "
+            f"{np.abs(_f64(ours) - _f64(unfused)).max():.3e}")
+        return
+    t = 2e-6 if dtype == "float32" else TOL[dtype] / 4
+    err = rel_err(ours, unfused)
+    assert err <= t, f"{what}: fused vs unfused rel_err {err:.3e} > {t:.0e} ({dtype})"
 
 
 def _f64(t):
@@ -404,8 +417,8 @@ def test_inference_path_no_graph():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_mamba_fused_equals_unfused(target, dtype):
-    """nn.Mamba's fused conv→scan path gives the unfused path's outputs (same bits) and
-    its gradients (to rounding: the x gradient sums two terms in another order)."""
+    """nn.Mamba's fused conv→scan path gives the unfused path's outputs (same bits on the
+    CPU) and its gradients (to rounding: the x gradient sums two terms in another order)."""
     pytest.importorskip("torch")
     from mamba_attention.nn import Mamba
 
@@ -423,7 +436,7 @@ def test_mamba_fused_equals_unfused(target, dtype):
         out.float().square().sum().backward()
         outs.append(out.detach())
         grads.append([hs.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
-    assert torch.equal(outs[0], outs[1])
+    assert_unfused(outs[0], outs[1], dtype)
     tl = TOL[dtype] if dtype != "float32" else 1e-5
     for a, b in zip(*grads):
         assert rel_err(a.float().cpu(), b.float().cpu()) <= tl

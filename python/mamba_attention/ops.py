@@ -616,9 +616,11 @@ def conv_selective_scan_fn(
 
     with the conv's output u never written to memory: the scan forms it as it
     reads x (CPU: per tile of 64 steps in L1; CUDA: in the scan kernel's
-    registers). u is rounded to x's dtype exactly as the unfused pair stores
-    it, so the result is the same, bit for bit, as the composition (on the
-    same device). CPU and CUDA; NumPy arrays and torch tensors.
+    registers). u is rounded to x's dtype where the unfused pair stores it:
+    on the CPU the result is the composition's, bit for bit; on CUDA the
+    conv's SiLU is the scan kernel's fast one (ex2.approx and a fast divide,
+    ~2 ulp), so the result equals the composition's to float32 rounding of u.
+    CPU and CUDA; NumPy arrays and torch tensors.
 
     Shapes: ``x``, ``delta``, ``z``: (b, d, l) (x takes the scan's u place:
     same dtype as delta); ``conv_weight`` (d, w) with 2 ≤ w ≤ 8 (any float

@@ -71,7 +71,8 @@ class Mamba(nn.Module):
     ``fused_conv_scan`` (a class attribute, settable per instance): without
     ``inference_params``, the scan takes x before the conv and runs the conv
     itself (:func:`~mamba_attention.ops.conv_selective_scan_fn`) instead of
-    reading the conv's output; the results are the same bits either way.
+    reading the conv's output; the results are the same (bit for bit on the
+    CPU, to float32 rounding of the conv's SiLU on CUDA).
     x_proj still needs the conv's output (Δ, B and C are computed from it), so
     the conv also runs once on its own: the fusion saves no memory traffic in
     this layer, and its backward runs the conv backward twice.
