@@ -18,8 +18,7 @@
 use super::conv1d::MAX_W;
 use super::scan::{
     channel_blocks, lane_table_hook, lane_vec_hook, load_tile_hook, outer_chunk_of,
-    recur_tile_hook, store_tile_hook, transpose_bc_chunk, BcSrc, ScanJob, MAX_LANES, MAX_N,
-    TILE_T,
+    recur_tile_hook, store_tile_hook, transpose_bc_chunk, BcSrc, ScanJob, MAX_LANES, MAX_N, TILE_T,
 };
 use super::simd::{Simd, LOG2E};
 use super::SimdLevel;

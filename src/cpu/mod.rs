@@ -3,12 +3,12 @@
 pub mod attention;
 pub mod attention_bwd;
 pub mod conv1d;
+pub mod conv_scan;
 pub mod hidden_attention;
 pub mod norm;
 pub mod scan;
 pub mod scan_bwd;
 pub mod simd;
-pub mod conv_scan;
 
 use crate::error::{Error, Result};
 

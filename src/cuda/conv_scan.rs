@@ -48,5 +48,13 @@ pub fn conv_scan_forward(
         )
     };
     let k = kernel(ordinal, "selective_scan_fwd", &name)?;
-    unsafe { k.launch((grid_x, p.s.b as u32, 1), (SCAN_THREADS, 1, 1), 0, stream, p) }
+    unsafe {
+        k.launch(
+            (grid_x, p.s.b as u32, 1),
+            (SCAN_THREADS, 1, 1),
+            0,
+            stream,
+            p,
+        )
+    }
 }

@@ -6,12 +6,12 @@
 pub mod attention;
 pub mod cache;
 pub mod conv1d;
+pub mod conv_scan;
 pub mod hidden_attention;
 pub mod norm;
 pub mod nvrtc;
 pub mod scan;
 pub mod scan_bwd;
-pub mod conv_scan;
 
 use crate::error::{Error, Result};
 use cudarc::driver::{result as cu, sys};

@@ -6,9 +6,9 @@
 
 use crate::cpu::conv_scan::ConvScanJob;
 use crate::cuda::conv_scan::ConvScanFwdParams;
+use crate::error::Result;
 use crate::ops::conv1d::{check_conv, ConvArgs};
 use crate::ops::scan::{check_scan, plan_scan, plan_scan_cuda, ScanArgs, ScanDims};
-use crate::error::Result;
 use crate::tensor::TensorView;
 
 /// Validates every argument (the conv's on x / weight / bias, the scan's

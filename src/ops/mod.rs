@@ -4,8 +4,8 @@
 pub mod attention;
 pub mod attention_cuda;
 pub mod conv1d;
+pub mod conv_scan;
 pub mod hidden_attention;
 pub mod norm;
 pub mod scan;
 pub mod scan_bwd;
-pub mod conv_scan;
