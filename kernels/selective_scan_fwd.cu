@@ -34,6 +34,16 @@
 //    block = (128, 1, 1)
 //    dynamic shared memory = 0                       (no shared memory at all)
 //
+// 3. selective_scan_fwd_conv{4,8}_{f32,f16,bf16}     fast kernel, u from a conv
+//    selective_scan_fwd_conv_{f32,f16,bf16}_general  general kernel, u from a conv
+//    The only argument is scan::ConvScanFwdParams (ScanFwdParams s + the
+//    conv's weight (d, w), bias (d,) or ptr 0, w, silu), mirrored in
+//    src/cuda/conv_scan.rs. s.u holds x, the conv's input; u = act(bias +
+//    sum_i weight[c, i] x[t - (w-1) + i]) (zeros before t = 0) is formed in
+//    registers where the plain kernels load u (see "u from the conv" below).
+//    Fast vs general, grid and block: exactly as 1. and 2., decided on s.
+//    conv4 needs w <= 4, conv8 and the general kernel w <= 8.
+//
 // Limits the host checks: 1 <= n <= 256, l >= 1, b <= 65535 (grid.y), d >= 1.
 // Nothing else: strides are arbitrary (in elements; stride[2] of
 // u/delta/z/out is the l-stride; stride 0 broadcasts), and alignment and
@@ -530,8 +540,150 @@ __device__ __noinline__ void poison_block(const ScanFwdParams& p, int c0, int cp
     }
 }
 
-template <int DT>
-__device__ __forceinline__ void fast_entry(const ScanFwdParams& p) {
+// ----------------------------------------------------------------------------
+// "u from the conv" (conv_selective_scan_fn): the kernels below also run with
+// u = act(bias + sum_m taps[m] * x[t - m]) (causal depthwise conv1d, act =
+// SiLU or identity) computed where u is loaded, so the conv output never goes
+// through global memory. p.u then holds x (same dtype and shape as u). Each
+// value is formed as causal_conv1d.cu forms it (same FMA order from the
+// newest tap) and rounded to u's dtype, as the unfused causal_conv1d_fn ->
+// selective_scan_fn pair would store and reload it. The SiLU is this file's
+// silu() (ex2.approx and a fast divide, within ~2 ulp of the conv kernel's
+// IEEE-divided one): an exact division compiles to a branch to a slow path,
+// which splits the pipelined group loop's basic block (measured in SASS:
+// inner loop 664 instructions with 4 CALLs vs 583 and no branch; the plain
+// scan's is 531). So the fused result equals the unfused pair's to float32
+// rounding of u, not bit for bit (the CPU's is bit for bit). KW = taps kept in
+// registers (>= the conv width; taps past the width are zero); KW = 0 is the
+// plain scan and compiles to exactly the code it was before.
+// ----------------------------------------------------------------------------
+
+struct ConvScanFwdParams {
+    ScanFwdParams s;  // s.u = x, the conv's input (b, d, l)
+    Tensor4 weight;   // (d, w), any float dtype
+    Tensor4 bias;     // (d,), ptr 0 = none
+    int w;            // conv width, 2 .. KW of the kernel launched
+    int silu;         // 1: SiLU after the conv (causal_conv1d_fn's activation="silu")
+    int _pad0, _pad1;
+};
+
+template <int KW>
+struct ConvTaps {
+    float v[KW > 0 ? KW : 1];  // v[m] = weight[c, w - 1 - m]: the weight of x[t - m]
+    float bias;
+    int silu;
+
+    __device__ __forceinline__ void init(const ConvScanFwdParams* cp, int c) {
+        const int h = cp->w - 1;
+#pragma unroll
+        for (int m = 0; m < KW; m++)
+            v[m] = m <= h ? ld_any(cp->weight.ptr, cp->weight.dtype,
+                                   (i64)c * cp->weight.stride[0] + (i64)(h - m) * cp->weight.stride[1])
+                          : 0.0f;
+        bias = cp->bias.ptr ? ld_any(cp->bias.ptr, cp->bias.dtype, (i64)c * cp->bias.stride[0]) : 0.0f;
+        silu = cp->silu;
+    }
+
+    // The activation and the rounding to u's dtype of a conv sum z.
+    template <int DT>
+    __device__ __forceinline__ float finish(float z) const {
+        const float a = silu ? scan::silu(z) : z;
+        return IO<DT>::to_f(IO<DT>::from_f(a));
+    }
+};
+
+// u of the 8 steps of a group from the raw x words of the group before
+// (prev; zeros before t = 0) and of the group itself (cur).
+template <int DT, int KW>
+__device__ __forceinline__ void conv8(float (&u)[8], const unsigned (&prev)[IO<DT>::W8],
+                                      const unsigned (&cur)[IO<DT>::W8], const ConvTaps<KW>& tp) {
+    float x[16];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        x[i] = IO<DT>::get(prev, i);
+        x[8 + i] = IO<DT>::get(cur, i);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        float z = tp.bias;
+#pragma unroll
+        for (int m = 0; m < KW; m++) z = fmaf(tp.v[m], x[8 + j - m], z);
+        u[j] = tp.template finish<DT>(z);
+    }
+}
+
+// u at step t with scalar loads of x (the tail and non-vector paths).
+template <int DT, int KW>
+__device__ __forceinline__ float conv_at(const Row<DT>& r, int t, const ConvTaps<KW>& tp) {
+    float z = tp.bias;
+#pragma unroll
+    for (int m = 0; m < KW; m++) {
+        const int s = t - m;
+        const float xv = s >= 0 ? IO<DT>::to_f(r.ptr[(i64)s * r.stride]) : 0.0f;
+        z = fmaf(tp.v[m], xv, z);
+    }
+    return tp.template finish<DT>(z);
+}
+
+// u of the 8 steps of a group, the work split between the FP lanes of the
+// channel: lane sub forms the FS steps sub*FS .. sub*FS+FS-1 (from its window
+// of FS + KW - 1 inputs, picked by selects), rounds them to u's dtype (16-bit:
+// one paired cvt per 2 values, the same round-to-nearest-even as
+// f32_to_bf16 / f32_to_f16 for every non-NaN value) and the lanes share them
+// with shuffles, as prep() shares Δ.
+template <int DT, int KW>
+__device__ __forceinline__ void conv8_split(float (&u)[8], const unsigned (&prev)[IO<DT>::W8],
+                                            const unsigned (&cur)[IO<DT>::W8],
+                                            const ConvTaps<KW>& tp, int sub) {
+    float x[16];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        x[i] = IO<DT>::get(prev, i);
+        x[8 + i] = IO<DT>::get(cur, i);
+    }
+    const int NW = FS + KW - 1;  // the lane's inputs: x[8 + sub*FS - (KW-1) + k]
+    float xs[NW];
+#pragma unroll
+    for (int k = 0; k < NW; k++) {
+        float v = x[8 - (KW - 1) + k];
+#pragma unroll
+        for (int q = 1; q < FP; q++) v = (sub == q) ? x[8 + q * FS - (KW - 1) + k] : v;
+        xs[k] = v;
+    }
+    float own[FS];
+#pragma unroll
+    for (int i = 0; i < FS; i++) {
+        float z = tp.bias;
+#pragma unroll
+        for (int m = 0; m < KW; m++) z = fmaf(tp.v[m], xs[KW - 1 + i - m], z);
+        own[i] = select(tp.silu, silu(z), z);  // branch-free
+    }
+    if (DT != DT_F32) {
+#pragma unroll
+        for (int i = 0; i + 1 < FS; i += 2) {
+            const unsigned w[2] = {IO<DT>::pack2(own[i], own[i + 1]), 0u};
+            unsigned ww[IO<DT>::W8];
+#pragma unroll
+            for (int q = 0; q < IO<DT>::W8; q++) ww[q] = q < 2 ? w[q] : 0u;
+            own[i] = IO<DT>::get(ww, 0);
+            own[i + 1] = IO<DT>::get(ww, 1);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+        u[j] = (FP == 1) ? own[j % FS] : __shfl_sync(SCAN_FULL, own[j % FS], j / FS, FP);
+}
+
+// Element sub*FS + i of 8 floats (the lane's own steps).
+__device__ __forceinline__ float own_f(const float (&u)[8], int sub, int i) {
+    float v = u[i];
+#pragma unroll
+    for (int q = 1; q < FP; q++) v = (sub == q) ? u[q * FS + i] : v;
+    return v;
+}
+
+template <int DT, int KW>
+__device__ __forceinline__ void fast_entry(const ScanFwdParams& p, const ConvScanFwdParams* cp) {
     __shared__ __align__(16) SharedBC sm;
     const int tid = threadIdx.x;
     const int bi = blockIdx.y;
@@ -554,6 +706,8 @@ __device__ __forceinline__ void fast_entry(const ScanFwdParams& p) {
 
     float A2[FNS], h[FNS], Dv, bias;
     load_channel<FNS>(p, bi, c, sub * FNS, A2, h, Dv, bias);
+    ConvTaps<KW> tp;
+    if (KW > 0) tp.init(cp, c);
 
     Row<DT> ru, rd, rz, ro;
     ru.init(p.u, bi, c);
@@ -594,6 +748,10 @@ __device__ __forceinline__ void fast_entry(const ScanFwdParams& p) {
     const int W = IO<DT>::W8;
     unsigned U[W], D1[W], Z1[W];
     float Dt[8], G[FS];
+    // conv (KW > 0): U = raw x of the current group, X1 = of the next one,
+    // Uf = u of the current group
+    unsigned X1[W];
+    float Uf[8];
     if (lfull > 0) {
         unsigned D0[W], Z0[W];
         ru.load8v(U, 0);
@@ -602,6 +760,13 @@ __device__ __forceinline__ void fast_entry(const ScanFwdParams& p) {
         const int t1 = min(8, lfull - 8);
         rd.load8v(D1, t1);
         rz.load8v(Z1, t1);
+        if (KW > 0) {
+            ru.load8v(X1, t1);
+            unsigned zero[W];
+#pragma unroll
+            for (int q = 0; q < W; q++) zero[q] = 0u;
+            conv8<DT, KW>(Uf, zero, U, tp);
+        }
         prep<DT>(Dt, G, D0, Z0, sub, bias, do_softplus, has_z);
     }
 
@@ -633,7 +798,7 @@ __device__ __forceinline__ void fast_entry(const ScanFwdParams& p) {
             // loads for later groups (clamped, never past l)
             unsigned UN[W], DN[W], ZN[W];
             const int last = lfull - 8;
-            ru.load8v(UN, min(t0 + 8, last));
+            ru.load8v(UN, min(t0 + (KW > 0 ? 16 : 8), last));  // conv: x two groups ahead
             rd.load8v(DN, min(t0 + 16, last));
             rz.load8v(ZN, min(t0 + 16, last));  // without z, rz reads u: harmless, keeps this branch-free
 
@@ -642,18 +807,22 @@ __device__ __forceinline__ void fast_entry(const ScanFwdParams& p) {
             // overlap with this group's state updates
             float DtN[8], GN[FS];
             prep<DT>(DtN, GN, D1, Z1, sub, bias, do_softplus, has_z);
+            float UfN[8];  // conv: u of the next group (from x loaded a group ago)
+            if (KW > 0) conv8_split<DT, KW>(UfN, U, X1, tp, sub);
 
             // the 8 steps of this group
             float y[8];
 #pragma unroll
             for (int j = 0; j < 8; j++)
-                y[j] = step(Dt[j], IO<DT>::get(U, j), h, A2, sB0 + 16 * (t0 + j), sC0 + 16 * (t0 + j));
+                y[j] = step(Dt[j], KW > 0 ? Uf[j] : IO<DT>::get(U, j), h, A2, sB0 + 16 * (t0 + j),
+                            sC0 + 16 * (t0 + j));
 
             // output of this group: reduce over the lanes, + D u, gate, store
             float own[FS];
             reduce_scatter(y, own, sub);
 #pragma unroll
-            for (int i = 0; i < FS; i++) own[i] = fmaf(Dv, own_elem<DT>(U, sub, i), own[i]) * G[i];
+            for (int i = 0; i < FS; i++)
+                own[i] = fmaf(Dv, KW > 0 ? own_f(Uf, sub, i) : own_elem<DT>(U, sub, i), own[i]) * G[i];
             if (active) ro.template store_vec<FS>(own, t0 + sub * FS);
 
             // rotate the pipeline
@@ -663,9 +832,14 @@ __device__ __forceinline__ void fast_entry(const ScanFwdParams& p) {
             for (int i = 0; i < FS; i++) G[i] = GN[i];
 #pragma unroll
             for (int q = 0; q < W; q++) {
-                U[q] = UN[q];
+                U[q] = KW > 0 ? X1[q] : UN[q];
+                if (KW > 0) X1[q] = UN[q];
                 D1[q] = DN[q];
                 Z1[q] = ZN[q];
+            }
+            if (KW > 0) {
+#pragma unroll
+                for (int j = 0; j < 8; j++) Uf[j] = UfN[j];
             }
         }
 
@@ -675,14 +849,14 @@ __device__ __forceinline__ void fast_entry(const ScanFwdParams& p) {
         if (t1 < tend) {
             const bool fast_sp = SCAN_FAST_SOFTPLUS_16BIT && DT != DT_F32;
             float nd = IO<DT>::to_f(rd.ptr[(i64)t1 * rd.stride]);
-            float nu = IO<DT>::to_f(ru.ptr[(i64)t1 * ru.stride]);
+            float nu = KW > 0 ? conv_at<DT, KW>(ru, t1, tp) : IO<DT>::to_f(ru.ptr[(i64)t1 * ru.stride]);
             float nz = has_z ? IO<DT>::to_f(rz.ptr[(i64)t1 * rz.stride]) : 0.0f;
 #pragma unroll 1
             for (int t = t1; t < tend; t++) {
                 const float dl = nd, uu = nu, zz = nz;
                 const int tn = min(t + 1, l - 1);
                 nd = IO<DT>::to_f(rd.ptr[(i64)tn * rd.stride]);
-                nu = IO<DT>::to_f(ru.ptr[(i64)tn * ru.stride]);
+                nu = KW > 0 ? conv_at<DT, KW>(ru, tn, tp) : IO<DT>::to_f(ru.ptr[(i64)tn * ru.stride]);
                 if (has_z) nz = IO<DT>::to_f(rz.ptr[(i64)tn * rz.stride]);
                 float dt = dl + bias;
                 if (do_softplus) dt = softplus<fast_sp>(dt);
@@ -733,8 +907,8 @@ __device__ __forceinline__ int lanes_per_channel(int n) {
     return P;
 }
 
-template <int DT>
-__device__ __forceinline__ void general_entry(const ScanFwdParams& p) {
+template <int DT, int KW>
+__device__ __forceinline__ void general_entry(const ScanFwdParams& p, const ConvScanFwdParams* cp) {
     typedef typename IO<DT>::S S;
     const int P = lanes_per_channel(p.n);
     const int tid = threadIdx.x;
@@ -752,6 +926,13 @@ __device__ __forceinline__ void general_entry(const ScanFwdParams& p) {
 
     float A2[SCAN_NS], h[SCAN_NS], Dv, bias;
     load_channel<SCAN_NS>(p, bi, c, kbase, A2, h, Dv, bias);
+    ConvTaps<KW> tp;
+    float xw[KW > 0 ? KW : 1];  // conv: xw[m] = x[t - m]
+    if (KW > 0) {
+        tp.init(cp, c);
+#pragma unroll
+        for (int m = 0; m < (KW > 0 ? KW : 1); m++) xw[m] = 0.0f;
+    }
 
     // B, C: offset of element (bi, group, kbase, t=0) (constant: (c, kbase)),
     // and the time stride (0 when constant).
@@ -778,7 +959,16 @@ __device__ __forceinline__ void general_entry(const ScanFwdParams& p) {
         if (t == 0 || varC) load16(Cv, p.C.ptr, p.C.dtype, offC + (i64)t * stC, p.C.stride[2], nvalid);
         float dt = IO<DT>::to_f(pd[(i64)t * sd]) + bias;
         if (do_softplus) dt = softplus<fast_sp>(dt);
-        const float uu = IO<DT>::to_f(pu[(i64)t * su]);
+        float uu = IO<DT>::to_f(pu[(i64)t * su]);
+        if (KW > 0) {  // uu is x[t]: shift it into the window, u = the conv's output
+#pragma unroll
+            for (int m = (KW > 0 ? KW : 1) - 1; m > 0; m--) xw[m] = xw[m - 1];
+            xw[0] = uu;
+            float z = tp.bias;
+#pragma unroll
+            for (int m = 0; m < KW; m++) z = fmaf(tp.v[m], xw[m], z);
+            uu = tp.template finish<DT>(z);
+        }
         const float du = dt * uu;
         float y0 = 0.0f, y1 = 0.0f;
 #pragma unroll
@@ -806,19 +996,50 @@ __device__ __forceinline__ void general_entry(const ScanFwdParams& p) {
 // ----------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS, SCAN_MIN_BLOCKS)
-selective_scan_fwd_f32(const __grid_constant__ ScanFwdParams p) { scan::fast_entry<DT_F32>(p); }
+selective_scan_fwd_f32(const __grid_constant__ ScanFwdParams p) { scan::fast_entry<DT_F32, 0>(p, nullptr); }
 
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS, SCAN_MIN_BLOCKS)
-selective_scan_fwd_f16(const __grid_constant__ ScanFwdParams p) { scan::fast_entry<DT_F16>(p); }
+selective_scan_fwd_f16(const __grid_constant__ ScanFwdParams p) { scan::fast_entry<DT_F16, 0>(p, nullptr); }
 
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS, SCAN_MIN_BLOCKS)
-selective_scan_fwd_bf16(const __grid_constant__ ScanFwdParams p) { scan::fast_entry<DT_BF16>(p); }
+selective_scan_fwd_bf16(const __grid_constant__ ScanFwdParams p) { scan::fast_entry<DT_BF16, 0>(p, nullptr); }
 
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 1)
-selective_scan_fwd_f32_general(const __grid_constant__ ScanFwdParams p) { scan::general_entry<DT_F32>(p); }
+selective_scan_fwd_f32_general(const __grid_constant__ ScanFwdParams p) { scan::general_entry<DT_F32, 0>(p, nullptr); }
 
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 1)
-selective_scan_fwd_f16_general(const __grid_constant__ ScanFwdParams p) { scan::general_entry<DT_F16>(p); }
+selective_scan_fwd_f16_general(const __grid_constant__ ScanFwdParams p) { scan::general_entry<DT_F16, 0>(p, nullptr); }
 
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 1)
-selective_scan_fwd_bf16_general(const __grid_constant__ ScanFwdParams p) { scan::general_entry<DT_BF16>(p); }
+selective_scan_fwd_bf16_general(const __grid_constant__ ScanFwdParams p) { scan::general_entry<DT_BF16, 0>(p, nullptr); }
+
+// conv_selective_scan_fn: u = act(conv(x)) computed in the kernel (p.s.u = x).
+// Same launch rules as above, decided on p.s; _conv4 for widths <= 4, _conv8
+// for widths <= 8; the general kernel takes any width <= 8.
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, SCAN_MIN_BLOCKS)
+selective_scan_fwd_conv4_f32(const __grid_constant__ scan::ConvScanFwdParams p) { scan::fast_entry<DT_F32, 4>(p.s, &p); }
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, SCAN_MIN_BLOCKS)
+selective_scan_fwd_conv8_f32(const __grid_constant__ scan::ConvScanFwdParams p) { scan::fast_entry<DT_F32, 8>(p.s, &p); }
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, SCAN_MIN_BLOCKS)
+selective_scan_fwd_conv4_f16(const __grid_constant__ scan::ConvScanFwdParams p) { scan::fast_entry<DT_F16, 4>(p.s, &p); }
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, SCAN_MIN_BLOCKS)
+selective_scan_fwd_conv8_f16(const __grid_constant__ scan::ConvScanFwdParams p) { scan::fast_entry<DT_F16, 8>(p.s, &p); }
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, SCAN_MIN_BLOCKS)
+selective_scan_fwd_conv4_bf16(const __grid_constant__ scan::ConvScanFwdParams p) { scan::fast_entry<DT_BF16, 4>(p.s, &p); }
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, SCAN_MIN_BLOCKS)
+selective_scan_fwd_conv8_bf16(const __grid_constant__ scan::ConvScanFwdParams p) { scan::fast_entry<DT_BF16, 8>(p.s, &p); }
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 1)
+selective_scan_fwd_conv_f32_general(const __grid_constant__ scan::ConvScanFwdParams p) { scan::general_entry<DT_F32, 8>(p.s, &p); }
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 1)
+selective_scan_fwd_conv_f16_general(const __grid_constant__ scan::ConvScanFwdParams p) { scan::general_entry<DT_F16, 8>(p.s, &p); }
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 1)
+selective_scan_fwd_conv_bf16_general(const __grid_constant__ scan::ConvScanFwdParams p) { scan::general_entry<DT_BF16, 8>(p.s, &p); }

@@ -102,6 +102,7 @@ mod module {
         crate::ops::rotary::register(m)?;
         crate::ops::attention_bwd_cuda::register(m)?;
         crate::ops::scan_ck::register(m)?;
+        crate::ops::conv_scan::register(m)?;
         Ok(())
     }
 }

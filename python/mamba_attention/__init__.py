@@ -13,6 +13,7 @@ from .ops import hidden_attention
 from .ops import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from .ops import sliding_window_attention
 from .kvcache import SlidingWindowKVCache
+from .ops import conv_selective_scan_fn
 
 __version__ = _core.__version__
 
@@ -30,4 +31,5 @@ __all__ = [
     "flash_attn_with_kvcache",
     "sliding_window_attention",
     "SlidingWindowKVCache",
+    "conv_selective_scan_fn",
 ]

@@ -686,3 +686,162 @@ rotary_qk_op.register_autograd(_rotary_backward, setup_context=_rotary_setup)
 def rotary_qk(q, k, positions, inv_freq):
     """Rotary embedding of q (b, l, hq, hd) and k (b, l, hk, hd) through the custom op."""
     return torch.ops.mamba_attention.rotary_qk(q, k, positions, inv_freq, False)
+# ------------------------------------------------- fused causal conv1d + selective scan
+#
+# ``mamba_attention::conv_selective_scan_fwd`` -> (out, last_state) and
+# ``mamba_attention::conv_selective_scan_bwd`` -> the gradients of x,
+# conv_weight, conv_bias, delta, A, B, C, D, z, delta_bias, initial_state
+# (empty tensors for inputs that were None). The activation travels as a
+# bool (silu). The backward recomputes u = act(conv(x)) (the forward never
+# stores it), then runs the scan's backward and the conv's backward.
+
+__all__ += ["conv_selective_scan"]
+
+
+def _act_name(silu):
+    return "silu" if silu else None
+
+
+def _parse_act(activation):
+    if activation is None:
+        return False
+    if not isinstance(activation, str):
+        raise TypeError(
+            f'activation: expected None, "silu" or "swish", got an object of type '
+            f"{type(activation).__name__}"
+        )
+    if activation not in ("silu", "swish"):
+        raise ValueError(f'activation: expected None, "silu" or "swish", got {activation!r}')
+    return True
+
+
+@torch.library.custom_op("mamba_attention::conv_selective_scan_fwd", mutates_args=())
+def conv_selective_scan_fwd(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    silu: bool,
+    initial_state: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    out, last_state = _core.conv_selective_scan_fwd(
+        x, conv_weight, conv_bias, delta, A, B, C, D, z, delta_bias, delta_softplus,
+        _act_name(silu), True, initial_state,
+    )
+    return out, last_state
+
+
+@conv_selective_scan_fwd.register_fake
+def _(x, conv_weight, conv_bias, delta, A, B, C, D, z, delta_bias, delta_softplus, silu,
+      initial_state):
+    b, d, _ = x.shape
+    return x.new_empty(x.shape), x.new_empty((b, d, A.shape[1]), dtype=_F32)
+
+
+@torch.library.custom_op("mamba_attention::conv_selective_scan_bwd", mutates_args=())
+def conv_selective_scan_bwd(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    silu: bool,
+    initial_state: Optional[Tensor],
+    dout: Tensor,
+    dlast_state: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor]:
+    act = _act_name(silu)
+    u = _core.causal_conv1d_fwd(x, conv_weight, conv_bias, None, False, act)
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit = _core.selective_scan_bwd(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, dout, dlast_state
+    )
+    del u
+    dx, dw, db, _ = _core.causal_conv1d_bwd(x, conv_weight, conv_bias, None, du, None, act)
+    grads = (dx, dw, db, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit)
+    return tuple(x.new_empty((0,)) if g is None else g for g in grads)
+
+
+@conv_selective_scan_bwd.register_fake
+def _(x, conv_weight, conv_bias, delta, A, B, C, D, z, delta_bias, delta_softplus, silu,
+      initial_state, dout, dlast_state):
+    def like(t, dtype=_F32):
+        return x.new_empty((0,)) if t is None else t.new_empty(t.shape, dtype=dtype)
+
+    return (
+        x.new_empty(x.shape),
+        like(conv_weight),
+        like(conv_bias),
+        x.new_empty(x.shape),
+        like(A),
+        like(B),
+        like(C),
+        like(D),
+        like(z, z.dtype if z is not None else None),
+        like(delta_bias),
+        like(initial_state),
+    )
+
+
+def _conv_scan_setup(ctx, inputs, output):
+    (x, conv_weight, conv_bias, delta, A, B, C, D, z, delta_bias, delta_softplus, silu,
+     initial_state) = inputs
+    ctx.save_for_backward(x, conv_weight, conv_bias, delta, A, B, C, D, z, delta_bias,
+                          initial_state)
+    ctx.flags = (delta_softplus, silu)
+
+
+def _conv_scan_backward(ctx, dout, dlast_state):
+    x, conv_weight, conv_bias, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
+    delta_softplus, silu = ctx.flags
+    if dout is None:  # only last_state was used
+        dout = x.new_zeros(x.shape)
+    grads = torch.ops.mamba_attention.conv_selective_scan_bwd(
+        x, conv_weight, conv_bias, delta, A, B, C, D, z, delta_bias, delta_softplus, silu,
+        initial_state, dout, dlast_state,
+    )
+    inputs = (x, conv_weight, conv_bias, delta, A, B, C, D, z, delta_bias, initial_state)
+    (dx, dw, db, ddelta, dA, dB, dC, dD, dz, ddb, dinit) = (
+        None if t is None else g.to(t.dtype) for t, g in zip(inputs, grads)
+    )
+    return dx, dw, db, ddelta, dA, dB, dC, dD, dz, ddb, None, None, dinit
+
+
+conv_selective_scan_fwd.register_autograd(_conv_scan_backward, setup_context=_conv_scan_setup)
+
+
+def conv_selective_scan(
+    x,
+    conv_weight,
+    conv_bias,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    activation="silu",
+    return_last_state=False,
+    initial_state=None,
+):
+    """``conv_selective_scan_fn`` for torch tensors through the differentiable custom op."""
+    out, last_state = torch.ops.mamba_attention.conv_selective_scan_fwd(
+        x, conv_weight, conv_bias, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+        _parse_act(activation), initial_state,
+    )
+    return (out, last_state) if return_last_state else out

@@ -305,7 +305,7 @@ def workloads() -> List[Workload]:
         _mamba_layer_workload("GM1", "cuda", b=4, d_model=2048, l=4096, dtype="bfloat16"),
         _scan_fwd_bwd_workload("G2", "cuda", b=8, d=2048, n=16, l=2048, g=1, dtype="bfloat16"),
         _conv_workload("G4", "cuda", b=8, d=4096, l=2048, w=4, dtype="bfloat16"),
-    ] + hybrid_workloads()
+    ] + hybrid_workloads() + conv_scan_workloads()
 
 
 # --------------------------------------------------------------------------
@@ -1477,4 +1477,135 @@ def attention_bwd_workloads() -> List[Workload]:
     return [
         _attn_fwd_bwd_workload("G6b", b=4, s=8192, hq=32, hk=32, hd=128, causal=True),
         _attn_fwd_bwd_workload("G8b", b=2, s=16384, hq=32, hk=8, hd=128, causal=True, window=2048),
+    ]
+
+
+# --------------------------------------------------------------------------
+# CF1 / GF1: fused causal conv1d + selective scan (issue 5, item 3)
+# --------------------------------------------------------------------------
+
+
+def _conv_scan_workload(wid, device, b, d, n, l, w=4, g=1, dtype="float32", backward=False):
+    """conv_selective_scan_fn (the conv + SiLU fused into the scan) against the unfused
+    pair causal_conv1d_fn → selective_scan_fn on the same inputs: x, delta, z, B, C in
+    ``dtype``; conv weight / bias, A, D, delta_bias float32; z, D, Δbias, softplus.
+    ``backward``: forward + backward (gradients of every input) through autograd; each
+    call returns (out, dx, ddelta, dconv_weight). The ratio is unfused ms / fused ms."""
+    main = {k: dtype for k in ("x", "delta", "z", "B", "C")}
+    names = ("x", "conv_weight", "conv_bias", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+    def setup():
+        from . import ops
+
+        ins, is_torch = _make_inputs(
+            device,
+            seed=4,
+            dtypes=main,
+            x=lambda r: r.standard_normal((b, d, l)),
+            conv_weight=lambda r: r.standard_normal((d, w)) / math.sqrt(w),
+            conv_bias=lambda r: r.standard_normal(d) * 0.3,
+            delta=lambda r: r.standard_normal((b, d, l)) * 0.5 - 2.0,
+            A=lambda r: -np.tile(np.arange(1, n + 1, dtype=np.float64), (d, 1)),
+            B=lambda r: r.standard_normal((b, g, n, l)),
+            C=lambda r: r.standard_normal((b, g, n, l)),
+            D=lambda r: r.standard_normal(d),
+            z=lambda r: r.standard_normal((b, d, l)),
+            delta_bias=lambda r: r.uniform(-4.0, -1.0, d),
+        )
+        kw = dict(delta_softplus=True)
+
+        def fused(a):
+            return ops.conv_selective_scan_fn(**a, activation="silu", **kw)
+
+        def unfused(a):
+            u = ops.causal_conv1d_fn(a["x"], a["conv_weight"], a["conv_bias"], activation="silu")
+            rest = {k: v for k, v in a.items() if k not in ("x", "conv_weight", "conv_bias")}
+            return ops.selective_scan_fn(u, **rest, **kw)
+
+        if not backward:
+            return {"ours": lambda: fused(ins), "unfused conv1d + scan": lambda: unfused(ins)}
+        import torch
+
+        leaves = {k: v.detach().requires_grad_() for k, v in ins.items()}
+        gen = torch.Generator().manual_seed(5)
+        dout = torch.randn(b, d, l, generator=gen).to(device=device, dtype=ins["x"].dtype)
+        want = [leaves[k] for k in ("x", "delta", "conv_weight")]
+
+        def run(fn):
+            out = fn(leaves)
+            grads = torch.autograd.grad(out, want, dout)
+            return (out.detach(),) + tuple(grads)
+
+        assert is_torch
+        return {"ours": lambda: run(fused), "unfused conv1d + scan": lambda: run(unfused)}
+
+    what = "fwd+bwd" if backward else "fwd"
+    m = REFERENCE_MACHINES[device]
+    if backward:
+        exps = 3 * b * d * l * n
+        nbytes = _ITEMSIZE[dtype] * 13 * b * d * l  # the scan's 11 + x read twice
+    else:
+        exps = b * d * l * n
+        nbytes = _ITEMSIZE[dtype] * (4 * b * d * l + 2 * b * g * n * l)  # x, delta, z, out, B, C
+    return Workload(
+        id=wid,
+        device=device,
+        description=f"conv_selective_scan_fn {what} {dtype} b{b} d{d} n{n} l{l} g{g} conv w{w}, "
+        "bias silu, z D Δbias softplus (peer: the unfused pair)",
+        setup=setup,
+        floor_ms=1e3 * max(exps / m["exp_per_s"], nbytes / m["mem_bytes_per_s"]),
+        floor_note=("H100 estimate: " if device == "cuda" else "")
+        + "max(exp(Δ·A) count / exp rate, (b, d, l) tensors read + written / bandwidth)",
+        rtol=_DTYPE_RTOL[dtype],
+    )
+
+
+def _mamba_fused_workload(wid, device, b, d_model, l, dtype="float32"):
+    """nn.Mamba fwd+bwd with ``fused_conv_scan`` on (ours) against off (the peer), the
+    same layer and inputs; each call returns (out, d input, d in_proj.weight, d A_log)."""
+
+    def setup():
+        import torch
+
+        from .nn import Mamba
+
+        tdt = getattr(torch, dtype)
+        torch.manual_seed(0)
+        layer = Mamba(d_model, device=device, dtype=tdt)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(b, l, d_model, generator=gen).to(device=device, dtype=tdt)
+        gout = torch.randn(b, l, d_model, generator=gen).to(device=device, dtype=tdt)
+
+        def step(fused):
+            def call():
+                layer.fused_conv_scan = fused
+                xi = x.detach().requires_grad_()
+                for p in layer.parameters():
+                    p.grad = None
+                out = layer(xi)
+                out.backward(gout)
+                return out.detach(), xi.grad, layer.in_proj.weight.grad, layer.A_log.grad
+
+            return call
+
+        return {"ours": step(True), "unfused layer": step(False)}
+
+    return Workload(
+        id=wid,
+        device=device,
+        description=f"nn.Mamba fwd+bwd {dtype} b{b} d_model{d_model} l{l}, fused_conv_scan "
+        "on (ours) vs off (peer)",
+        setup=setup,
+        rtol={"float32": RTOL, "float16": 2e-2, "bfloat16": 5e-2}[dtype],
+    )
+
+
+def conv_scan_workloads() -> List[Workload]:
+    return [
+        _conv_scan_workload("CF1", "cpu", b=1, d=1536, n=16, l=2048, w=4),
+        _conv_scan_workload("GF1", "cuda", b=8, d=2048, n=16, l=2048, w=4, dtype="bfloat16"),
+        _conv_scan_workload("GF1-bwd", "cuda", b=8, d=2048, n=16, l=2048, w=4, dtype="bfloat16",
+                            backward=True),
+        _mamba_fused_workload("CM1-fused", "cpu", b=1, d_model=256, l=1024),
+        _mamba_fused_workload("GM1-fused", "cuda", b=4, d_model=2048, l=4096, dtype="bfloat16"),
     ]

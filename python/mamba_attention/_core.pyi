@@ -323,3 +323,21 @@ def selective_scan_fwd_ck(
     """CPU training forward of selective_scan_fn: (out, last_state, checkpoints),
     checkpoints float32 (b, d, ceil(l / chunk), n) = the states before every chunk
     steps (chunk 16, more for very large problems), for selective_scan_bwd."""
+
+def conv_selective_scan_fwd(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    activation: Optional[str] = None,
+    return_last_state: bool = False,
+    initial_state: Optional[Tensor] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Fused causal conv1d (+ SiLU with activation="silu"/"swish") and selective scan: selective_scan_fwd(causal_conv1d_fwd(x, conv_weight, conv_bias, activation=activation), delta, A, B, C, ...) without the conv's output in memory (x is (b, d, l), conv_weight (d, w) with 2 <= w <= 8, conv_bias (d,) or None; no conv initial/final states). out (b, d, l) in x's dtype, and with return_last_state (out, last_state (b, d, n) float32)."""

@@ -601,3 +601,89 @@ __all__ += [
     "flash_attn_with_kvcache",
     "sliding_window_attention",
 ]
+
+
+# ------------------------------------------------- fused causal conv1d + selective scan
+
+
+def conv_selective_scan_fn(
+    x,
+    conv_weight,
+    conv_bias,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    activation="silu",
+    return_last_state=False,
+    initial_state=None,
+):
+    """The causal depthwise conv1d and the selective scan in one pass::
+
+        conv_selective_scan_fn(x, conv_weight, conv_bias, delta, A, B, C, ...)
+            == selective_scan_fn(causal_conv1d_fn(x, conv_weight, conv_bias,
+                                                  activation=activation),
+                                 delta, A, B, C, ...)
+
+    with the conv's output u never written to memory: the scan forms it as it
+    reads x (CPU: per tile of 64 steps in L1; CUDA: in the scan kernel's
+    registers). u is rounded to x's dtype where the unfused pair stores it:
+    on the CPU the result is the composition's, bit for bit; on CUDA the
+    conv's SiLU is the scan kernel's fast one (ex2.approx and a fast divide,
+    ~2 ulp), so the result equals the composition's to float32 rounding of u.
+    CPU and CUDA; NumPy arrays and torch tensors.
+
+    Shapes: ``x``, ``delta``, ``z``: (b, d, l) (x takes the scan's u place:
+    same dtype as delta); ``conv_weight`` (d, w) with 2 ≤ w ≤ 8 (any float
+    dtype); ``conv_bias`` (d,) or None; ``activation``: ``"silu"`` (the
+    default, Mamba's) / ``"swish"`` or None (identity); the rest as
+    :func:`selective_scan_fn` (``A`` (d, n); ``B``, ``C`` (d, n), (b, n, l) or
+    (b, g, n, l); ``D``, ``delta_bias`` (d,); ``initial_state`` (b, d, n)).
+
+    Not supported (use the two ops apart): the conv's ``initial_states`` /
+    ``return_final_states`` (the conv starts from zeros; Mamba's decoding path
+    keeps the unfused ops for its conv state).
+
+    Returns ``out`` (b, d, l) in x's dtype, and with ``return_last_state``
+    also the scan's ``last_state`` (b, d, n) float32.
+
+    Differentiable (torch tensors that require grad, and
+    ``torch.compile(fullgraph=True)``) in x, conv_weight, conv_bias, delta,
+    A, B, C, D, z, delta_bias and initial_state, through the custom ops
+    ``mamba_attention::conv_selective_scan_fwd`` / ``_bwd``. The backward
+    recomputes u with the conv kernel (it is not saved), runs the scan's
+    backward for du and the other gradients, then the conv's backward (SiLU'
+    included) for dx, dconv_weight, dconv_bias.
+    """
+    if _needs_autograd(
+        x, (x, conv_weight, conv_bias, delta, A, B, C, D, z, delta_bias, initial_state)
+    ):
+        from ._autograd import conv_selective_scan
+
+        return conv_selective_scan(
+            x, conv_weight, conv_bias, delta, A, B, C, D, z, delta_bias, delta_softplus,
+            activation, return_last_state, initial_state,
+        )
+    return _core.conv_selective_scan_fwd(
+        x,
+        conv_weight,
+        conv_bias,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        bool(delta_softplus),
+        activation,
+        bool(return_last_state),
+        initial_state,
+    )
+
+
+__all__ += ["conv_selective_scan_fn"]

@@ -634,6 +634,126 @@ unsafe fn recur_dyn<S: Simd, const BV: bool, const CV: bool>(tl: &Tiles, n: usiz
     }
 }
 
+// ------------------------------------------------------------ hooks for fused callers
+//
+// cpu::conv_scan (conv_selective_scan_fn) runs this scan with u made per tile
+// by the conv instead of loaded: it reuses the pieces below through these
+// wrappers (additions only; the scan itself does not use them).
+
+/// Time steps per tile of the scan.
+pub(crate) const TILE_T: usize = T;
+
+pub(crate) fn outer_chunk_of(job: &ScanJob) -> usize {
+    outer_chunk(job)
+}
+
+pub(crate) fn transpose_bc_chunk(
+    src: &BcSrc,
+    b: usize,
+    n: usize,
+    t0: usize,
+    lc: usize,
+    dst: &mut Vec<f32>,
+) {
+    transpose_bc(src, b, n, t0, lc, dst)
+}
+
+/// `load_tile`: rows [c0, c0+len) × [t, t+tt) of a (b, d, l) tensor into a
+/// [tt][lanes] float32 tile (lanes ≥ len zero).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn load_tile_hook<S: Simd>(
+    raw: &Raw<3>,
+    bi: usize,
+    c0: usize,
+    len: usize,
+    t: usize,
+    tt: usize,
+    lanes: usize,
+    tile: &mut [f32],
+) {
+    load_tile::<S>(raw, bi, c0, len, t, tt, lanes, tile)
+}
+
+/// `store_tile`: the inverse of `load_tile_hook` (lanes ≥ len not written).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn store_tile_hook<S: Simd>(
+    raw: &Raw<3>,
+    bi: usize,
+    c0: usize,
+    len: usize,
+    t: usize,
+    tt: usize,
+    lanes: usize,
+    tile: &[f32],
+) {
+    store_tile::<S>(raw, bi, c0, len, t, tt, lanes, tile)
+}
+
+/// `lane_table`: [n][lanes] from a per-channel [d][n] matrix, scaled.
+#[inline(always)]
+pub(crate) fn lane_table_hook(
+    m: &[f32],
+    n: usize,
+    c0: usize,
+    len: usize,
+    lanes: usize,
+    scale: f32,
+    dst: &mut [f32],
+) {
+    lane_table(m, n, c0, len, lanes, scale, dst)
+}
+
+/// `lane_vec`: a per-lane vector from a per-channel slice (`fill` elsewhere).
+#[inline(always)]
+pub(crate) fn lane_vec_hook(
+    src: Option<&Vec<f32>>,
+    c0: usize,
+    len: usize,
+    fill: f32,
+) -> [f32; MAX_LANES] {
+    lane_vec(src, c0, len, fill)
+}
+
+/// The recurrence over one tile: u, dt (Δ after bias/softplus) and y are
+/// [tt][lanes] tiles, a2 = A·log2 e as [n][lanes], bp / cp time-varying
+/// [t][n] (bvar / cvar) or constant [n][lanes], h the state [n][MAX_LANES].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn recur_tile_hook<S: Simd>(
+    u: *const f32,
+    dt: *const f32,
+    y: *mut f32,
+    a2: *const f32,
+    bp: *const f32,
+    cp: *const f32,
+    h: *mut f32,
+    tt: usize,
+    n: usize,
+    bvar: bool,
+    cvar: bool,
+) {
+    let tiles = Tiles {
+        u,
+        dt,
+        y,
+        a2,
+        bp,
+        cp,
+        h,
+        tt,
+    };
+    match (n, bvar, cvar) {
+        (16, true, true) => recur16::<S, true, true>(&tiles),
+        (16, false, false) => recur16::<S, false, false>(&tiles),
+        (_, true, true) => recur_dyn::<S, true, true>(&tiles, n),
+        (_, true, false) => recur_dyn::<S, true, false>(&tiles, n),
+        (_, false, true) => recur_dyn::<S, false, true>(&tiles, n),
+        (_, false, false) => recur_dyn::<S, false, false>(&tiles, n),
+    }
+}
+
 // ------------------------------------------------------------ state update
 
 /// A validated one-step state update (built by `ops::scan`).

@@ -7,6 +7,7 @@ pub mod attention;
 pub mod attention_bwd;
 pub mod cache;
 pub mod conv1d;
+pub mod conv_scan;
 pub mod hidden_attention;
 pub mod norm;
 pub mod nvrtc;

@@ -105,7 +105,7 @@ pub fn step_bc(t: &TensorView) -> (Tensor4, i32) {
     }
 }
 
-fn suffix(d: DType) -> &'static str {
+pub(crate) fn suffix(d: DType) -> &'static str {
     match d {
         DType::F16 => "f16",
         DType::BF16 => "bf16",
@@ -114,7 +114,7 @@ fn suffix(d: DType) -> &'static str {
 }
 
 /// The batch is the grid's y dimension.
-fn check_batch(b: i32) -> Result<()> {
+pub(crate) fn check_batch(b: i32) -> Result<()> {
     if b > 65535 {
         return Err(crate::error::Error::value(format!(
             "u: the batch size b = {b} exceeds 65535, the CUDA kernels' limit"
@@ -124,13 +124,13 @@ fn check_batch(b: i32) -> Result<()> {
 }
 
 /// Threads per block of every scan kernel (kernels/selective_scan_fwd.cu).
-const SCAN_THREADS: u32 = 128;
+pub(crate) const SCAN_THREADS: u32 = 128;
 /// Lanes per channel of the fast forward kernel (SCAN_FAST_P in the kernel).
-const SCAN_FAST_P: u32 = 2;
+pub(crate) const SCAN_FAST_P: u32 = 2;
 
 /// Whether the fast forward kernel applies: n ≤ 16, B and C time-varying,
 /// and no block of 128 / SCAN_FAST_P channels straddles a B or C group.
-fn fast_forward(p: &ScanFwdParams) -> bool {
+pub(crate) fn fast_forward(p: &ScanFwdParams) -> bool {
     let per_block = (SCAN_THREADS / SCAN_FAST_P) as i32;
     let fits = |g: i32| g >= 1 && (g == 1 || (p.d / g) % per_block == 0);
     p.n >= 1 && p.n <= 16 && fits(p.groups_b) && fits(p.groups_c)
@@ -138,7 +138,7 @@ fn fast_forward(p: &ScanFwdParams) -> bool {
 
 /// Smallest power of two ≥ ceil(n / 16): lanes per channel in the general
 /// scan and the state update (1 for n ≤ 16, … 16 for n ≤ 256).
-fn lanes_per_channel(n: i32) -> u32 {
+pub(crate) fn lanes_per_channel(n: i32) -> u32 {
     ((n.max(1) as u32).div_ceil(16)).next_power_of_two().min(32)
 }
 

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod attention_bwd_cuda;
 pub mod attention_cuda;
 pub mod conv1d;
+pub mod conv_scan;
 pub mod hidden_attention;
 pub mod norm;
 pub mod rotary;

@@ -30,6 +30,7 @@ from torch import Tensor
 from ..ops import (
     causal_conv1d_fn,
     causal_conv1d_update,
+    conv_selective_scan_fn,
     selective_scan_fn,
     selective_state_update,
 )
@@ -66,7 +67,19 @@ class Mamba(nn.Module):
     ``ssm_state`` (b, d_inner, d_state) in float32 (the state update kernel's
     contract; mamba_ssm uses dt_proj's dtype). :meth:`step` also accepts an
     ``ssm_state`` of another dtype (it is updated through a float32 copy).
+
+    ``fused_conv_scan`` (a class attribute, settable per instance): without
+    ``inference_params``, the scan takes x before the conv and runs the conv
+    itself (:func:`~mamba_attention.ops.conv_selective_scan_fn`) instead of
+    reading the conv's output; the results are the same (bit for bit on the
+    CPU, to float32 rounding of the conv's SiLU on CUDA).
+    x_proj still needs the conv's output (Δ, B and C are computed from it), so
+    the conv also runs once on its own: the fusion saves no memory traffic in
+    this layer, and its backward runs the conv backward twice.
     """
+
+    #: Use conv_selective_scan_fn in forward() when no inference_params are given.
+    fused_conv_scan = False
 
     def __init__(
         self,
@@ -228,6 +241,22 @@ class Mamba(nn.Module):
             xc = causal_conv1d_fn(x, weight, bias, activation="silu")
 
         delta, B, C = self._ssm_params(xc)
+        if self.fused_conv_scan and inference_params is None:
+            # The scan recomputes xc from x (xc is not read back).
+            y = conv_selective_scan_fn(
+                x,
+                weight,
+                bias,
+                delta,
+                self._A(),
+                B,
+                C,
+                self.D.float(),
+                z=z,
+                delta_bias=self.dt_proj.bias.float(),
+                delta_softplus=True,
+            )
+            return F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
         y = selective_scan_fn(
             xc,
             delta,

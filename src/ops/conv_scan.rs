@@ -1,0 +1,223 @@
+//! `conv_selective_scan_fn`: the causal depthwise conv1d (+ SiLU) and the
+//! selective scan in one pass, = `selective_scan_fn(causal_conv1d_fn(x,
+//! weight, bias, activation=…), delta, A, B, C, D, z, …)` without the conv's
+//! output in memory. Argument checking is the two ops' own (x is the scan's
+//! u); the plans are theirs plus the conv's taps.
+
+use crate::cpu::conv_scan::ConvScanJob;
+use crate::cuda::conv_scan::ConvScanFwdParams;
+use crate::error::Result;
+use crate::ops::conv1d::{check_conv, ConvArgs};
+use crate::ops::scan::{check_scan, plan_scan, plan_scan_cuda, ScanArgs, ScanDims};
+use crate::tensor::TensorView;
+
+/// Validates every argument (the conv's on x / weight / bias, the scan's
+/// with u = x); returns the scan's sizes and the conv width.
+pub fn check_conv_scan(
+    a: &ScanArgs,
+    weight: &TensorView,
+    bias: Option<&TensorView>,
+) -> Result<(ScanDims, usize)> {
+    let (_, _, _, w) = check_conv(&ConvArgs {
+        x: a.u,
+        weight,
+        bias,
+        initial_states: None,
+    })?;
+    let dims = check_scan(a)?;
+    Ok((dims, w))
+}
+
+/// The CPU plan.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_conv_scan(
+    a: &ScanArgs,
+    dims: ScanDims,
+    w: usize,
+    weight: &TensorView,
+    bias: Option<&TensorView>,
+    silu: bool,
+    softplus: bool,
+    out: &TensorView,
+    last: Option<&TensorView>,
+) -> ConvScanJob {
+    ConvScanJob {
+        scan: plan_scan(a, dims, softplus, out, last),
+        w,
+        weight: weight.to_f32_vec(),
+        bias: bias.map(|t| t.to_f32_vec()),
+        silu,
+    }
+}
+
+/// The CUDA kernel's parameters.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_conv_scan_cuda(
+    a: &ScanArgs,
+    dims: ScanDims,
+    w: usize,
+    weight: &TensorView,
+    bias: Option<&TensorView>,
+    silu: bool,
+    softplus: bool,
+    out: &TensorView,
+    last: Option<&TensorView>,
+) -> ConvScanFwdParams {
+    use crate::cuda::scan::Tensor4;
+    ConvScanFwdParams {
+        s: plan_scan_cuda(a, dims, softplus, out, last),
+        weight: Tensor4::of(weight),
+        bias: Tensor4::opt(bias),
+        w: w as i32,
+        silu: silu as i32,
+        _pad0: 0,
+        _pad1: 0,
+    }
+}
+
+#[cfg(feature = "python")]
+pub use py::register;
+
+#[cfg(feature = "python")]
+mod py {
+    use super::*;
+    use crate::cpu::conv_scan::conv_scan_forward;
+    use crate::cpu::SimdLevel;
+    use crate::error::{catch_panic, Error};
+    use crate::ops::conv1d::parse_activation;
+    use crate::ops::scan::check_backend;
+    use crate::tensor::{alloc, current_stream, extract, extract_opt, DType, Device};
+    use pyo3::prelude::*;
+    use pyo3::types::{PyString, PyTuple};
+
+    /// `activation` read by hand, so that a non-string names the argument.
+    fn activation_arg(a: Option<&Bound<'_, PyAny>>) -> Result<bool> {
+        match a {
+            None => Ok(false),
+            Some(o) if o.is_none() => Ok(false),
+            Some(o) => match o.cast::<PyString>() {
+                Ok(s) => parse_activation(Some(&s.to_string_lossy())),
+                Err(_) => Err(Error::type_(format!(
+                    "activation: expected None, \"silu\" or \"swish\", got an object of type {}",
+                    o.get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|_| "?".into())
+                ))),
+            },
+        }
+    }
+
+    /// Fused causal conv1d + selective scan forward; see
+    /// `mamba_attention.ops.conv_selective_scan_fn`.
+    #[pyfunction]
+    #[pyo3(signature = (x, conv_weight, conv_bias, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=false, activation=None, return_last_state=false, initial_state=None))]
+    #[allow(non_snake_case, clippy::too_many_arguments)]
+    fn conv_selective_scan_fwd<'py>(
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        conv_weight: &Bound<'py, PyAny>,
+        conv_bias: Option<&Bound<'py, PyAny>>,
+        delta: &Bound<'py, PyAny>,
+        A: &Bound<'py, PyAny>,
+        B: &Bound<'py, PyAny>,
+        C: &Bound<'py, PyAny>,
+        D: Option<&Bound<'py, PyAny>>,
+        z: Option<&Bound<'py, PyAny>>,
+        delta_bias: Option<&Bound<'py, PyAny>>,
+        delta_softplus: bool,
+        activation: Option<&Bound<'py, PyAny>>,
+        return_last_state: bool,
+        initial_state: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let silu = activation_arg(activation)?;
+        let xv = extract("x", x)?;
+        let wv = extract("conv_weight", conv_weight)?;
+        let cbv = extract_opt("conv_bias", conv_bias)?;
+        let dv = extract("delta", delta)?;
+        let av = extract("A", A)?;
+        let bv = extract("B", B)?;
+        let cv = extract("C", C)?;
+        let dsk = extract_opt("D", D)?;
+        let zv = extract_opt("z", z)?;
+        let bias = extract_opt("delta_bias", delta_bias)?;
+        let init = extract_opt("initial_state", initial_state)?;
+        let args = ScanArgs {
+            u: &xv,
+            delta: &dv,
+            a: &av,
+            b: &bv,
+            c: &cv,
+            d: dsk.as_ref(),
+            z: zv.as_ref(),
+            delta_bias: bias.as_ref(),
+            initial_state: init.as_ref(),
+        };
+        check_backend(&xv)?;
+        let (dims, w) = check_conv_scan(&args, &wv, cbv.as_ref())?;
+        let (out_obj, out) = alloc("out", x, &xv, &[dims.b, dims.d, dims.l], None)?;
+        let last = if return_last_state {
+            Some(alloc(
+                "last_state",
+                x,
+                &xv,
+                &[dims.b, dims.d, dims.n],
+                Some(DType::F32),
+            )?)
+        } else {
+            None
+        };
+        let last_v = last.as_ref().map(|l| &l.1);
+        match xv.device {
+            Device::Cpu => {
+                let level = SimdLevel::current()?;
+                let job = plan_conv_scan(
+                    &args,
+                    dims,
+                    w,
+                    &wv,
+                    cbv.as_ref(),
+                    silu,
+                    delta_softplus,
+                    &out,
+                    last_v,
+                );
+                py.detach(|| {
+                    catch_panic("conv_selective_scan_fn", || {
+                        conv_scan_forward(&job, level);
+                        Ok(())
+                    })
+                })?;
+            }
+            Device::Cuda(ord) => {
+                let stream = current_stream(py, ord)?;
+                let p = plan_conv_scan_cuda(
+                    &args,
+                    dims,
+                    w,
+                    &wv,
+                    cbv.as_ref(),
+                    silu,
+                    delta_softplus,
+                    &out,
+                    last_v,
+                );
+                let dt = xv.dtype;
+                py.detach(|| {
+                    catch_panic("conv_selective_scan_fn", || {
+                        crate::cuda::conv_scan::conv_scan_forward(ord, stream, &p, dt)
+                    })
+                })?;
+            }
+        }
+        match last {
+            Some((lo, _)) => Ok(PyTuple::new(py, [out_obj, lo])?.into_any()),
+            None => Ok(out_obj),
+        }
+    }
+
+    pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_function(wrap_pyfunction!(conv_selective_scan_fwd, m)?)?;
+        Ok(())
+    }
+}
