@@ -59,67 +59,7 @@ struct FlashFwdParams {
 
 namespace fa {
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned r;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-    return r;
-}
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-                 "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-// On 32-bit shared-memory addresses: callers add compile-time byte offsets to a
-// per-lane base computed once, which ptxas folds into the instruction.
-__device__ __forceinline__ void ldsm_x4_a(unsigned (&r)[4], unsigned addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_t_a(unsigned (&r)[4], unsigned addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-template <int DT> struct Mma;
-template <> struct Mma<DT_BF16> {
-    static __device__ __forceinline__ void run(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-            "{%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    // Two floats as one register: lo in the low half.
-    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
-        unsigned w;
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
-        return w;
-    }
-};
-template <> struct Mma<DT_F16> {
-    static __device__ __forceinline__ void run(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-            "{%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
-        unsigned w;
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
-        return w;
-    }
-};
-
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
+using namespace tc;
 
 // Loads ROWS rows of HD columns starting at row `row0` of `g` (row stride
 // `rs` elements) into `s` (row stride HD + 8). Rows at or past `nvalid`,
@@ -209,13 +149,13 @@ __device__ __forceinline__ void qk_tile(float (&s)[MT][BN / 8][4], const unsigne
 #pragma unroll
                 for (int e = 0; e < 4; ++e) a[mt][e] = qf[mt][QREG ? kk : 0][e];
             } else {
-                ldsm_x4_a(a[mt], qaddr + mt * 16 * RSB + kk * 32);
+                ldsm_x4(a[mt], qaddr + mt * 16 * RSB + kk * 32);
             }
         }
 #pragma unroll
         for (int np = 0; np < BN / 16; ++np) {
             unsigned b[4];
-            ldsm_x4_a(b, kaddr + np * 16 * RSB + kk * 32);
+            ldsm_x4(b, kaddr + np * 16 * RSB + kk * 32);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 Mma<DT>::run(s[mt][2 * np], a[mt], b[0], b[1]);
@@ -304,7 +244,7 @@ __device__ __forceinline__ void softmax_pv(float (&s)[MT][BN / 8][4], unsigned v
 #pragma unroll
         for (int np = 0; np < HD / 16; ++np) {
             unsigned b[4];
-            ldsm_x4_t_a(b, vaddr + kk * 16 * RSB + np * 32);
+            ldsm_x4_t(b, vaddr + kk * 16 * RSB + np * 32);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 Mma<DT>::run(o[mt][2 * np], a[mt], b[0], b[1]);
@@ -392,7 +332,7 @@ __device__ __forceinline__ void main_loop(const FlashFwdParams& p, const Ctx& c,
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int kk = 0; kk < (QREG ? HD / 16 : 0); ++kk)
-                ldsm_x4_a(qf[mt][kk], qaddr + (mt * 16 * RS + kk * 16) * 2);
+                ldsm_x4(qf[mt][kk], qaddr + (mt * 16 * RS + kk * 16) * 2);
     }
     float sa[MT][BN / 8][4], sb[MT][BN / 8][4];
     qk_tile<DT, HD, MT, BN, QREG>(sa, qf, qaddr, kaddr0);
