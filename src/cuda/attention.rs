@@ -211,6 +211,10 @@ pub fn flash_fwd(
             p.b, p.hq
         )));
     }
+    // sm_90: the wgmma kernel where it covers the call (attention_wgmma.rs).
+    if let Some(r) = super::attention_wgmma::try_flash_fwd(ordinal, stream, p, dtype, max_sq) {
+        return r;
+    }
     let cfg = choose_config(ordinal, p.hd)?;
     let dt = suffix(dtype)?;
     let name = format!("flash_fwd_{dt}_{}", cfg.tag());

@@ -1,5 +1,5 @@
 //! On-disk cache of compiled kernels, keyed by source hash + arch + NVRTC
-//! version: `<dir>/<module>-<fnv64 of source>-sm<XY>-nvrtc<M>.<m>.cubin`.
+//! version: `<dir>/<module>-<fnv64 of source>-sm<XY>[a]-nvrtc<M>.<m>.cubin`.
 //!
 //! Safe under concurrent first use by several processes: each writes its own
 //! temporary file and renames it into place (atomic on POSIX), so a reader sees
@@ -43,7 +43,9 @@ pub fn fnv64(s: &str) -> u64 {
 }
 
 fn stem(module: &str, src: &str, arch: (i32, i32)) -> String {
-    format!("{module}-{:016x}-sm{}{}", fnv64(src), arch.0, arch.1)
+    // The target NVRTC compiles for: "sm90", or "sm90a" for an arch-specific source.
+    let target = super::nvrtc::target_name(src, arch).replace('_', "");
+    format!("{module}-{:016x}-{target}", fnv64(src))
 }
 
 fn path(module: &str, src: &str, arch: (i32, i32), version: (i32, i32)) -> PathBuf {

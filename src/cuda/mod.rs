@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod attention_bwd;
+pub mod attention_wgmma;
 pub mod cache;
 pub mod conv1d;
 pub mod conv_scan;
@@ -195,6 +196,20 @@ pub const SOURCES: &[(&str, &str)] = &[
         concat!(
             "#define FAB_MODULE 1\n#define FAB_ONLY_DT DT_F16\n#define FAB_ONLY_HD 256\n",
             include_str!("../../kernels/flash_attn_bwd.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_wgmma_bf16_hd128",
+        concat!(
+            "#define FAW_ONLY_DT DT_BF16\n",
+            include_str!("../../kernels/flash_attn_fwd_wgmma.cu")
+        ),
+    ),
+    (
+        "flash_attn_fwd_wgmma_f16_hd128",
+        concat!(
+            "#define FAW_ONLY_DT DT_F16\n",
+            include_str!("../../kernels/flash_attn_fwd_wgmma.cu")
         ),
     ),
 ];

@@ -26,6 +26,25 @@ type FnDestroy = unsafe extern "C" fn(*mut Prog) -> c_int;
 type FnVersion = unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int;
 type FnErr = unsafe extern "C" fn(c_int) -> *const c_char;
 
+/// A kernel source containing this marker (in a comment) asks for the
+/// architecture-specific target on a compute capability 9.0 device: `sm_90a`,
+/// which has wgmma and setmaxnreg (a cubin for it loads only on 9.0 devices).
+/// On every other architecture it compiles for the plain `sm_XY`, so such a
+/// file must guard its sm_90a code with `__CUDA_ARCH_FEAT_SM90_ALL`.
+pub const ARCH_SPECIFIC_MARKER: &str = "@nvrtc-arch-specific";
+
+/// The `--gpu-architecture` value for `src` on `arch`: `sm_90a` for a source
+/// with [`ARCH_SPECIFIC_MARKER`] on 9.0, else `sm_{major}{minor}`. The kernel
+/// disk cache keys on this name too.
+pub fn target_name(src: &str, arch: (i32, i32)) -> String {
+    let suffix = if arch == (9, 0) && src.contains(ARCH_SPECIFIC_MARKER) {
+        "a"
+    } else {
+        ""
+    };
+    format!("sm_{}{}{suffix}", arch.0, arch.1)
+}
+
 /// A loaded NVRTC.
 pub struct Nvrtc {
     _lib: libloading::Library,
@@ -148,7 +167,8 @@ impl Nvrtc {
     }
 
     /// Compiles `src` for `sm_{major}{minor}` (a real architecture, so the
-    /// result is a cubin the driver loads as is). Returns (cubin, log).
+    /// result is a cubin the driver loads as is; `sm_90a` for a source marked
+    /// arch-specific, see [`target_name`]). Returns (cubin, log).
     pub fn compile(
         &self,
         name: &str,
@@ -159,7 +179,7 @@ impl Nvrtc {
             CString::new(src).map_err(|_| "kernel source contains a NUL byte".to_string())?;
         let cname = CString::new(format!("{name}.cu")).unwrap();
         let opts: Vec<CString> = [
-            format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
+            format!("--gpu-architecture={}", target_name(src, arch)),
             "--std=c++17".into(),
             "-lineinfo".into(),
         ]
@@ -191,9 +211,8 @@ impl Nvrtc {
             if rc != 0 {
                 (self.destroy)(&mut prog);
                 return Err(format!(
-                    "NVRTC failed to compile {name}.cu for sm_{}{}: {}\n{log}",
-                    arch.0,
-                    arch.1,
+                    "NVRTC failed to compile {name}.cu for {}: {}\n{log}",
+                    target_name(src, arch),
                     self.errstr(rc)
                 ));
             }
@@ -214,5 +233,19 @@ impl Nvrtc {
             }
             Ok((bin, log))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arch_specific_target_only_on_9_0() {
+        let marked = "// @nvrtc-arch-specific\n__global__ void k() {}";
+        assert_eq!(target_name(marked, (9, 0)), "sm_90a");
+        assert_eq!(target_name(marked, (8, 0)), "sm_80");
+        assert_eq!(target_name(marked, (10, 0)), "sm_100");
+        assert_eq!(target_name("__global__ void k() {}", (9, 0)), "sm_90");
     }
 }
