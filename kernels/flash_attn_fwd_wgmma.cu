@@ -30,8 +30,8 @@
 // All 256 threads load with cp.async (zero-fill past the sequence), then
 // fence.proxy.async makes the generic-proxy writes visible to wgmma.
 // Pipeline per key tile j (K runs one tile ahead of V):
-//     barrier; cp.async K(j+1), V(j);
-//     issue S(j) = Q·K(j)ᵀ; issue O += P(j-1)·V(j-1);
+//     barrier; issue S(j) = Q·K(j)ᵀ; issue O += P(j-1)·V(j-1);
+//     cp.async K(j+1), V(j) into the other stages;
 //     wait for S(j) only; mask + online softmax of S(j) (overlaps the P·V on
 //     the tensor cores); wait for P·V; O *= alpha(j); P(j) = 16-bit(S(j)).
 // The softmax runs in log2 units with the scale folded into the exp2's FMA.
@@ -295,14 +295,16 @@ __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
         // softmax of S(j) runs while the tensor cores do P·V.
         for (int j = 1; j < n_tiles; ++j) {
             landed();  // K(j), V(j-1) landed; every warp is done with K(j-1), V(j-2)
-            if (j + 1 < n_tiles) load_tile(sK + ((j + 1) & 1) * TILE_B, kg, p.k_ss, (kb0 - j - 1) * BN, sk, tid);
-            load_tile(sV + (j & 1) * TILE_B, vg, p.v_ss, (kb0 - j) * BN, sk, tid);
-            cp_async_commit();
             wg_fence();
             qk<DT>(s, qa, sK + (j & 1) * TILE_B);
             wg_commit();
             pv<DT>(o, pa, sV + ((j - 1) & 1) * TILE_B);
             wg_commit();
+            // The next tiles' loads go out once the tensor cores have work
+            // (they fill the other stages, which no wgmma in flight reads).
+            if (j + 1 < n_tiles) load_tile(sK + ((j + 1) & 1) * TILE_B, kg, p.k_ss, (kb0 - j - 1) * BN, sk, tid);
+            load_tile(sV + (j & 1) * TILE_B, vg, p.v_ss, (kb0 - j) * BN, sk, tid);
+            cp_async_commit();
             wg_wait<1>();
             fence_regs(s);
             softmax(s, alpha, mrow, lrow, (kb0 - j) * BN, lo_all, hi_all, lo, hi, t, sl2);
