@@ -12,7 +12,7 @@ forward's MUFU softplus), so:
 * the checkpoints equal the backward's recomputation bit for bit, hence
 * du, ddelta, dz, dinitial_state from the checkpoint path equal the recompute
   path's bit for bit, and so do dA, dB, dC, dD, ddelta_bias where at most two
-  atomic adds meet in one element (b <= 2, <= 64 channels per group: 0 + x + y
+  atomic adds meet in one element (b <= 2, <= 64 channels per B and C group: 0 + x + y
   is the same in either order); with more blocks the atomics' order varies from
   run to run and those are compared to float32 rounding (rel. 1e-6);
 * the checkpoints match the float64 recurrence of SPEC §1; the gradients through
@@ -58,8 +58,9 @@ def _bwd_args(x, seed=7, dlast=True, softplus=True):
     b, d, length = x["u"].shape
     n = x["A"].shape[1]
     g = torch.Generator().manual_seed(seed)
-    dout = torch.randn(b, d, length, generator=g).to(x["u"].dtype).cuda()
-    dl = torch.randn(b, d, n, generator=g).cuda() if dlast else None
+    dev = x["u"].device
+    dout = torch.randn(b, d, length, generator=g).to(x["u"].dtype).to(dev)
+    dl = torch.randn(b, d, n, generator=g).to(dev) if dlast else None
     return (*_pos(x), softplus, x.get("initial_state"), dout, dl)
 
 
@@ -133,7 +134,9 @@ def test_backward_from_checkpoints_is_the_recompute(dtype, b, d, l, n, g, bl, cl
     args = _bwd_args(x, dlast=dlast)
     want = _core.selective_scan_bwd(*args)
     got = _core.selective_scan_bwd(*args, ck)
-    _compare(want, got, exact_all=b <= 2 and d // g <= 64)
+    # channels per B / C group: at most two blocks of 32 -> at most two atomics meet
+    cpg = max(d if lay == "shared" else d // g for lay in (bl, cl))
+    _compare(want, got, exact_all=b <= 2 and cpg <= 64)
 
 
 def test_backward_from_checkpoints_options_and_layouts():
@@ -168,7 +171,8 @@ def test_no_checkpoints_where_the_fast_backward_does_not_run(bl, cl, n, d, g):
     fake = torch.zeros(2, d, 3, n, device="cuda")
     with pytest.raises(ValueError, match="checkpoints"):
         _core.selective_scan_bwd(*args, fake)
-    _compare(_core.selective_scan_bwd(*args), _core.selective_scan_bwd(*args, ck), True)
+    # (the warp-scan kernel runs here: its atomics meet in varying order)
+    _compare(_core.selective_scan_bwd(*args), _core.selective_scan_bwd(*args, ck), False)
 
 
 @pytest.mark.parametrize("bad,exc", [
