@@ -157,7 +157,8 @@ def test_backward_from_checkpoints_options_and_layouts():
         _compare(_core.selective_scan_bwd(*args), _core.selective_scan_bwd(*args, ck), True)
 
 
-@pytest.mark.parametrize("bl,cl,n,d,g", [("const", "shared", 16, 33, 1), ("shared", "shared", 20, 33, 1),
+@pytest.mark.parametrize("bl,cl,n,d,g", [("const", "shared", 16, 33, 1),
+                                         ("shared", "shared", 20, 33, 1),
                                          ("grouped", "grouped", 16, 32, 2)])
 def test_no_checkpoints_where_the_fast_backward_does_not_run(bl, cl, n, d, g):
     x = _inputs(b=2, d=d, l=70, n=n, g=g, B=bl, C=cl)
@@ -225,11 +226,12 @@ def test_grads_reference(dtype, l):
     check_grads(dtype, b=2, d=40, l=l, n=16, g=1, B="grouped", C="shared", **ALL_ON)
 
 
-@pytest.mark.parametrize("n,last_state,init", [(7, True, True), (3, False, True), (16, True, False)])
+@pytest.mark.parametrize("n,last_state,init",
+                         [(7, True, True), (3, False, True), (16, True, False)])
 def test_grads_reference_n_and_state(n, last_state, init):
     opts = dict(ALL_ON, initial_state=init)
-    check_grads(b=2, d=64, l=129, n=n, g=2, B="grouped", C="grouped", last_state=last_state,
-                **opts)
+    check_grads(b=2, d=64, l=129, n=n, g=2, B="grouped", C="grouped",
+                last_state=last_state, **opts)
 
 
 def test_grads_reference_general_forward_kernel():

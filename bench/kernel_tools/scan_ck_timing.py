@@ -56,7 +56,8 @@ def main():
     print(f"b{b} d{d} n{n} l{l} bf16 ck {tuple(ck.shape)} {ck.numel() * 4 / 2**20:.0f} MiB")
     for k, v in res.items():
         print(f"  {k:7s} {v:.4f} ms")
-    print(f"  fwd+bwd recompute {res['fwd'] + res['bwd']:.4f} ms, with ck {res['fwd_ck'] + res['bwd_ck']:.4f} ms")
+    print(f"  fwd+bwd recompute {res['fwd'] + res['bwd']:.4f} ms, "
+          f"with ck {res['fwd_ck'] + res['bwd_ck']:.4f} ms")
     print(f"  bitwise equal gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias): {same}")
 
 

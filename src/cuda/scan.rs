@@ -210,5 +210,13 @@ pub fn scan_forward_ck(ordinal: i32, stream: u64, p: &ScanFwdCkParams, dtype: DT
         )
     };
     let k = kernel(ordinal, "selective_scan_fwd", &name)?;
-    unsafe { k.launch((grid_x, p.s.b as u32, 1), (SCAN_THREADS, 1, 1), 0, stream, p) }
+    unsafe {
+        k.launch(
+            (grid_x, p.s.b as u32, 1),
+            (SCAN_THREADS, 1, 1),
+            0,
+            stream,
+            p,
+        )
+    }
 }

@@ -140,7 +140,11 @@ mod py {
         let f32_ = Some(DType::F32);
         if let Device::Cuda(ord) = uv.device {
             let ck_on = cuda_checkpoints(&bv, &cv, dims);
-            let nch = if ck_on { l.div_ceil(crate::cuda::scan::CK_CHUNK) } else { 0 };
+            let nch = if ck_on {
+                l.div_ceil(crate::cuda::scan::CK_CHUNK)
+            } else {
+                0
+            };
             let (out_o, out) = alloc("out", u, &uv, &[b, d, l], None)?;
             let (last_o, last) = alloc("last_state", u, &uv, &[b, d, n], f32_)?;
             let (ck_o, ck) = if ck_on {
@@ -149,9 +153,13 @@ mod py {
                 alloc("checkpoints", u, &uv, &[0], f32_)?
             };
             let stream = current_stream(py, ord)?;
-            let s = crate::ops::scan::plan_scan_cuda(&args, dims, delta_softplus, &out, Some(&last));
+            let s =
+                crate::ops::scan::plan_scan_cuda(&args, dims, delta_softplus, &out, Some(&last));
             let dt = uv.dtype;
-            let ckp = crate::cuda::scan::ScanFwdCkParams { s, ck: ck.ptr as u64 };
+            let ckp = crate::cuda::scan::ScanFwdCkParams {
+                s,
+                ck: ck.ptr as u64,
+            };
             py.detach(|| {
                 catch_panic("selective_scan_fn", || {
                     if ck_on {
