@@ -106,6 +106,11 @@ struct ScanBwdParams {
     Tensor4 u, delta, z, dout, A, B, C, D, delta_bias, initial_state, dlast;
     Tensor4 du, ddelta, dz, dA, dB, dC, dD, ddelta_bias, dinit;
     Tensor4 scratch;  // float32 (b, d, nchunks, n)
+    // 1: scratch already holds the states at the chunk starts (the training
+    // forward's checkpoints, selective_scan_fwd_ck_*): the fast kernel skips
+    // its pre-pass and only reads scratch. Fast kernel only.
+    int ck_given;
+    int _pad;
 };
 
 namespace sbwd {
@@ -768,6 +773,20 @@ __device__ __forceinline__ float sigmoid(float x) {
 #endif
 }
 
+// softplus exactly as the forward computes it for f16/bf16 u
+// (scan::softplus<true> in selective_scan_fwd.cu, SCAN_FAST_SOFTPLUS_16BIT):
+// same operations in the same order, so that Δ, and with it every state, is
+// bit for bit the forward's (the checkpoints the forward saves are then the
+// states this kernel's pre-pass would compute).
+__device__ __forceinline__ float softplus_fast(float x) {
+    float y, l2;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * SB_LOG2E));
+    const float w = 1.0f + y;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l2) : "f"(w));
+    const float r = fmaf(l2, SF_LN2, (y - (w - 1.0f)) * (2.0f - w));
+    return x > 20.0f ? x : r;
+}
+
 enum { R_D = 0, R_U = 1, R_Y = 2, R_SP = 3, R_GZ = 4, NROWS = 5 };
 
 // Element t (local) of channel row ch in a [32][SF_T] row block: float4
@@ -887,6 +906,8 @@ __device__ __forceinline__ void stage(const ScanBwdParams& p, const Sm& s, int b
         const float bias = p.delta_bias.ptr
                                ? ld_any(p.delta_bias.ptr, p.delta_bias.dtype, (i64)cc * p.delta_bias.stride[0])
                                : 0.0f;
+        // Δ as the forward computed it (16-bit u: its MUFU softplus)
+        const bool fast_sp = p.u.dtype != DT_F32;
         float sp[8], dy[8], gz[8];
 #pragma unroll
         for (int i = 0; i < 8; i++) {
@@ -894,7 +915,7 @@ __device__ __forceinline__ void stage(const ScanBwdParams& p, const Sm& s, int b
             const float x = dl[i] + bias;
             float dt = x, spd = 1.0f;
             if (p.softplus) {
-                dt = softplus(x);
+                dt = fast_sp ? softplus_fast(x) : softplus(x);
                 spd = x > 20.0f ? 1.0f : sigmoid(x);
             }
             dl[i] = valid ? dt : 0.0f;  // padding: Δ = 0 (a = 1, nothing added)
@@ -1046,7 +1067,8 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
     const i64 scr_row = scr ? row_off(p.scratch, bi, cc) : 0;
 
     // ---- forward pre-pass: the states at the starts of chunks 1 .. nch-1
-    if (nch > 1) {
+    // (skipped when the forward saved them: ck_given)
+    if (nch > 1 && !p.ck_given) {
         float h[4] = {h_init(0), h_init(1), h_init(2), h_init(3)};
 #pragma unroll 1
         for (int j = 0; j + 1 < nch; j++) {

@@ -413,6 +413,51 @@ __device__ __forceinline__ void store_last_state(const ScanFwdParams& p, int bi,
 }
 
 // ----------------------------------------------------------------------------
+// Checkpoints (selective_scan_fwd_ck_*): the training forward also writes
+// the state before every SCAN_CK_T-th step to ck, float32, contiguous
+// (b, d, nck, n), nck = ceil(l / SCAN_CK_T): element (bi, c, j, k) = h before
+// step SCAN_CK_T * j (j = 0: the initial state, zeros without one). The
+// backward's fast kernel reads them instead of recomputing them (its 32-step
+// chunks: SCAN_CK_T must equal SF_T in selective_scan_bwd.cu). The states are
+// the very registers the forward carries, so they are bit for bit the ones the
+// backward's own pre-pass would compute with the same arithmetic.
+// ----------------------------------------------------------------------------
+
+#define SCAN_CK_T 32
+
+template <int NS>
+struct CkRow {
+    float* ptr;  // element (bi, c, 0, kbase)
+    int n, nck, nvalid;
+    bool on;     // active lane with at least one state below n
+
+    __device__ __forceinline__ void init(float* ck, const ScanFwdParams& p, int bi, int c, int kbase,
+                                         bool active) {
+        n = p.n;
+        nck = (p.l + SCAN_CK_T - 1) / SCAN_CK_T;
+        nvalid = p.n - kbase;
+        on = active && nvalid > 0;
+        ptr = ck + (((i64)bi * p.d + c) * nck) * p.n + kbase;
+    }
+
+    // h into checkpoint j (16-byte stores when the lane's NS states are all
+    // valid and n is a multiple of 4: rows stay 16-byte aligned).
+    __device__ __forceinline__ void store(const float (&h)[NS], int j) const {
+        if (!on) return;
+        float* q = ptr + (i64)j * n;
+        if (nvalid >= NS && (n & 3) == 0) {
+#pragma unroll
+            for (int i = 0; i < NS; i += 4)
+                *reinterpret_cast<float4*>(q + i) = make_float4(h[i], h[i + 1], h[i + 2], h[i + 3]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < NS; i++)
+                if (i < nvalid) q[i] = h[i];
+        }
+    }
+};
+
+// ----------------------------------------------------------------------------
 // Fast kernel: P lanes per channel, NS = 16/P states per lane, each lane
 // owning FS = 8/P of every group of 8 steps for the per-step extras.
 // ----------------------------------------------------------------------------
@@ -682,8 +727,9 @@ __device__ __forceinline__ float own_f(const float (&u)[8], int sub, int i) {
     return v;
 }
 
-template <int DT, int KW>
-__device__ __forceinline__ void fast_entry(const ScanFwdParams& p, const ConvScanFwdParams* cp) {
+template <int DT, int KW, bool CK = false>
+__device__ __forceinline__ void fast_entry(const ScanFwdParams& p, const ConvScanFwdParams* cp,
+                                           float* ck = nullptr) {
     __shared__ __align__(16) SharedBC sm;
     const int tid = threadIdx.x;
     const int bi = blockIdx.y;
@@ -708,6 +754,12 @@ __device__ __forceinline__ void fast_entry(const ScanFwdParams& p, const ConvSca
     load_channel<FNS>(p, bi, c, sub * FNS, A2, h, Dv, bias);
     ConvTaps<KW> tp;
     if (KW > 0) tp.init(cp, c);
+    // CK: this lane's part of the channel's checkpoint row (see "Checkpoints")
+    CkRow<FNS> ckr;
+    if (CK) {
+        ckr.init(ck, p, bi, c, sub * FNS, active);
+        ckr.store(h, 0);
+    }
 
     Row<DT> ru, rd, rz, ro;
     ru.init(p.u, bi, c);
@@ -841,6 +893,9 @@ __device__ __forceinline__ void fast_entry(const ScanFwdParams& p, const ConvSca
 #pragma unroll
                 for (int j = 0; j < 8; j++) Uf[j] = UfN[j];
             }
+            // CK: a checkpoint after every SCAN_CK_T steps (at the end of the
+            // group's basic block; compiled out otherwise)
+            if (CK && ((t0 + 8) % SCAN_CK_T) == 0 && t0 + 8 < l) ckr.store(h, (t0 + 8) / SCAN_CK_T);
         }
 
         // Steps past the full groups, one at a time (the next step's inputs
@@ -866,6 +921,7 @@ __device__ __forceinline__ void fast_entry(const ScanFwdParams& p, const ConvSca
                 y = fmaf(Dv, uu, y);
                 if (has_z) y *= silu(zz);
                 if (active && sub == 0) ro.ptr[(i64)t * ro.stride] = IO<DT>::from_f(y);
+                if (CK && ((t + 1) % SCAN_CK_T) == 0 && t + 1 < l) ckr.store(h, (t + 1) / SCAN_CK_T);
             }
         }
     }
@@ -907,8 +963,9 @@ __device__ __forceinline__ int lanes_per_channel(int n) {
     return P;
 }
 
-template <int DT, int KW>
-__device__ __forceinline__ void general_entry(const ScanFwdParams& p, const ConvScanFwdParams* cp) {
+template <int DT, int KW, bool CK = false>
+__device__ __forceinline__ void general_entry(const ScanFwdParams& p, const ConvScanFwdParams* cp,
+                                              float* ck = nullptr) {
     typedef typename IO<DT>::S S;
     const int P = lanes_per_channel(p.n);
     const int tid = threadIdx.x;
@@ -926,6 +983,11 @@ __device__ __forceinline__ void general_entry(const ScanFwdParams& p, const Conv
 
     float A2[SCAN_NS], h[SCAN_NS], Dv, bias;
     load_channel<SCAN_NS>(p, bi, c, kbase, A2, h, Dv, bias);
+    CkRow<SCAN_NS> ckr;
+    if (CK) {
+        ckr.init(ck, p, bi, c, kbase, active);
+        ckr.store(h, 0);
+    }
     ConvTaps<KW> tp;
     float xw[KW > 0 ? KW : 1];  // conv: xw[m] = x[t - m]
     if (KW > 0) {
@@ -985,6 +1047,7 @@ __device__ __forceinline__ void general_entry(const ScanFwdParams& p, const Conv
             if (has_z) y *= silu(IO<DT>::to_f(pz[(i64)t * sz]));
             po[(i64)t * so] = IO<DT>::from_f(y);
         }
+        if (CK && ((t + 1) % SCAN_CK_T) == 0 && t + 1 < l) ckr.store(h, (t + 1) / SCAN_CK_T);
     }
     if (active) store_last_state<SCAN_NS>(p, bi, c, kbase, h);
 }
@@ -1043,3 +1106,30 @@ selective_scan_fwd_conv_f16_general(const __grid_constant__ scan::ConvScanFwdPar
 
 extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 1)
 selective_scan_fwd_conv_bf16_general(const __grid_constant__ scan::ConvScanFwdParams p) { scan::general_entry<DT_BF16, 8>(p.s, &p); }
+
+// Training forward with checkpoints (scan::CkRow): ScanFwdCkParams = the
+// ScanFwdParams s + ck, a float32 contiguous (b, d, ceil(l / 32), n) buffer
+// (mirrored in src/cuda/scan.rs). Fast vs general, grid and block: exactly
+// as 1. and 2. above, decided on s.
+struct ScanFwdCkParams {
+    ScanFwdParams s;
+    float* ck;
+};
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, SCAN_MIN_BLOCKS)
+selective_scan_fwd_ck_f32(const __grid_constant__ ScanFwdCkParams p) { scan::fast_entry<DT_F32, 0, true>(p.s, nullptr, p.ck); }
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, SCAN_MIN_BLOCKS)
+selective_scan_fwd_ck_f16(const __grid_constant__ ScanFwdCkParams p) { scan::fast_entry<DT_F16, 0, true>(p.s, nullptr, p.ck); }
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, SCAN_MIN_BLOCKS)
+selective_scan_fwd_ck_bf16(const __grid_constant__ ScanFwdCkParams p) { scan::fast_entry<DT_BF16, 0, true>(p.s, nullptr, p.ck); }
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 1)
+selective_scan_fwd_ck_f32_general(const __grid_constant__ ScanFwdCkParams p) { scan::general_entry<DT_F32, 0, true>(p.s, nullptr, p.ck); }
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 1)
+selective_scan_fwd_ck_f16_general(const __grid_constant__ ScanFwdCkParams p) { scan::general_entry<DT_F16, 0, true>(p.s, nullptr, p.ck); }
+
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 1)
+selective_scan_fwd_ck_bf16_general(const __grid_constant__ ScanFwdCkParams p) { scan::general_entry<DT_BF16, 0, true>(p.s, nullptr, p.ck); }

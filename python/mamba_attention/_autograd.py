@@ -5,9 +5,11 @@ Two ``torch.library`` custom ops wrap the Rust kernels:
 - ``mamba_attention::selective_scan_fwd`` -> ``(out, last_state, checkpoints)``:
   always returns last_state (float32), so that its gradient can flow back (SPEC §1
   extension; mamba_ssm drops it). :func:`selective_scan` drops it again when
-  it was not requested. On the CPU, checkpoints are the states before every
-  ``_checkpoint_chunk`` steps (float32 (b, d, nchunks, n)), saved for the
-  backward so that it does not recompute them; elsewhere an empty tensor.
+  it was not requested. checkpoints are the states before every
+  ``_checkpoint_chunk`` steps on the CPU, every 32 steps on CUDA (float32
+  (b, d, nchunks, n)), saved for the backward so that it does not recompute
+  them; on CUDA only where the backward's fast kernel runs
+  (``_cuda_checkpoints``), elsewhere an empty tensor.
 - ``mamba_attention::selective_scan_bwd`` -> the gradients of every input.
   Custom ops cannot return ``None``, so the gradient of an optional input that
   was not given is an empty tensor here (and ``None`` to autograd).
@@ -45,14 +47,24 @@ def selective_scan_fwd(
     delta_softplus: bool,
     initial_state: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    if u.device.type == "cpu":
-        return _core.selective_scan_fwd_ck(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
-        )
-    out, last_state = _core.selective_scan_fwd(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, initial_state
+    return _core.selective_scan_fwd_ck(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     )
-    return out, last_state, u.new_empty((0,), dtype=_F32)
+
+
+def _cuda_checkpoints(d, n, B, C):
+    """Whether the CUDA training forward saves checkpoints (every 32 steps): the
+    rule of the Rust ``ops::scan_ck::cuda_checkpoints`` (the backward's fast
+    kernel runs: n <= 16, time-varying B and C, groups of whole 32-channel
+    blocks), for the fake implementation."""
+
+    def fits(X):
+        if X.dim() == 2:  # constant (d, n)
+            return False
+        g = 1 if X.dim() == 3 else X.shape[1]
+        return g == 1 or (g > 1 and d % g == 0 and (d // g) % 32 == 0)
+
+    return 1 <= n <= 16 and fits(B) and fits(C)
 
 
 def _checkpoint_chunk(b, d, n, l):
@@ -72,6 +84,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
     if u.device.type == "cpu":
         nch = (l + _checkpoint_chunk(b, d, n, l) - 1) // _checkpoint_chunk(b, d, n, l)
         ck = u.new_empty((b, d, nch, n), dtype=_F32)
+    elif _cuda_checkpoints(d, n, B, C):
+        ck = u.new_empty((b, d, (l + 31) // 32, n), dtype=_F32)
     else:
         ck = u.new_empty((0,), dtype=_F32)
     return u.new_empty(u.shape), u.new_empty((b, d, n), dtype=_F32), ck

@@ -320,9 +320,11 @@ def selective_scan_fwd_ck(
     delta_softplus: bool = False,
     initial_state: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """CPU training forward of selective_scan_fn: (out, last_state, checkpoints),
+    """Training forward of selective_scan_fn: (out, last_state, checkpoints),
     checkpoints float32 (b, d, ceil(l / chunk), n) = the states before every chunk
-    steps (chunk 16, more for very large problems), for selective_scan_bwd."""
+    steps, for selective_scan_bwd. CPU: chunk 16, more for very large problems.
+    CUDA: chunk 32 where the backward's fast kernel runs (n <= 16, time-varying
+    B and C, groups of whole 32-channel blocks), else an empty (0,) tensor."""
 
 def conv_selective_scan_fwd(
     x: Tensor,

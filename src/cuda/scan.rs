@@ -178,3 +178,45 @@ pub fn state_update(ordinal: i32, stream: u64, p: &StateUpdateParams, dtype: DTy
     let grid = ((p.d as u32 * lanes).div_ceil(UPDATE_THREADS), p.b as u32, 1);
     unsafe { k.launch(grid, (UPDATE_THREADS, 1, 1), 0, stream, p) }
 }
+
+/// Mirror of `ScanFwdCkParams` (kernels/selective_scan_fwd.cu): the forward's
+/// parameters and the checkpoint buffer, float32 contiguous (b, d, ceil(l /
+/// CK_CHUNK), n).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct ScanFwdCkParams {
+    pub s: ScanFwdParams,
+    pub ck: u64,
+}
+
+/// Steps between the training forward's checkpoints on CUDA (SCAN_CK_T in
+/// the forward kernel; the backward's fast kernel's chunk, FAST_CHUNK).
+pub const CK_CHUNK: usize = 32;
+
+/// Launches the training forward: the forward of `scan_forward` that also
+/// writes the states before every CK_CHUNK-th step to `p.ck`.
+pub fn scan_forward_ck(ordinal: i32, stream: u64, p: &ScanFwdCkParams, dtype: DType) -> Result<()> {
+    check_batch(p.s.b)?;
+    let (name, grid_x) = if fast_forward(&p.s) {
+        (
+            format!("selective_scan_fwd_ck_{}", suffix(dtype)),
+            (p.s.d as u32).div_ceil(SCAN_THREADS / SCAN_FAST_P),
+        )
+    } else {
+        let lanes = lanes_per_channel(p.s.n);
+        (
+            format!("selective_scan_fwd_ck_{}_general", suffix(dtype)),
+            (p.s.d as u32 * lanes).div_ceil(SCAN_THREADS),
+        )
+    };
+    let k = kernel(ordinal, "selective_scan_fwd", &name)?;
+    unsafe {
+        k.launch(
+            (grid_x, p.s.b as u32, 1),
+            (SCAN_THREADS, 1, 1),
+            0,
+            stream,
+            p,
+        )
+    }
+}

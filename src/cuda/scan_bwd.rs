@@ -38,6 +38,9 @@ pub struct ScanBwdParams {
     pub ddelta_bias: Tensor4,
     pub dinit: Tensor4,
     pub scratch: Tensor4,
+    /// 1: `scratch` holds the forward's checkpoints (fast kernel: no pre-pass).
+    pub ck_given: i32,
+    pub _pad: i32,
 }
 
 /// Channels (warps) per block: SB_W in the kernel.
@@ -49,6 +52,7 @@ pub const BWD_CHUNK: usize = 256;
 pub const FAST_CPB: u32 = 32;
 pub const FAST_THREADS: u32 = 128;
 pub const FAST_CHUNK: usize = 32;
+const _: () = assert!(FAST_CHUNK == super::scan::CK_CHUNK);
 
 /// Whether `selective_scan_bwd_fast` applies (its launch rules): n <= 16,
 /// time-varying B and C, and no block of 32 channels straddling two groups.

@@ -129,6 +129,8 @@ pub fn plan_scan_bwd_cuda(
         ddelta_bias: Tensor4::opt(o.ddbias),
         dinit: Tensor4::opt(o.dinit),
         scratch: Tensor4::opt(scratch),
+        ck_given: 0,
+        _pad: 0,
     }
 }
 
@@ -199,9 +201,13 @@ mod py {
         // The forward's checkpoints (`selective_scan_fwd_ck`); an empty tensor
         // counts as None (the autograd op's placeholder on CUDA).
         let ckv = extract_opt("checkpoints", checkpoints)?.filter(|t| !t.shape.contains(&0));
-        let ckp = match &ckv {
-            Some(t) => Some(crate::ops::scan_ck::check_checkpoints(t, dims)?),
-            None => None,
+        let ckp = match (&ckv, uv.device) {
+            (Some(t), Device::Cpu) => Some(crate::ops::scan_ck::check_checkpoints(t, dims)?),
+            (Some(t), dev) => {
+                crate::ops::scan_ck::check_checkpoints_cuda(t, dims, dev, &bv, &cv)?;
+                None
+            }
+            (None, _) => None,
         };
         crate::ops::scan::check_backend(&uv)?;
         let ScanDims { b, d, l, n } = dims;
@@ -256,13 +262,14 @@ mod py {
                 let (_, gc) = crate::cuda::scan::scan_bc(&cv);
                 let fast = crate::cuda::scan_bwd::use_fast(d, n, gb, gc);
                 let nchunks = crate::cuda::scan_bwd::bwd_chunks(l, fast);
-                let scratch = if nchunks > 1 {
+                // the forward's checkpoints (checked above) stand in for the scratch
+                let scratch = if nchunks > 1 && ckv.is_none() {
                     Some(alloc("scratch", u, &uv, &[b, d, nchunks, n], f32_)?)
                 } else {
                     None
                 };
                 let stream = current_stream(py, ord)?;
-                let p = plan_scan_bwd_cuda(
+                let mut p = plan_scan_bwd_cuda(
                     &args,
                     dims,
                     delta_softplus,
@@ -271,6 +278,10 @@ mod py {
                     &outs,
                     scratch.as_ref().map(|x| &x.1),
                 );
+                if let Some(ck) = &ckv {
+                    p.scratch = crate::cuda::scan::Tensor4::of(ck);
+                    p.ck_given = 1;
+                }
                 py.detach(|| {
                     catch_panic("selective_scan_bwd", || {
                         crate::cuda::scan_bwd::scan_backward(ord, stream, &p)
