@@ -7,7 +7,9 @@
 // ============================================================================
 // KERNELS AND LAUNCH CONFIGURATION (the host must follow this exactly)
 // ============================================================================
-// causal_conv1d_fwd2 (the forward the host uses)
+// causal_conv1d_fwd3_{f32,f16,bf16}: the forward the host uses for the usual
+//   contiguous layout (its rules at the kernel, below); causal_conv1d_fwd2 otherwise.
+// causal_conv1d_fwd2 (the general forward)
 //   grid  = (ceil(l / (CV_THREADS * CV_T * CV_SEGS)), d, b) = (ceil(l / 2048), d, b)
 //   block = (128, 1, 1), no shared memory. Each thread computes CV_SEGS
 //   segments of 8 steps, CV_THREADS segments apart; the halo of a segment
