@@ -7,7 +7,9 @@
 // ============================================================================
 // KERNELS AND LAUNCH CONFIGURATION (the host must follow this exactly)
 // ============================================================================
-// causal_conv1d_fwd2 (the forward the host uses)
+// causal_conv1d_fwd3_{f32,f16,bf16}: the forward the host uses for the usual
+//   contiguous layout (its rules at the kernel, below); causal_conv1d_fwd2 otherwise.
+// causal_conv1d_fwd2 (the general forward)
 //   grid  = (ceil(l / (CV_THREADS * CV_T * CV_SEGS)), d, b) = (ceil(l / 2048), d, b)
 //   block = (128, 1, 1), no shared memory. Each thread computes CV_SEGS
 //   segments of 8 steps, CV_THREADS segments apart; the halo of a segment
@@ -422,6 +424,167 @@ __device__ __forceinline__ void update(const ConvParams& p) {
     }
 }
 
+
+// ----------------------------------------------------------------------------
+// causal_conv1d_fwd3_{f32,f16,bf16} (the forward the host uses when it can;
+// else causal_conv1d_fwd2). Suffix = dtype of x and out (the same). Host rules:
+//   x and out l-contiguous (stride[2] == 1), pointers and stride[0], stride[1]
+//   multiples of 8 elements (16-byte aligned 8-step groups), l % 8 == 0,
+//   w <= 4, no initial_states (init.ptr == 0); weight, bias, final_states any.
+//   rows  = b * d (row r: batch r / d, channel r % d)
+//   chunks = ceil(l / (256 * CV3_K)) per row; one warp per (row, chunk)
+//   grid  = (ceil(rows * chunks / 4), 1, 1), block = (128, 1, 1), no smem.
+// Lane j of a warp owns steps t0 = chunk_start + i * 256 + 8 j (i < CV3_K):
+// every load of the warp is 512 contiguous bytes (16-bit dtypes), all CV3_K
+// loads are issued first, and the 3-step halo of lane j comes from lane j-1
+// by shuffles; lane 0 gets lane 31's of the previous iteration (one rotation
+// per iteration) and loads its own only for the first. 4 FMAs + SiLU
+// (ex2.approx + rcp.approx: 2 MUFU, 3 other instructions) per output.
+// ----------------------------------------------------------------------------
+#ifndef CV3_K
+#define CV3_K 4  // iterations (8 steps per lane each) per warp
+#endif
+#ifndef CV3_SILU
+#define CV3_SILU 0  // 16-bit outputs: 0 = ex2 + rcp, 1 = tanh.approx (one MUFU)
+#endif
+
+__device__ __forceinline__ float ex2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ float rcp_approx(float x) {
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ float tanh_approx(float x) {
+    float y;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+template <int DT>
+__device__ __forceinline__ float silu_fast(float z) {
+    if (CV3_SILU == 1 && DT != DT_F32) {
+        const float h = 0.5f * z;
+        return fmaf(h, tanh_approx(h), h);
+    }
+    return z * rcp_approx(1.0f + ex2_approx(-1.4426950408889634f * z));
+}
+
+// 8 steps as raw words: 16-bit dtypes in w[0..3], f32 in w[0..7].
+template <int DT> struct Raw8 {
+    uint4 a, b;
+};
+template <int DT>
+__device__ __forceinline__ void ld8(Raw8<DT>& r, const void* base, i64 off) {
+    if (DT == DT_F32) {
+        const uint4* q = reinterpret_cast<const uint4*>((const float*)base + off);
+        r.a = __ldg(q);
+        r.b = __ldg(q + 1);
+    } else {
+        r.a = __ldg(reinterpret_cast<const uint4*>((const u16*)base + off));
+    }
+}
+template <int DT>
+__device__ __forceinline__ void unpack8(float (&v)[8], const Raw8<DT>& r) {
+    if (DT == DT_F32) {
+        v[0] = __uint_as_float(r.a.x); v[1] = __uint_as_float(r.a.y);
+        v[2] = __uint_as_float(r.a.z); v[3] = __uint_as_float(r.a.w);
+        v[4] = __uint_as_float(r.b.x); v[5] = __uint_as_float(r.b.y);
+        v[6] = __uint_as_float(r.b.z); v[7] = __uint_as_float(r.b.w);
+    } else {
+        const unsigned wd[4] = {r.a.x, r.a.y, r.a.z, r.a.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (DT == DT_BF16) {
+                v[2 * i] = __uint_as_float(wd[i] << 16);
+                v[2 * i + 1] = __uint_as_float(wd[i] & 0xffff0000u);
+            } else {
+                v[2 * i] = f16_to_f32((u16)(wd[i] & 0xffffu));
+                v[2 * i + 1] = f16_to_f32((u16)(wd[i] >> 16));
+            }
+        }
+    }
+}
+template <int DT>
+__device__ __forceinline__ void st8(void* base, i64 off, const float (&o)[8]) {
+    if (DT == DT_F32) {
+        float4* q = reinterpret_cast<float4*>((float*)base + off);
+        q[0] = make_float4(o[0], o[1], o[2], o[3]);
+        q[1] = make_float4(o[4], o[5], o[6], o[7]);
+    } else {
+        const bool bf = DT == DT_BF16;
+        *reinterpret_cast<uint4*>((u16*)base + off) =
+            make_uint4(cvt2(bf, o[0], o[1]), cvt2(bf, o[2], o[3]), cvt2(bf, o[4], o[5]), cvt2(bf, o[6], o[7]));
+    }
+}
+
+template <int DT>
+__device__ __forceinline__ void fwd3(const ConvParams& p) {
+    const int lane = threadIdx.x & 31;
+    const int chunk_len = 256 * CV3_K;
+    const int chunks = (p.l + chunk_len - 1) / chunk_len;
+    // 32-bit index arithmetic: the host checks b * d * chunks < 2^31.
+    const unsigned gw = blockIdx.x * (CV_THREADS / 32) + (threadIdx.x >> 5);
+    const unsigned rowi = gw / (unsigned)chunks;
+    if (rowi >= (unsigned)p.b * (unsigned)p.d) return;  // warp-uniform
+    const int chunk = (int)(gw - rowi * chunks);
+    const int bi = (int)(rowi / (unsigned)p.d), c = (int)(rowi - (unsigned)bi * p.d), h = p.w - 1;
+    const i64 xb = (i64)bi * p.x.stride[0] + (i64)c * p.x.stride[1];
+    const i64 ob = (i64)bi * p.out.stride[0] + (i64)c * p.out.stride[1];
+    const int tbase = chunk * chunk_len + lane * 8;
+
+    // every load first: CV3_K groups of 8 steps, lane 0's halo, taps, bias
+    Raw8<DT> raw[CV3_K];
+#pragma unroll
+    for (int i = 0; i < CV3_K; i++) {
+        const int t0 = tbase + i * 256;
+        if (t0 < p.l) ld8<DT>(raw[i], p.x.ptr, xb + t0);
+        else raw[i].a = raw[i].b = make_uint4(0u, 0u, 0u, 0u);
+    }
+    Raw8<DT> hraw;
+    hraw.a = hraw.b = make_uint4(0u, 0u, 0u, 0u);
+    if (lane == 0 && tbase > 0) ld8<DT>(hraw, p.x.ptr, xb + tbase - 8);
+    float v[4];
+#pragma unroll
+    for (int m = 0; m < 4; m++)
+        v[m] = m <= h ? ld_any(p.weight.ptr, p.weight.dtype, (i64)c * p.weight.stride[0] + (i64)(h - m) * p.weight.stride[1])
+                      : 0.0f;
+    const float bias = bias_of(p, c);
+    if (p.fin.ptr && chunk == 0 && lane < h)  // final_states = x[l - h .. l)
+        st_any((void*)p.fin.ptr, p.fin.dtype,
+               (i64)bi * p.fin.stride[0] + (i64)c * p.fin.stride[1] + (i64)lane * p.fin.stride[2],
+               xpad(p, bi, c, p.l - h + lane, h));
+
+    float carry[8];
+    unpack8<DT>(carry, hraw);  // lane 0: the 8 steps before its first group
+#pragma unroll
+    for (int i = 0; i < CV3_K; i++) {
+        const int t0 = tbase + i * 256;
+        if (t0 - lane * 8 >= p.l) continue;  // the whole warp is past l (warp-uniform)
+        float cur[8];
+        unpack8<DT>(cur, raw[i]);
+        float prev[8];
+#pragma unroll
+        for (int j = 5; j < 8; j++) {
+            const float rot = __shfl_sync(CV_FULL, cur[j], (lane + 31) & 31);
+            prev[j] = lane == 0 ? carry[j] : rot;
+            carry[j] = rot;  // lane 0 now holds lane 31's: its halo next iteration
+        }
+        if (t0 < p.l) {
+            float o[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                float z = bias;
+#pragma unroll
+                for (int m = 0; m < 4; m++) z = fmaf(v[m], j - m >= 0 ? cur[j - m] : prev[8 + j - m], z);
+                o[j] = p.silu ? silu_fast<DT>(z) : z;
+            }
+            st8<DT>((void*)p.out.ptr, ob + t0, o);
+        }
+    }
+}
 }  // namespace cv
 
 extern "C" __global__ void __launch_bounds__(CV_THREADS)
@@ -434,6 +597,15 @@ causal_conv1d_fwd2(const __grid_constant__ ConvParams p) {
     else
         cv::fwd2<8>(p);
 }
+
+extern "C" __global__ void __launch_bounds__(CV_THREADS)
+causal_conv1d_fwd3_f32(const __grid_constant__ ConvParams p) { cv::fwd3<DT_F32>(p); }
+
+extern "C" __global__ void __launch_bounds__(CV_THREADS)
+causal_conv1d_fwd3_f16(const __grid_constant__ ConvParams p) { cv::fwd3<DT_F16>(p); }
+
+extern "C" __global__ void __launch_bounds__(CV_THREADS)
+causal_conv1d_fwd3_bf16(const __grid_constant__ ConvParams p) { cv::fwd3<DT_BF16>(p); }
 
 extern "C" __global__ void __launch_bounds__(CV_THREADS)
 causal_conv1d_bwd(const __grid_constant__ ConvParams p) { cv::bwd(p); }

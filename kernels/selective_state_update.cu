@@ -328,6 +328,185 @@ __device__ __forceinline__ void update(const StateUpdateParams& p) {
 
 }  // namespace ssu
 
+// ============================================================================
+// selective_state_update_vec{1,R}_{f32,f16,bf16}: the vectorised kernel the
+// host uses for the usual layout (src/cuda/scan.rs checks all of this first):
+//   state and A float32; n in {4, 8, 16, 32, 64, 128}; state, A, B, C
+//   contiguous along n; every 4-state quad 16-byte aligned (state, A, f32
+//   B/C) or 8-byte aligned (f16/bf16 B/C): pointer and every other stride a
+//   multiple of 4 elements. B/C may be f32, f16 or bf16 (both the same or
+//   not); D, dt_bias any float dtype; rows int32/int64 or none; any groups.
+//
+//    T     = n / 4                  (lanes per channel, one 4-state quad each)
+//    R     = 1 (vec1) or SSU_VR (vecR; batch entries per thread)
+//    grid  = (ceil(d * T / SSU_VTHREADS), ceil(b / R), 1)
+//    block = (SSU_VTHREADS = 128, 1, 1), no shared memory
+//
+// Consecutive lanes hold consecutive quads of one channel's contiguous row,
+// so each warp load or store instruction moves 512 contiguous bytes of state
+// (the 16-state-per-thread fast path above moves 16 bytes at a 64-byte pitch
+// per instruction). Each thread issues all its loads (R state quads, the A
+// quad, R x B/C quads, x/dt/z) before using any; y is reduced over the T
+// lanes of a channel with shuffles (T divides 32, so channels never straddle
+// warps). Every lane of a channel computes the channel's softplus (cheaper
+// than sharing it by shuffle).
+// ============================================================================
+
+#ifndef SSU_VTHREADS
+#define SSU_VTHREADS 128
+#endif
+#ifndef SSU_VR
+#define SSU_VR 2  // batch entries per thread of the vecR kernel
+#endif
+#ifndef SSU_VCACHE
+#define SSU_VCACHE 0  // 1: state loaded / stored with the evict-first (.cs) hint
+#endif
+
+namespace ssuv {
+
+__device__ __forceinline__ float4 ld_state(const float* p) {
+#if SSU_VCACHE == 1
+    return __ldcs(reinterpret_cast<const float4*>(p));
+#else
+    return *reinterpret_cast<const float4*>(p);
+#endif
+}
+__device__ __forceinline__ void st_state(float* p, float4 v) {
+#if SSU_VCACHE == 1
+    __stcs(reinterpret_cast<float4*>(p), v);
+#else
+    *reinterpret_cast<float4*>(p) = v;
+#endif
+}
+
+// 4 consecutive B/C values of dtype dt (f32: one 16-byte load; 16-bit: 8 bytes).
+struct Q4 {
+    uint4 w;
+};
+__device__ __forceinline__ Q4 ld_q4(const void* base, int dt, i64 off) {
+    Q4 q;
+    if (dt == DT_F32) {
+        q.w = *reinterpret_cast<const uint4*>((const float*)base + off);
+    } else {
+        const uint2 h = *reinterpret_cast<const uint2*>((const u16*)base + off);
+        q.w = make_uint4(h.x, h.y, 0u, 0u);
+    }
+    return q;
+}
+__device__ __forceinline__ void to4(float (&v)[4], const Q4& q, int dt) {
+    if (dt == DT_F32) {
+        v[0] = __uint_as_float(q.w.x);
+        v[1] = __uint_as_float(q.w.y);
+        v[2] = __uint_as_float(q.w.z);
+        v[3] = __uint_as_float(q.w.w);
+    } else if (dt == DT_BF16) {
+        v[0] = __uint_as_float(q.w.x << 16);
+        v[1] = __uint_as_float(q.w.x & 0xffff0000u);
+        v[2] = __uint_as_float(q.w.y << 16);
+        v[3] = __uint_as_float(q.w.y & 0xffff0000u);
+    } else {
+        v[0] = f16_to_f32((u16)(q.w.x & 0xffffu));
+        v[1] = f16_to_f32((u16)(q.w.x >> 16));
+        v[2] = f16_to_f32((u16)(q.w.y & 0xffffu));
+        v[3] = f16_to_f32((u16)(q.w.y >> 16));
+    }
+}
+
+template <int DT, int R>
+__device__ __forceinline__ void update_vec(const StateUpdateParams& p) {
+    typedef typename ssu::Elem<DT>::S S;
+    const int T = p.n >> 2;  // 1..32, a power of two (host-checked)
+    const int gid = blockIdx.x * SSU_VTHREADS + threadIdx.x;
+    const int c_raw = gid / T;
+    const int k = (gid & (T - 1)) * 4;
+    const bool active = c_raw < p.d;
+    const int c = active ? c_raw : p.d - 1;  // idle lanes still join the shuffles
+    const int gB = p.groups_b > 1 ? c / (p.d / p.groups_b) : 0;
+    const int gC = p.groups_c > 1 ? c / (p.d / p.groups_c) : 0;
+
+    // every load first
+    const float4 a4 = *reinterpret_cast<const float4*>((const float*)p.A.ptr + (i64)c * p.A.stride[0] + k);
+    const float Dv = p.D.ptr ? ld_any(p.D.ptr, p.D.dtype, (i64)c * p.D.stride[0]) : 0.0f;
+    const float bias = p.dt_bias.ptr ? ld_any(p.dt_bias.ptr, p.dt_bias.dtype, (i64)c * p.dt_bias.stride[0]) : 0.0f;
+    i64 row[R];
+    bool use[R];
+    S xr[R], dtr[R], zr[R];
+    float4 s4[R];
+    Q4 bq[R], cq[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const int bi_raw = blockIdx.y * R + r;
+        const bool real = bi_raw < p.b;
+        const int bi = real ? bi_raw : p.b - 1;
+        row[r] = p.rows.ptr ? ld_index(p.rows.ptr, p.rows.dtype, (i64)bi * p.rows.stride[0]) : (i64)bi;
+        use[r] = real && row[r] >= 0 && row[r] < p.cache;
+        const i64 rs = use[r] ? row[r] : 0;
+        xr[r] = ((const S*)p.x.ptr)[(i64)bi * p.x.stride[0] + (i64)c * p.x.stride[1]];
+        dtr[r] = ((const S*)p.dt.ptr)[(i64)bi * p.dt.stride[0] + (i64)c * p.dt.stride[1]];
+        zr[r] = p.z.ptr ? ((const S*)p.z.ptr)[(i64)bi * p.z.stride[0] + (i64)c * p.z.stride[1]] : S(0);
+        s4[r] = ld_state((const float*)p.state.ptr + rs * p.state.stride[0] + (i64)c * p.state.stride[1] + k);
+        bq[r] = ld_q4(p.B.ptr, p.B.dtype, (i64)bi * p.B.stride[0] + (i64)gB * p.B.stride[1] + k);
+        cq[r] = ld_q4(p.C.ptr, p.C.dtype, (i64)bi * p.C.stride[0] + (i64)gC * p.C.stride[1] + k);
+    }
+    // then the arithmetic
+    const float av[4] = {a4.x, a4.y, a4.z, a4.w};
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const int bi_raw = blockIdx.y * R + r;
+        float dt = ssu::to_f<DT>(dtr[r]) + bias;
+        if (p.softplus) dt = dt > 20.0f ? dt : log1pf(expf(dt));
+        const float x = ssu::to_f<DT>(xr[r]);
+        const float dtx = dt * x;
+        float bv[4], cv[4];
+        to4(bv, bq[r], p.B.dtype);
+        to4(cv, cq[r], p.C.dtype);
+        float sv[4] = {s4[r].x, s4[r].y, s4[r].z, s4[r].w};
+        float y = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            sv[i] = fmaf(sv[i], __expf(dt * av[i]), bv[i] * dtx);
+            y = fmaf(cv[i], sv[i], y);
+        }
+        if (use[r] && active)
+            st_state((float*)p.state.ptr + row[r] * p.state.stride[0] + (i64)c * p.state.stride[1] + k,
+                     make_float4(sv[0], sv[1], sv[2], sv[3]));
+        for (int o = 1; o < T; o <<= 1) y += __shfl_xor_sync(0xffffffffu, y, o);
+        if (active && k == 0 && bi_raw < p.b) {
+            float out;
+            if (use[r]) {
+                out = fmaf(Dv, x, y);
+                if (p.z.ptr) {
+                    const float z = ssu::to_f<DT>(zr[r]);
+                    out *= __fdividef(z, 1.0f + __expf(-z));
+                }
+            } else {
+                out = row[r] < 0 ? 0.0f : __int_as_float(0x7fc00000);  // skipped / out of range
+            }
+            ssu::st<DT>((void*)p.out.ptr, (i64)bi_raw * p.out.stride[0] + (i64)c * p.out.stride[1], out);
+        }
+    }
+}
+
+}  // namespace ssuv
+
+extern "C" __global__ void __launch_bounds__(SSU_VTHREADS)
+selective_state_update_vec1_f32(const __grid_constant__ StateUpdateParams p) { ssuv::update_vec<DT_F32, 1>(p); }
+
+extern "C" __global__ void __launch_bounds__(SSU_VTHREADS)
+selective_state_update_vec1_f16(const __grid_constant__ StateUpdateParams p) { ssuv::update_vec<DT_F16, 1>(p); }
+
+extern "C" __global__ void __launch_bounds__(SSU_VTHREADS)
+selective_state_update_vec1_bf16(const __grid_constant__ StateUpdateParams p) { ssuv::update_vec<DT_BF16, 1>(p); }
+
+extern "C" __global__ void __launch_bounds__(SSU_VTHREADS)
+selective_state_update_vecR_f32(const __grid_constant__ StateUpdateParams p) { ssuv::update_vec<DT_F32, SSU_VR>(p); }
+
+extern "C" __global__ void __launch_bounds__(SSU_VTHREADS)
+selective_state_update_vecR_f16(const __grid_constant__ StateUpdateParams p) { ssuv::update_vec<DT_F16, SSU_VR>(p); }
+
+extern "C" __global__ void __launch_bounds__(SSU_VTHREADS)
+selective_state_update_vecR_bf16(const __grid_constant__ StateUpdateParams p) { ssuv::update_vec<DT_BF16, SSU_VR>(p); }
+
 extern "C" __global__ void __launch_bounds__(SSU_THREADS, SSU_MIN_BLOCKS)
 selective_state_update_f32(const __grid_constant__ StateUpdateParams p) { ssu::update<DT_F32>(p); }
 

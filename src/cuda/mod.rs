@@ -15,6 +15,7 @@ pub mod nvrtc;
 pub mod rotary;
 pub mod scan;
 pub mod scan_bwd;
+pub mod ssu_vec;
 
 use crate::error::{Error, Result};
 use cudarc::driver::{result as cu, sys};

@@ -169,6 +169,9 @@ const UPDATE_THREADS: u32 = 128;
 /// kernels/selective_state_update.cu).
 pub fn state_update(ordinal: i32, stream: u64, p: &StateUpdateParams, dtype: DType) -> Result<()> {
     check_batch(p.b)?;
+    if super::ssu_vec::try_launch(ordinal, stream, p, dtype)? {
+        return Ok(());
+    }
     let k = kernel(
         ordinal,
         "selective_state_update",
