@@ -30,7 +30,7 @@
 use super::simd::{Simd, LOG2E};
 use super::SimdLevel;
 use crate::simd_dispatch;
-use crate::tensor::{load_row, store_row, Raw};
+use crate::tensor::{load_row, store_row, DType, Raw};
 use rayon::prelude::*;
 
 /// Keys per tile.
@@ -490,7 +490,7 @@ unsafe fn transpose<S: Simd>(
 /// `row0..`, converted into the contiguous `buf` ([BK][hd]): packing also avoids
 /// the cache-set conflicts of rows h·hd·4 bytes apart. Returns (pointer, row stride in elements).
 #[inline(always)]
-unsafe fn rows_f32(
+unsafe fn rows_f32<S: Simd>(
     r: &Raw<3>,
     h: usize,
     row0: usize,
@@ -500,6 +500,26 @@ unsafe fn rows_f32(
 ) -> (*const f32, isize) {
     let esz = r.dtype.size() as isize;
     let base = r.ptr as isize + (row0 as isize * r.strides[0] + h as isize * r.strides[1]) * esz;
+    if r.dtype == DType::F32 && r.strides[2] == 1 {
+        // Inline vector copy: a libc memmove call per 256-byte row cost ~15%
+        // of C5 (perf, bench/cpu_attn_notes.md).
+        let nv = hd / S::LANES * S::LANES;
+        let dst = buf.as_mut_ptr();
+        for j in 0..nj {
+            let src = (base + j as isize * r.strides[0] * esz) as *const f32;
+            let d = dst.add(j * hd);
+            let mut x = 0;
+            while x < nv {
+                S::store(d.add(x), S::load(src.add(x)));
+                x += S::LANES;
+            }
+            while x < hd {
+                *d.add(x) = *src.add(x);
+                x += 1;
+            }
+        }
+        return (buf.as_ptr(), hd as isize);
+    }
     for j in 0..nj {
         let p = base + j as isize * r.strides[0] * esz;
         load_row(
@@ -510,6 +530,119 @@ unsafe fn rows_f32(
         );
     }
     (buf.as_ptr(), hd as isize)
+}
+
+/// Row-vector subsets of an edge tile (a tile the mask cuts): the tile's keys
+/// are split at the points where the set of row vectors that can see a key
+/// changes; each piece `(x, y, va, vb)` runs the micro-kernels on keys x..y
+/// and vectors va..vb only (the set is contiguous: visible key ranges grow
+/// with the row). Keys no lane of a vector can see are never multiplied.
+/// Returns the number of pieces written into `out`.
+#[allow(clippy::too_many_arguments)]
+fn edge_pieces(
+    ranges: &[(usize, usize)],
+    nj: usize,
+    out: &mut [(usize, usize, usize, usize)],
+) -> usize {
+    let mut cuts = [0usize; 2 * MAX_MVC + 2];
+    let mut nc = 0;
+    cuts[nc] = 0;
+    nc += 1;
+    cuts[nc] = nj;
+    nc += 1;
+    for &(a, b) in ranges {
+        if a < b {
+            cuts[nc] = a;
+            cuts[nc + 1] = b;
+            nc += 2;
+        }
+    }
+    let cuts = &mut cuts[..nc];
+    cuts.sort_unstable();
+    let mut n = 0;
+    for w in 0..nc - 1 {
+        let (x, y) = (cuts[w], cuts[w + 1]);
+        if x >= y {
+            continue;
+        }
+        let mut va = usize::MAX;
+        let mut vb = 0;
+        for (v, &(a, b)) in ranges.iter().enumerate() {
+            if a <= x && y <= b {
+                va = va.min(v);
+                vb = v + 1;
+            }
+        }
+        if va < vb {
+            out[n] = (x, y, va, vb);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// QK micro-kernel over keys x..y of a tile for row vectors va..va+n (an edge piece).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn qk_piece<S: Simd>(
+    kp: *const f32,
+    ks: isize,
+    (x, y, va, vb): (usize, usize, usize, usize),
+    qt: *const f32,
+    bq: usize,
+    hd: usize,
+    st: *mut f32,
+) {
+    let (k, nj) = (kp.offset(x as isize * ks), y - x);
+    let (q, s) = (qt.add(va * S::LANES), st.add(x * bq + va * S::LANES));
+    macro_rules! go {
+        ($nr:literal, $m:literal) => {{
+            let mut tm = [S::zero(); $m];
+            qk_tile::<S, $nr, $m, true>(k, ks, nj, q, bq, hd, s, &mut tm)
+        }};
+    }
+    match (S::LANES >= 16, vb - va) {
+        (true, 1) => go!(16, 1),
+        (true, 2) => go!(12, 2),
+        (true, 3) => go!(8, 3),
+        (true, _) => go!(6, 4),
+        (false, 1) => go!(8, 1),
+        (false, 2) => go!(4, 2),
+        (false, 3) => go!(2, 3),
+        (false, _) => go!(2, 4),
+    }
+}
+
+/// P·V micro-kernel over keys x..y for row vectors va..vb (Oᵀ already rescaled).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_piece<S: Simd>(
+    vp: *const f32,
+    vs: isize,
+    (x, y, va, vb): (usize, usize, usize, usize),
+    hd: usize,
+    pt: *const f32,
+    bq: usize,
+    ot: *mut f32,
+) {
+    let (v, nj) = (vp.offset(x as isize * vs), y - x);
+    let (p, o) = (pt.add(x * bq + va * S::LANES), ot.add(va * S::LANES));
+    macro_rules! go {
+        ($nd:literal, $m:literal) => {{
+            let one = [S::splat(1.0); $m];
+            pv_tile::<S, $nd, $m>(v, vs, nj, hd, p, bq, o, &one)
+        }};
+    }
+    match (S::LANES >= 16, vb - va) {
+        (true, 1) => go!(16, 1),
+        (true, 2) => go!(12, 2),
+        (true, 3) => go!(8, 3),
+        (true, _) => go!(6, 4),
+        (false, 1) => go!(8, 1),
+        (false, 2) => go!(4, 2),
+        (false, 3) => go!(2, 3),
+        (false, _) => go!(2, 4),
+    }
 }
 
 #[inline(always)]
@@ -626,7 +759,7 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
                 });
             }
             let row0 = jt as usize - seg.j0;
-            let (kp, ks) = rows_f32(&seg.k, t.kvh, row0, nj, hd, &mut kbuf);
+            let (kp, ks) = rows_f32::<S>(&seg.k, t.kvh, row0, nj, hd, &mut kbuf);
             let mut tmax = [S::splat(f32::NEG_INFINITY); MVC];
             let stp = st.as_mut_ptr();
             let qtp = qt.as_ptr();
@@ -643,13 +776,44 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
             }
             // Register tiles: NR keys × MVC row vectors of accumulators, 16-24
             // of the 32 AVX-512 registers (8 of the 16 AVX2 ones).
-            match (big, MVC) {
-                (true, 1) => qk!(16),
-                (true, 2) => qk!(12),
-                (true, _) => qk!(6),
-                (false, 1) => qk!(8),
-                (false, 2) => qk!(4),
-                (false, _) => qk!(2),
+            // Edge tile: only the pieces (keys × row vectors) some lane can
+            // see are multiplied; the rest of Sᵀ is −inf (the mask's value).
+            let mut pieces = [(0usize, 0usize, 0usize, 0usize); 2 * MAX_MVC + 1];
+            let mut npieces = 0;
+            if epi.mask {
+                let mut ranges = [(0usize, 0usize); MVC];
+                for (v, rg) in ranges.iter_mut().enumerate() {
+                    if v * lanes >= nrows {
+                        continue;
+                    }
+                    let ia = ((r0 + v * lanes) / grp) as i64 + off;
+                    let ib = ((r0 + (v * lanes + lanes).min(nrows) - 1) / grp) as i64 + off;
+                    let klo = if left >= 0 { ia - left } else { i64::MIN / 2 };
+                    let khi = if right >= 0 { ib + right + 1 } else { i64::MAX / 2 };
+                    let a = (klo - jt).clamp(0, nj as i64) as usize;
+                    let b = (khi - jt).clamp(0, nj as i64) as usize;
+                    *rg = (a, b);
+                }
+                npieces = edge_pieces(&ranges, nj, &mut pieces);
+                let ninf = S::splat(f32::NEG_INFINITY);
+                for jj in 0..nj {
+                    for v in 0..MVC {
+                        S::store(stp.add(jj * bq + v * lanes), ninf);
+                    }
+                }
+                for &pc in &pieces[..npieces] {
+                    qk_piece::<S>(kp, ks, pc, qtp, bq, hd, stp);
+                }
+                epi_tile::<S, MVC>(stp, nj, bq, &epi, &mut tmax);
+            } else {
+                match (big, MVC) {
+                    (true, 1) => qk!(16),
+                    (true, 2) => qk!(12),
+                    (true, _) => qk!(6),
+                    (false, 1) => qk!(8),
+                    (false, 2) => qk!(4),
+                    (false, _) => qk!(2),
+                }
             }
             // Online softmax update.
             let ninf = S::splat(f32::NEG_INFINITY);
@@ -679,8 +843,21 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
             for v in 0..MVC {
                 l[v] = S::fma(l[v], factor[v], lsum[v]);
             }
-            let (vp, vs) = rows_f32(&seg.v, t.kvh, row0, nj, hd, &mut vbuf);
+            let (vp, vs) = rows_f32::<S>(&seg.v, t.kvh, row0, nj, hd, &mut vbuf);
             let (stp, otp) = (st.as_ptr(), ot.as_mut_ptr());
+            if epi.mask {
+                for d in 0..hd {
+                    for v in 0..MVC {
+                        let p = otp.add(d * bq + v * lanes);
+                        S::store(p, S::mul(S::load(p), factor[v]));
+                    }
+                }
+                for &pc in &pieces[..npieces] {
+                    pv_piece::<S>(vp, vs, pc, hd, stp, bq, otp);
+                }
+                jt += nj as i64;
+                continue;
+            }
             match (big, MVC) {
                 (true, 1) => pv_tile::<S, 16, MVC>(vp, vs, nj, hd, stp, bq, otp, &factor),
                 (true, 2) => pv_tile::<S, 12, MVC>(vp, vs, nj, hd, stp, bq, otp, &factor),
@@ -734,7 +911,6 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::DType;
 
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed
