@@ -1354,7 +1354,12 @@ mod tests {
     #[ignore]
     fn bench_c1() {
         let (_bufs, job) = problem((1, 1536, 2048, 16), Some(1), Some(1));
+        // MA_LEVEL=avx512 (or avx2, portable) times one level only.
+        let only = std::env::var("MA_LEVEL").ok();
         for level in SimdLevel::available() {
+            if only.as_deref().is_some_and(|o| o != level.name()) {
+                continue;
+            }
             let tune = std::env::var("MA_TUNE").ok().map(|v| {
                 let t: Vec<usize> = v.split(',').map(|x| x.parse().unwrap()).collect();
                 (t[0], t[1])
