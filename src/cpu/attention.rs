@@ -789,7 +789,11 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
                     let ia = ((r0 + v * lanes) / grp) as i64 + off;
                     let ib = ((r0 + (v * lanes + lanes).min(nrows) - 1) / grp) as i64 + off;
                     let klo = if left >= 0 { ia - left } else { i64::MIN / 2 };
-                    let khi = if right >= 0 { ib + right + 1 } else { i64::MAX / 2 };
+                    let khi = if right >= 0 {
+                        ib + right + 1
+                    } else {
+                        i64::MAX / 2
+                    };
                     let a = (klo - jt).clamp(0, nj as i64) as usize;
                     let b = (khi - jt).clamp(0, nj as i64) as usize;
                     *rg = (a, b);

@@ -84,7 +84,13 @@ pub fn try_flash_fwd(
     Some(launch(ordinal, stream, p, dtype, max_sq))
 }
 
-fn launch(ordinal: i32, stream: u64, p: &FlashFwdParams, dtype: DType, max_sq: usize) -> Result<()> {
+fn launch(
+    ordinal: i32,
+    stream: u64,
+    p: &FlashFwdParams,
+    dtype: DType,
+    max_sq: usize,
+) -> Result<()> {
     let dt = if dtype == DType::BF16 { "bf16" } else { "f16" };
     let module = format!("flash_attn_fwd_wgmma_{dt}_hd128");
     let name = format!("flash_fwd_wgmma_{dt}_hd128");
@@ -129,10 +135,29 @@ mod tests {
         assert!(covers(&base, DType::BF16) && covers(&base, DType::F16));
         assert!(!covers(&base, DType::F32));
         assert!(!covers(&FlashFwdParams { hd: 64, ..base }, DType::BF16));
-        assert!(!covers(&FlashFwdParams { softcap: 5.0, ..base }, DType::BF16));
+        assert!(!covers(
+            &FlashFwdParams {
+                softcap: 5.0,
+                ..base
+            },
+            DType::BF16
+        ));
         assert!(!covers(&FlashFwdParams { alibi: 8, ..base }, DType::BF16));
-        assert!(!covers(&FlashFwdParams { cu_q: 8, cu_k: 8, ..base }, DType::BF16));
+        assert!(!covers(
+            &FlashFwdParams {
+                cu_q: 8,
+                cu_k: 8,
+                ..base
+            },
+            DType::BF16
+        ));
         assert!(!covers(&FlashFwdParams { vec_ok: 0, ..base }, DType::BF16));
-        assert!(!covers(&FlashFwdParams { scale_log2: 0.0, ..base }, DType::BF16));
+        assert!(!covers(
+            &FlashFwdParams {
+                scale_log2: 0.0,
+                ..base
+            },
+            DType::BF16
+        ));
     }
 }

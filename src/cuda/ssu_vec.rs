@@ -40,14 +40,22 @@ pub fn try_launch(ordinal: i32, stream: u64, p: &StateUpdateParams, dtype: DType
     if !usable(p) {
         return Ok(false);
     }
-    let (variant, r) = if p.b >= VR_MIN_BATCH { ("vecR", VR) } else { ("vec1", 1) };
+    let (variant, r) = if p.b >= VR_MIN_BATCH {
+        ("vecR", VR)
+    } else {
+        ("vec1", 1)
+    };
     let k = kernel(
         ordinal,
         "selective_state_update",
         &format!("selective_state_update_{variant}_{}", suffix(dtype)),
     )?;
     let lanes = (p.n as u32) / 4;
-    let grid = ((p.d as u32 * lanes).div_ceil(128), (p.b as u32).div_ceil(r), 1);
+    let grid = (
+        (p.d as u32 * lanes).div_ceil(128),
+        (p.b as u32).div_ceil(r),
+        1,
+    );
     unsafe { k.launch(grid, (128, 1, 1), 0, stream, p)? };
     Ok(true)
 }
