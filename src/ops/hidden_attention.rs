@@ -5,7 +5,9 @@ use super::scan::{bc_src, check_bc, check_common, ScanDims};
 use crate::cpu::hidden_attention::HaJob;
 use crate::cuda::hidden_attention::HaParams;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Device, TensorView};
+use crate::tensor::TensorView;
+#[cfg(feature = "python")]
+use crate::tensor::{DType, Device};
 
 /// Largest supported state size (as the scan's).
 pub const MAX_N: usize = 256;
