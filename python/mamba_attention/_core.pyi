@@ -62,7 +62,7 @@ def selective_scan_bwd(
     """Gradients of selective_scan_fn given dout (b, d, l) [and dlast_state (b, d, n)]:
     (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); du and ddelta in
     u's dtype, dz in z's, the rest float32 in their input's shape; None for an input
-    that was None. ``checkpoints`` (CPU): selective_scan_fwd_ck's third output, which
+    that was None. ``checkpoints`` (CPU and CUDA): selective_scan_fwd_ck's third output, which
     saves recomputing the chunk-start states (an empty tensor counts as None)."""
 
 def selective_state_update(
