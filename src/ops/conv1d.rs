@@ -275,6 +275,8 @@ pub fn plan_conv_bwd(
 }
 
 #[cfg(feature = "python")]
+pub(crate) use py::activation_arg;
+#[cfg(feature = "python")]
 pub use py::register;
 
 #[cfg(feature = "python")]
@@ -289,7 +291,7 @@ mod py {
     use pyo3::types::{PyString, PyTuple};
 
     /// `activation` read by hand, so that a non-string names the argument.
-    fn activation_arg(a: Option<&Bound<'_, PyAny>>) -> Result<bool> {
+    pub(crate) fn activation_arg(a: Option<&Bound<'_, PyAny>>) -> Result<bool> {
         match a {
             None => Ok(false),
             Some(o) if o.is_none() => Ok(false),

@@ -8,6 +8,8 @@ use crate::cpu::conv_scan::ConvScanJob;
 use crate::cuda::conv_scan::ConvScanFwdParams;
 use crate::error::Result;
 use crate::ops::conv1d::{check_conv, ConvArgs};
+#[cfg(feature = "python")]
+use crate::ops::scan::ScanViews;
 use crate::ops::scan::{check_scan, plan_scan, plan_scan_cuda, ScanArgs, ScanDims};
 use crate::tensor::TensorView;
 
@@ -83,30 +85,12 @@ mod py {
     use super::*;
     use crate::cpu::conv_scan::conv_scan_forward;
     use crate::cpu::SimdLevel;
-    use crate::error::{catch_panic, Error};
-    use crate::ops::conv1d::parse_activation;
+    use crate::error::catch_panic;
+    use crate::ops::conv1d::activation_arg;
     use crate::ops::scan::check_backend;
     use crate::tensor::{alloc, current_stream, extract, extract_opt, DType, Device};
     use pyo3::prelude::*;
-    use pyo3::types::{PyString, PyTuple};
-
-    /// `activation` read by hand, so that a non-string names the argument.
-    fn activation_arg(a: Option<&Bound<'_, PyAny>>) -> Result<bool> {
-        match a {
-            None => Ok(false),
-            Some(o) if o.is_none() => Ok(false),
-            Some(o) => match o.cast::<PyString>() {
-                Ok(s) => parse_activation(Some(&s.to_string_lossy())),
-                Err(_) => Err(Error::type_(format!(
-                    "activation: expected None, \"silu\" or \"swish\", got an object of type {}",
-                    o.get_type()
-                        .name()
-                        .map(|n| n.to_string())
-                        .unwrap_or_else(|_| "?".into())
-                ))),
-            },
-        }
-    }
+    use pyo3::types::PyTuple;
 
     /// Fused causal conv1d + selective scan forward; see
     /// `mamba_attention.ops.conv_selective_scan_fn`.
@@ -131,36 +115,18 @@ mod py {
         initial_state: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let silu = activation_arg(activation)?;
-        let xv = extract("x", x)?;
+        let v = ScanViews::extract("x", x, delta, A, B, C, D, z, delta_bias, initial_state)?;
         let wv = extract("conv_weight", conv_weight)?;
         let cbv = extract_opt("conv_bias", conv_bias)?;
-        let dv = extract("delta", delta)?;
-        let av = extract("A", A)?;
-        let bv = extract("B", B)?;
-        let cv = extract("C", C)?;
-        let dsk = extract_opt("D", D)?;
-        let zv = extract_opt("z", z)?;
-        let bias = extract_opt("delta_bias", delta_bias)?;
-        let init = extract_opt("initial_state", initial_state)?;
-        let args = ScanArgs {
-            u: &xv,
-            delta: &dv,
-            a: &av,
-            b: &bv,
-            c: &cv,
-            d: dsk.as_ref(),
-            z: zv.as_ref(),
-            delta_bias: bias.as_ref(),
-            initial_state: init.as_ref(),
-        };
-        check_backend(&xv)?;
+        let (args, xv) = (v.args(), &v.u);
+        check_backend(xv)?;
         let (dims, w) = check_conv_scan(&args, &wv, cbv.as_ref())?;
-        let (out_obj, out) = alloc("out", x, &xv, &[dims.b, dims.d, dims.l], None)?;
+        let (out_obj, out) = alloc("out", x, xv, &[dims.b, dims.d, dims.l], None)?;
         let last = if return_last_state {
             Some(alloc(
                 "last_state",
                 x,
-                &xv,
+                xv,
                 &[dims.b, dims.d, dims.n],
                 Some(DType::F32),
             )?)

@@ -437,6 +437,70 @@ pub fn plan_update_cuda(
     }
 }
 
+/// The inputs of a selective scan read from Python objects, named as in
+/// `selective_scan_fn` (the fused conv+scan passes "x" for u): what
+/// `selective_scan_fwd`, `selective_scan_fwd_ck`, `selective_scan_bwd` and
+/// `conv_selective_scan_fwd` share.
+#[cfg(feature = "python")]
+pub struct ScanViews {
+    pub u: TensorView,
+    pub delta: TensorView,
+    pub a: TensorView,
+    pub b: TensorView,
+    pub c: TensorView,
+    pub d: Option<TensorView>,
+    pub z: Option<TensorView>,
+    pub delta_bias: Option<TensorView>,
+    pub initial_state: Option<TensorView>,
+}
+
+#[cfg(feature = "python")]
+impl ScanViews {
+    /// Extracts every input (in argument order, so the first bad one is the
+    /// one named); no shape checks yet (`check_scan` does those).
+    #[allow(clippy::too_many_arguments)]
+    pub fn extract(
+        u_name: &'static str,
+        u: &pyo3::Bound<'_, pyo3::PyAny>,
+        delta: &pyo3::Bound<'_, pyo3::PyAny>,
+        a: &pyo3::Bound<'_, pyo3::PyAny>,
+        b: &pyo3::Bound<'_, pyo3::PyAny>,
+        c: &pyo3::Bound<'_, pyo3::PyAny>,
+        d: Option<&pyo3::Bound<'_, pyo3::PyAny>>,
+        z: Option<&pyo3::Bound<'_, pyo3::PyAny>>,
+        delta_bias: Option<&pyo3::Bound<'_, pyo3::PyAny>>,
+        initial_state: Option<&pyo3::Bound<'_, pyo3::PyAny>>,
+    ) -> Result<Self> {
+        use crate::tensor::{extract, extract_opt};
+        Ok(ScanViews {
+            u: extract(u_name, u)?,
+            delta: extract("delta", delta)?,
+            a: extract("A", a)?,
+            b: extract("B", b)?,
+            c: extract("C", c)?,
+            d: extract_opt("D", d)?,
+            z: extract_opt("z", z)?,
+            delta_bias: extract_opt("delta_bias", delta_bias)?,
+            initial_state: extract_opt("initial_state", initial_state)?,
+        })
+    }
+
+    /// The views as `ScanArgs`.
+    pub fn args(&self) -> ScanArgs<'_> {
+        ScanArgs {
+            u: &self.u,
+            delta: &self.delta,
+            a: &self.a,
+            b: &self.b,
+            c: &self.c,
+            d: self.d.as_ref(),
+            z: self.z.as_ref(),
+            delta_bias: self.delta_bias.as_ref(),
+            initial_state: self.initial_state.as_ref(),
+        }
+    }
+}
+
 #[cfg(feature = "python")]
 pub use py::register;
 
@@ -468,34 +532,16 @@ mod py {
         return_last_state: bool,
         initial_state: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let uv = extract("u", u)?;
-        let dv = extract("delta", delta)?;
-        let av = extract("A", A)?;
-        let bv = extract("B", B)?;
-        let cv = extract("C", C)?;
-        let dsk = extract_opt("D", D)?;
-        let zv = extract_opt("z", z)?;
-        let bias = extract_opt("delta_bias", delta_bias)?;
-        let init = extract_opt("initial_state", initial_state)?;
-        let args = ScanArgs {
-            u: &uv,
-            delta: &dv,
-            a: &av,
-            b: &bv,
-            c: &cv,
-            d: dsk.as_ref(),
-            z: zv.as_ref(),
-            delta_bias: bias.as_ref(),
-            initial_state: init.as_ref(),
-        };
+        let v = ScanViews::extract("u", u, delta, A, B, C, D, z, delta_bias, initial_state)?;
+        let (args, uv) = (v.args(), &v.u);
         let dims = check_scan(&args)?;
-        check_backend(&uv)?;
-        let (out_obj, out) = alloc("out", u, &uv, &[dims.b, dims.d, dims.l], None)?;
+        check_backend(uv)?;
+        let (out_obj, out) = alloc("out", u, uv, &[dims.b, dims.d, dims.l], None)?;
         let last = if return_last_state {
             Some(alloc(
                 "last_state",
                 u,
-                &uv,
+                uv,
                 &[dims.b, dims.d, dims.n],
                 Some(DType::F32),
             )?)

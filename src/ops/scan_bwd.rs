@@ -3,6 +3,8 @@
 
 use crate::cpu::scan_bwd::{BcGrad, BwdJob};
 use crate::error::Result;
+#[cfg(feature = "python")]
+use crate::ops::scan::ScanViews;
 use crate::ops::scan::{check_scan, plan_scan, ScanArgs, ScanDims};
 use crate::tensor::{Raw, TensorView};
 
@@ -170,15 +172,9 @@ mod py {
         dlast_state: Option<&Bound<'py, PyAny>>,
         checkpoints: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let uv = extract("u", u)?;
-        let dv = extract("delta", delta)?;
-        let av = extract("A", A)?;
-        let bv = extract("B", B)?;
-        let cv = extract("C", C)?;
-        let dsk = extract_opt("D", D)?;
-        let zv = extract_opt("z", z)?;
-        let bias = extract_opt("delta_bias", delta_bias)?;
-        let init = extract_opt("initial_state", initial_state)?;
+        let v = ScanViews::extract("u", u, delta, A, B, C, D, z, delta_bias, initial_state)?;
+        let (uv, bv, cv) = (&v.u, &v.b, &v.c);
+        let (dsk, zv, bias, init) = (&v.d, &v.z, &v.delta_bias, &v.initial_state);
         let Some(dout) = dout.filter(|o| !o.is_none()) else {
             return Err(
                 Error::type_("dout: expected a tensor of shape (b, d, l), got None").into(),
@@ -186,17 +182,7 @@ mod py {
         };
         let gv = extract("dout", dout)?;
         let glast = extract_opt("dlast_state", dlast_state)?;
-        let args = ScanArgs {
-            u: &uv,
-            delta: &dv,
-            a: &av,
-            b: &bv,
-            c: &cv,
-            d: dsk.as_ref(),
-            z: zv.as_ref(),
-            delta_bias: bias.as_ref(),
-            initial_state: init.as_ref(),
-        };
+        let args = v.args();
         let dims = check_scan_bwd(&args, &gv, glast.as_ref())?;
         // The forward's checkpoints (`selective_scan_fwd_ck`); an empty tensor
         // counts as None (the autograd op's placeholder on CUDA).
@@ -204,22 +190,22 @@ mod py {
         let ckp = match (&ckv, uv.device) {
             (Some(t), Device::Cpu) => Some(crate::ops::scan_ck::check_checkpoints(t, dims)?),
             (Some(t), dev) => {
-                crate::ops::scan_ck::check_checkpoints_cuda(t, dims, dev, &bv, &cv)?;
+                crate::ops::scan_ck::check_checkpoints_cuda(t, dims, dev, bv, cv)?;
                 None
             }
             (None, _) => None,
         };
-        crate::ops::scan::check_backend(&uv)?;
+        crate::ops::scan::check_backend(uv)?;
         let ScanDims { b, d, l, n } = dims;
         let f32_ = Some(DType::F32);
-        let (du_o, du) = alloc("du", u, &uv, &[b, d, l], None)?;
-        let (ddelta_o, ddelta) = alloc("ddelta", u, &uv, &[b, d, l], None)?;
-        let (da_o, da) = alloc("dA", u, &uv, &[d, n], f32_)?;
-        let (db_o, db) = alloc("dB", u, &uv, &bv.shape, f32_)?;
-        let (dc_o, dc) = alloc("dC", u, &uv, &cv.shape, f32_)?;
+        let (du_o, du) = alloc("du", u, uv, &[b, d, l], None)?;
+        let (ddelta_o, ddelta) = alloc("ddelta", u, uv, &[b, d, l], None)?;
+        let (da_o, da) = alloc("dA", u, uv, &[d, n], f32_)?;
+        let (db_o, db) = alloc("dB", u, uv, &bv.shape, f32_)?;
+        let (dc_o, dc) = alloc("dC", u, uv, &cv.shape, f32_)?;
         let opt = |on: bool, name, shape: &[usize], dtype| -> PyResult<_> {
             Ok(if on {
-                Some(alloc(name, u, &uv, shape, dtype)?)
+                Some(alloc(name, u, uv, shape, dtype)?)
             } else {
                 None
             })
@@ -258,13 +244,13 @@ mod py {
                 for o in zero {
                     o.call_method0("zero_")?;
                 }
-                let (_, gb) = crate::cuda::scan::scan_bc(&bv);
-                let (_, gc) = crate::cuda::scan::scan_bc(&cv);
+                let (_, gb) = crate::cuda::scan::scan_bc(bv);
+                let (_, gc) = crate::cuda::scan::scan_bc(cv);
                 let fast = crate::cuda::scan_bwd::use_fast(d, n, gb, gc);
                 let nchunks = crate::cuda::scan_bwd::bwd_chunks(l, fast);
                 // the forward's checkpoints (checked above) stand in for the scratch
                 let scratch = if nchunks > 1 && ckv.is_none() {
-                    Some(alloc("scratch", u, &uv, &[b, d, nchunks, n], f32_)?)
+                    Some(alloc("scratch", u, uv, &[b, d, nchunks, n], f32_)?)
                 } else {
                     None
                 };

@@ -88,8 +88,8 @@ mod py {
     use crate::cpu::scan::scan_forward_ck;
     use crate::cpu::SimdLevel;
     use crate::error::catch_panic;
-    use crate::ops::scan::{check_backend, check_scan, plan_scan, ScanArgs};
-    use crate::tensor::{alloc, current_stream, extract, extract_opt};
+    use crate::ops::scan::{check_backend, check_scan, plan_scan, ScanViews};
+    use crate::tensor::{alloc, current_stream};
     use pyo3::prelude::*;
     use pyo3::types::PyTuple;
 
@@ -114,43 +114,25 @@ mod py {
         delta_softplus: bool,
         initial_state: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let uv = extract("u", u)?;
-        let dv = extract("delta", delta)?;
-        let av = extract("A", A)?;
-        let bv = extract("B", B)?;
-        let cv = extract("C", C)?;
-        let dsk = extract_opt("D", D)?;
-        let zv = extract_opt("z", z)?;
-        let bias = extract_opt("delta_bias", delta_bias)?;
-        let init = extract_opt("initial_state", initial_state)?;
-        let args = ScanArgs {
-            u: &uv,
-            delta: &dv,
-            a: &av,
-            b: &bv,
-            c: &cv,
-            d: dsk.as_ref(),
-            z: zv.as_ref(),
-            delta_bias: bias.as_ref(),
-            initial_state: init.as_ref(),
-        };
+        let v = ScanViews::extract("u", u, delta, A, B, C, D, z, delta_bias, initial_state)?;
+        let (args, uv, bv, cv) = (v.args(), &v.u, &v.b, &v.c);
         let dims = check_scan(&args)?;
-        check_backend(&uv)?;
+        check_backend(uv)?;
         let ScanDims { b, d, l, n } = dims;
         let f32_ = Some(DType::F32);
         if let Device::Cuda(ord) = uv.device {
-            let ck_on = cuda_checkpoints(&bv, &cv, dims);
+            let ck_on = cuda_checkpoints(bv, cv, dims);
             let nch = if ck_on {
                 l.div_ceil(crate::cuda::scan::CK_CHUNK)
             } else {
                 0
             };
-            let (out_o, out) = alloc("out", u, &uv, &[b, d, l], None)?;
-            let (last_o, last) = alloc("last_state", u, &uv, &[b, d, n], f32_)?;
+            let (out_o, out) = alloc("out", u, uv, &[b, d, l], None)?;
+            let (last_o, last) = alloc("last_state", u, uv, &[b, d, n], f32_)?;
             let (ck_o, ck) = if ck_on {
-                alloc("checkpoints", u, &uv, &[b, d, nch, n], f32_)?
+                alloc("checkpoints", u, uv, &[b, d, nch, n], f32_)?
             } else {
-                alloc("checkpoints", u, &uv, &[0], f32_)?
+                alloc("checkpoints", u, uv, &[0], f32_)?
             };
             let stream = current_stream(py, ord)?;
             let s =
@@ -172,9 +154,9 @@ mod py {
             return PyTuple::new(py, [out_o, last_o, ck_o]);
         }
         let nch = l.div_ceil(checkpoint_chunk(b, d, n, l));
-        let (out_o, out) = alloc("out", u, &uv, &[b, d, l], None)?;
-        let (last_o, last) = alloc("last_state", u, &uv, &[b, d, n], f32_)?;
-        let (ck_o, ck) = alloc("checkpoints", u, &uv, &[b, d, nch, n], f32_)?;
+        let (out_o, out) = alloc("out", u, uv, &[b, d, l], None)?;
+        let (last_o, last) = alloc("last_state", u, uv, &[b, d, n], f32_)?;
+        let (ck_o, ck) = alloc("checkpoints", u, uv, &[b, d, nch, n], f32_)?;
         let ckp = check_checkpoints(&ck, dims)?;
         let level = SimdLevel::current()?;
         let job = plan_scan(&args, dims, delta_softplus, &out, Some(&last));
