@@ -383,6 +383,33 @@ unsafe fn scan_block<S: Simd>(ctx: &BlockCtx) {
     let mut t = ctx.t0;
     while t < ctx.t1 {
         let tt = T.min(ctx.t1 - t);
+        // Prefetch the next tile's rows and the lines its outputs will be
+        // stored to (out, and the checkpoints of the training forward).
+        let tn = t + tt;
+        if tn < ctx.t1 {
+            let nt = T.min(ctx.t1 - tn);
+            for r in [
+                Some(&job.u),
+                Some(&job.delta),
+                job.z.as_ref(),
+                Some(&job.out),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                prefetch_rows(r, ctx.bi, ctx.c0, len, tn, nt);
+            }
+            if let Some(ck) = ctx.ck {
+                let nch = job.l.div_ceil(ck.ts);
+                let (j0, j1) = (tn / ck.ts, (tn + nt).div_ceil(ck.ts));
+                let row = Raw {
+                    ptr: ck.ptr,
+                    dtype: DType::F32,
+                    strides: [(job.d * nch * n) as isize, (nch * n) as isize, 1],
+                };
+                prefetch_rows(&row, ctx.bi, ctx.c0, len, j0 * n, (j1 - j0) * n);
+            }
+        }
         load_tile::<S>(&job.u, ctx.bi, ctx.c0, len, t, tt, lanes, &mut ut);
         load_tile::<S>(&job.delta, ctx.bi, ctx.c0, len, t, tt, lanes, &mut dt);
         // Δ = softplus(delta + bias): once per (t, channel), vectorised.
@@ -497,6 +524,29 @@ unsafe fn scan_block<S: Simd>(ctx: &BlockCtx) {
                     last.dtype,
                     last.strides[2],
                 );
+            }
+        }
+    }
+}
+
+/// Prefetches (into L2) every 64-byte line of rows [c0, c0+len) × [t, t+tt)
+/// of a (b, d, l) tensor with unit time stride.
+#[inline(always)]
+pub(crate) fn prefetch_rows(r: &Raw<3>, bi: usize, c0: usize, len: usize, t: usize, tt: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if r.strides[2] == 1 && tt > 0 {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let p = addr(r, [bi, c0, t]);
+        let bytes = tt * r.dtype.size();
+        let row = r.strides[1] * r.dtype.size() as isize;
+        for j in 0..len as isize {
+            let q = (p as isize + j * row) as usize;
+            // Every line the range touches: from q's line to its last byte's.
+            let mut a = q & !63;
+            while a < q + bytes {
+                // SAFETY: prefetches never fault.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(a as *const i8) };
+                a += 64;
             }
         }
     }

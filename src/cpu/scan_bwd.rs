@@ -713,6 +713,16 @@ unsafe fn pass2_task<S: BwdSimd>(c: &Pass2) {
                 {
                     prefetch_tile(r, c.bi, c0, len, ns, nt);
                 }
+                // And the lines of its outputs: their stores would otherwise
+                // each wait for a line from DRAM (112 rows walked backwards are
+                // too many streams for the hardware prefetchers). Measured
+                // (bench_c1, 1 thread, Intel Xeon host): 76 -> 67.5 CPU ms.
+                for r in [Some(&bj.du), Some(&bj.ddelta), bj.dz.as_ref()]
+                    .into_iter()
+                    .flatten()
+                {
+                    prefetch_tile(r, c.bi, c0, len, ns, nt);
+                }
             }
             sub_block::<S>(c, &mut sc, blk, j, s0, ts.min(job.l - s0));
         }
