@@ -399,7 +399,9 @@ unsafe fn scan_block<S: Simd>(ctx: &BlockCtx) {
             {
                 prefetch_rows(r, ctx.bi, ctx.c0, len, tn, nt);
             }
-            if let Some(ck) = ctx.ck {
+            // (Not the checkpoints' lines when they are streamed.)
+            let streamed = ck_streaming::<S>(n, len, std::ptr::null(), 0);
+            if let Some(ck) = ctx.ck.filter(|_| !streamed) {
                 let nch = job.l.div_ceil(ck.ts);
                 let (j0, j1) = (tn / ck.ts, (tn + nt).div_ceil(ck.ts));
                 let row = Raw {
@@ -511,6 +513,11 @@ unsafe fn scan_block<S: Simd>(ctx: &BlockCtx) {
         t += tt;
     }
 
+    #[cfg(target_arch = "x86_64")]
+    if ctx.ck.is_some() && S::LANES == 16 {
+        // Order the non-temporal checkpoint stores before the task ends.
+        std::arch::x86_64::_mm_sfence();
+    }
     if ctx.last_chunk {
         if let Some(last) = &job.last {
             let mut row = [0.0f32; MAX_N];
@@ -552,6 +559,18 @@ pub(crate) fn prefetch_rows(r: &Raw<3>, bi: usize, c0: usize, len: usize, t: usi
     }
 }
 
+/// Whether `store_checkpoint` can write whole lines with non-temporal stores:
+/// AVX-512 (16 lanes), n = 16, a full block, 64-byte aligned rows.
+#[inline(always)]
+fn ck_streaming<S: Simd>(n: usize, len: usize, dst: *const f32, row: usize) -> bool {
+    cfg!(target_arch = "x86_64")
+        && S::LANES == 16
+        && n == 16
+        && len == 16
+        && (dst as usize).is_multiple_of(64)
+        && (row * 4).is_multiple_of(64)
+}
+
 /// Writes the block state h ([n][LANES]) to rows `dst + j·row` (channel j <
 /// len, float32 [n] each) of the checkpoint tensor.
 #[inline(always)]
@@ -563,6 +582,27 @@ unsafe fn store_checkpoint<S: Simd>(
     row: usize,
 ) {
     let lanes = S::LANES;
+    #[cfg(target_arch = "x86_64")]
+    if ck_streaming::<S>(n, len, dst, row) {
+        // Whole 64-byte lines: transpose on the stack, then non-temporal
+        // stores (the backward reads them much later; no read for ownership).
+        use std::arch::x86_64::{_mm512_loadu_ps, _mm512_stream_ps};
+        let mut tmp = [0.0f32; 256];
+        for k0 in (0..16).step_by(8) {
+            for j0 in (0..16).step_by(8) {
+                S::transpose8(
+                    h.add(k0 * 16 + j0),
+                    16,
+                    tmp.as_mut_ptr().add(j0 * 16 + k0),
+                    16,
+                );
+            }
+        }
+        for j in 0..16 {
+            _mm512_stream_ps(dst.add(j * row), _mm512_loadu_ps(tmp.as_ptr().add(j * 16)));
+        }
+        return;
+    }
     if S::AVX && len == lanes && n.is_multiple_of(8) {
         for k0 in (0..n).step_by(8) {
             for j0 in (0..lanes).step_by(8) {

@@ -723,6 +723,17 @@ unsafe fn pass2_task<S: BwdSimd>(c: &Pass2) {
                 {
                     prefetch_tile(r, c.bi, c0, len, ns, nt);
                 }
+                // And its checkpoint rows (one [n] row per channel).
+                if !c.ext.is_null() {
+                    let n = job.n;
+                    let nch = job.l.div_ceil(ts);
+                    let row = Raw {
+                        ptr: c.ext as usize,
+                        dtype: DType::F32,
+                        strides: [(job.d * nch * n) as isize, (nch * n) as isize, 1],
+                    };
+                    prefetch_tile(&row, c.bi, c0, len, ns / ts * n, n);
+                }
             }
             sub_block::<S>(c, &mut sc, blk, j, s0, ts.min(job.l - s0));
         }
