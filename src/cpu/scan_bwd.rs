@@ -262,6 +262,62 @@ unsafe fn store_tile<S: Simd>(
     }
 }
 
+/// Whether `store_tile_nt` streams tiles of `r`: AVX-512, float32 rows of
+/// whole, aligned 64-byte lines (16 steps of a 64-byte aligned tensor whose
+/// rows are a multiple of 16 floats).
+#[inline(always)]
+fn streams_tiles<S: Simd>(r: &Raw<3>, ts: usize) -> bool {
+    cfg!(target_arch = "x86_64")
+        && S::LANES == 16
+        && ts == 16
+        && r.dtype == DType::F32
+        && r.strides[2] == 1
+        && r.ptr.is_multiple_of(64)
+        && r.strides[1].rem_euclid(16) == 0
+        && r.strides[0].rem_euclid(16) == 0
+}
+
+/// `store_tile` with non-temporal stores when `streams_tiles` allows and the
+/// tile is whole (16 lanes × 16 steps): the outputs are not read again here,
+/// and streaming them skips the read for ownership of every line.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_tile_nt<S: Simd>(
+    r: &Raw<3>,
+    bi: usize,
+    c0: usize,
+    len: usize,
+    t: usize,
+    tt: usize,
+    tile: *const f32,
+    ts: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if len == 16 && tt == 16 && streams_tiles::<S>(r, ts) {
+        use std::arch::x86_64::{_mm512_loadu_ps, _mm512_stream_ps};
+        let base = addr(r, [bi, c0, t]) as *mut f32;
+        let mut tmp = [0.0f32; 256];
+        for j0 in (0..16).step_by(8) {
+            for s0 in (0..16).step_by(8) {
+                S::transpose8(
+                    tile.add(s0 * 16 + j0),
+                    16,
+                    tmp.as_mut_ptr().add(j0 * 16 + s0),
+                    16,
+                );
+            }
+        }
+        for j in 0..16 {
+            _mm512_stream_ps(
+                base.offset(j as isize * r.strides[1]),
+                _mm512_loadu_ps(tmp.as_ptr().add(j * 16)),
+            );
+        }
+        return;
+    }
+    store_tile::<S>(r, bi, c0, len, t, tt, tile)
+}
+
 /// Prefetches the rows of a tile (contiguous in time). Pass 2 visits tiles
 /// out of memory order (blocks within a sub-chunk, sub-chunks backwards), one
 /// cache line per row, which the hardware prefetchers cannot predict.
@@ -721,7 +777,9 @@ unsafe fn pass2_task<S: BwdSimd>(c: &Pass2) {
                     .into_iter()
                     .flatten()
                 {
-                    prefetch_tile(r, c.bi, c0, len, ns, nt);
+                    if !(len == 16 && nt == 16 && streams_tiles::<S>(r, ts)) {
+                        prefetch_tile(r, c.bi, c0, len, ns, nt);
+                    }
                 }
                 // And its checkpoint rows (one [n] row per channel).
                 if !c.ext.is_null() {
@@ -737,6 +795,11 @@ unsafe fn pass2_task<S: BwdSimd>(c: &Pass2) {
             }
             sub_block::<S>(c, &mut sc, blk, j, s0, ts.min(job.l - s0));
         }
+    }
+    // Order the non-temporal stores of `store_tile_nt` before the task ends.
+    #[cfg(target_arch = "x86_64")]
+    if S::LANES == 16 {
+        std::arch::x86_64::_mm_sfence();
     }
 }
 
@@ -888,10 +951,10 @@ unsafe fn sub_block<S: BwdSimd>(
     }
     S::store(st.add(4 * hsz), sdd);
     S::store(st.add(4 * hsz + l), sdb);
-    store_tile::<S>(&bj.du, bi, c0, len, s0, tt, ot);
-    store_tile::<S>(&bj.ddelta, bi, c0, len, s0, tt, ut);
+    store_tile_nt::<S>(&bj.du, bi, c0, len, s0, tt, ot, c.ts);
+    store_tile_nt::<S>(&bj.ddelta, bi, c0, len, s0, tt, ut, c.ts);
     if let Some(dz) = &bj.dz {
-        store_tile::<S>(dz, bi, c0, len, s0, tt, zt);
+        store_tile_nt::<S>(dz, bi, c0, len, s0, tt, zt, c.ts);
     }
 }
 
