@@ -758,18 +758,24 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 #define SF_PF 0        // prefetch the next chunk's rows and B/C into L2 after staging a chunk (pre-pass kernel)
 #endif
 #ifndef SF_PF_CK
-#define SF_PF_CK 1     // the same in selective_scan_bwd_fast_ck (no pre-pass)
+#define SF_PF_CK 0     // the same in selective_scan_bwd_fast_ck (no pre-pass; measured slower, see below)
 #endif
-// SF_HRE: the chunk's start state re-read from the checkpoints at sub-chunk 0
-// instead of held in 4 registers through the chunk. Only a register-allocation
-// knob (same results): the default is the setting without a stack frame for
-// each architecture with NVRTC 13 (sm_90: 1, sm_80: 0; nvrtc_check.py).
+// SF_HRE (selective_scan_bwd_fast) / SF_HRE_CK (..._fast_ck): the chunk's
+// start state re-read from the scratch / checkpoints at sub-chunk 0 instead of
+// held in 4 registers through the chunk. Only a register-allocation knob (same
+// results). fast: the setting without a stack frame for each architecture
+// with NVRTC 13.2 (sm_90: 1, sm_80: 0; nvrtc_check.py). fast_ck: 0, measured
+// faster on the H100 (G2 shape: 1.222 ms with SF_HRE_CK = 0 and SF_PF_CK = 0,
+// 1.246 with 0 / 1, 1.282 with 1 / 1, 1.281 with 1 / 0; all 0 B stack frame).
 #ifndef SF_HRE
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define SF_HRE 1
 #else
 #define SF_HRE 0
 #endif
+#endif
+#ifndef SF_HRE_CK
+#define SF_HRE_CK 0
 #endif
 #define SF_LN2 0.6931471805599453f
 
@@ -1032,6 +1038,7 @@ __device__ __forceinline__ void fwd4(float (&h)[4], const Sm& s, int ch, int q, 
 template <bool PRE>
 __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
     constexpr bool PF = PRE ? SF_PF : SF_PF_CK;
+    constexpr bool HRE = PRE ? SF_HRE : SF_HRE_CK;
     extern __shared__ float4 smem4[];
     Sm s;
     s.sB = reinterpret_cast<float*>(smem4);
@@ -1133,21 +1140,17 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                        ? h_init(i)
                        : scr[srow + (i64)j * p.scratch.stride[2] + (i64)(4 * q + i) * p.scratch.stride[3]];
         };
-#if !SF_HRE
-        float hc0[4];
+        float hc0[4];  // held through the chunk unless HRE
 #pragma unroll
-        for (int i = 0; i < 4; i++) hc0[i] = h_chunk(i);
-#endif
+        for (int i = 0; i < 4; i++) hc0[i] = HRE ? 0.0f : h_chunk(i);
         __syncthreads();
         stage<true>(p, s, bi, c0, grpB, grpC, t0, tid);
         __syncthreads();
         if (PF && j > 0) prefetch<true>(p, bi, c0, grpB, grpC, t0 - SF_T, tid);
         {  // states at the sub-chunk starts
-#if SF_HRE
-            float h[4] = {h_chunk(0), h_chunk(1), h_chunk(2), h_chunk(3)};
-#else
-            float h[4] = {hc0[0], hc0[1], hc0[2], hc0[3]};
-#endif
+            float h[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) h[i] = HRE ? h_chunk(i) : hc0[i];
 #pragma unroll 1
             for (int sc = 0; sc + 1 < SF_NSUB; sc++) {
                 fwd4(h, s, ch, q, sc * SF_S, A2);
@@ -1160,13 +1163,7 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
             float hh[5][4], a[4][4];
             if (sc == 0) {
 #pragma unroll
-                for (int k = 0; k < 4; k++) {
-#if SF_HRE
-                    hh[0][k] = h_chunk(k);
-#else
-                    hh[0][k] = hc0[k];
-#endif
-                }
+                for (int k = 0; k < 4; k++) hh[0][k] = HRE ? h_chunk(k) : hc0[k];
             } else {
                 const float4 h4 = s.hst[(sc - 1) * SF_THREADS + tid];
                 hh[0][0] = h4.x; hh[0][1] = h4.y; hh[0][2] = h4.z; hh[0][3] = h4.w;
