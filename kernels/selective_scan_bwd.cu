@@ -9,7 +9,9 @@
 // and C whose groups hold whole blocks of 32 channels (G2 and every usual
 // Mamba layout), and selective_scan_bwd (time-parallel within a warp, below)
 // for everything else (n > 16, constant (d, n) B or C, groups that straddle
-// blocks of 32 channels). src/cuda/scan_bwd.rs (use_fast) picks one.
+// blocks of 32 channels). src/cuda/scan_bwd.rs (use_fast) picks one; the
+// fast path runs selective_scan_bwd_fast_ck (the same without the forward
+// pre-pass) when it is given the forward's checkpoints (ck_given = 1).
 //
 // ============================================================================
 // KERNEL AND LAUNCH CONFIGURATION (the host must follow this exactly)
