@@ -9,7 +9,9 @@
 // and C whose groups hold whole blocks of 32 channels (G2 and every usual
 // Mamba layout), and selective_scan_bwd (time-parallel within a warp, below)
 // for everything else (n > 16, constant (d, n) B or C, groups that straddle
-// blocks of 32 channels). src/cuda/scan_bwd.rs (use_fast) picks one.
+// blocks of 32 channels). src/cuda/scan_bwd.rs (use_fast) picks one; the
+// fast path runs selective_scan_bwd_fast_ck (the same without the forward
+// pre-pass) when it is given the forward's checkpoints (ck_given = 1).
 //
 // ============================================================================
 // KERNEL AND LAUNCH CONFIGURATION (the host must follow this exactly)
@@ -755,7 +757,27 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 #define SF_FSIG 1      // sigmoid in the staging with __fdividef (MUFU.RCP) instead of an IEEE division
 #endif
 #ifndef SF_PF
-#define SF_PF 0        // prefetch the next chunk's rows and B/C into L2 after staging a chunk
+#define SF_PF 0        // prefetch the next chunk's rows and B/C into L2 after staging a chunk (pre-pass kernel)
+#endif
+#ifndef SF_PF_CK
+#define SF_PF_CK 0     // the same in selective_scan_bwd_fast_ck (no pre-pass; measured slower, see below)
+#endif
+// SF_HRE (selective_scan_bwd_fast) / SF_HRE_CK (..._fast_ck): the chunk's
+// start state re-read from the scratch / checkpoints at sub-chunk 0 instead of
+// held in 4 registers through the chunk. Only a register-allocation knob (same
+// results). fast: the setting without a stack frame for each architecture
+// with NVRTC 13.2 (sm_90: 1, sm_80: 0; nvrtc_check.py). fast_ck: 0, measured
+// faster on the H100 (G2 shape: 1.222 ms with SF_HRE_CK = 0 and SF_PF_CK = 0,
+// 1.246 with 0 / 1, 1.282 with 1 / 1, 1.281 with 1 / 0; all 0 B stack frame).
+#ifndef SF_HRE
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define SF_HRE 1
+#else
+#define SF_HRE 0
+#endif
+#endif
+#ifndef SF_HRE_CK
+#define SF_HRE_CK 0
 #endif
 #define SF_LN2 0.6931471805599453f
 
@@ -1013,7 +1035,12 @@ __device__ __forceinline__ void fwd4(float (&h)[4], const Sm& s, int ch, int q, 
     }
 }
 
+// PRE: with the forward pre-pass (skipped when p.ck_given); false: the
+// checkpoints must be given (selective_scan_bwd_fast_ck).
+template <bool PRE>
 __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
+    constexpr bool PF = PRE ? SF_PF : SF_PF_CK;
+    constexpr bool HRE = PRE ? SF_HRE : SF_HRE_CK;
     extern __shared__ float4 smem4[];
     Sm s;
     s.sB = reinterpret_cast<float*>(smem4);
@@ -1032,7 +1059,8 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
         const int c1 = min(c0 + SF_CPB, d) - 1;
         const bool ok = n >= 1 && n <= 16 && p.groups_b >= 1 && p.groups_c >= 1 &&
                         c0 / (d / p.groups_b) == c1 / (d / p.groups_b) &&
-                        c0 / (d / p.groups_c) == c1 / (d / p.groups_c);
+                        c0 / (d / p.groups_c) == c1 / (d / p.groups_c) &&
+                        (PRE || p.ck_given || p.nchunks <= 1);
         if (!ok) {  // block-uniform: the host broke the launch rules
             if (act && q == 0)
                 for (int t = 0; t < l; t++)
@@ -1068,14 +1096,14 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
 
     // ---- forward pre-pass: the states at the starts of chunks 1 .. nch-1
     // (skipped when the forward saved them: ck_given)
-    if (nch > 1 && !p.ck_given) {
+    if (PRE && nch > 1 && !p.ck_given) {
         float h[4] = {h_init(0), h_init(1), h_init(2), h_init(3)};
 #pragma unroll 1
         for (int j = 0; j + 1 < nch; j++) {
             __syncthreads();
             stage<false>(p, s, bi, c0, grpB, grpC, j * SF_T, tid);
             __syncthreads();
-            if (SF_PF) {
+            if (PF) {
                 if (j + 2 < nch) prefetch<false>(p, bi, c0, grpB, grpC, (j + 1) * SF_T, tid);
                 else prefetch<true>(p, bi, c0, grpB, grpC, (nch - 1) * SF_T, tid);
             }
@@ -1103,25 +1131,28 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
 #pragma unroll 1
     for (int j = nch - 1; j >= 0; j--) {
         const int t0 = j * SF_T;
-        float hc0[4];
-        {
-            // the row offset recomputed per chunk (opaque to hoisting: a loop-long
+        // the state before the chunk: the initial state or a checkpoint
+        auto h_chunk = [&](int i) -> float {
+            // the row offset recomputed per use (opaque to hoisting: a loop-long
             // 64-bit value would be spilled)
             int cc_o;
             asm volatile("mov.b32 %0, %1;" : "=r"(cc_o) : "r"(cc));
             const i64 srow = scr ? row_off(p.scratch, bi, cc_o) : 0;
+            return (j == 0 || 4 * q + i >= n || !act)
+                       ? h_init(i)
+                       : scr[srow + (i64)j * p.scratch.stride[2] + (i64)(4 * q + i) * p.scratch.stride[3]];
+        };
+        float hc0[4];  // held through the chunk unless HRE
 #pragma unroll
-            for (int i = 0; i < 4; i++)
-                hc0[i] = (j == 0 || 4 * q + i >= n || !act)
-                             ? h_init(i)
-                             : scr[srow + (i64)j * p.scratch.stride[2] + (i64)(4 * q + i) * p.scratch.stride[3]];
-        }
+        for (int i = 0; i < 4; i++) hc0[i] = HRE ? 0.0f : h_chunk(i);
         __syncthreads();
         stage<true>(p, s, bi, c0, grpB, grpC, t0, tid);
         __syncthreads();
-        if (SF_PF && j > 0) prefetch<true>(p, bi, c0, grpB, grpC, t0 - SF_T, tid);
+        if (PF && j > 0) prefetch<true>(p, bi, c0, grpB, grpC, t0 - SF_T, tid);
         {  // states at the sub-chunk starts
-            float h[4] = {hc0[0], hc0[1], hc0[2], hc0[3]};
+            float h[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) h[i] = HRE ? h_chunk(i) : hc0[i];
 #pragma unroll 1
             for (int sc = 0; sc + 1 < SF_NSUB; sc++) {
                 fwd4(h, s, ch, q, sc * SF_S, A2);
@@ -1134,7 +1165,7 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
             float hh[5][4], a[4][4];
             if (sc == 0) {
 #pragma unroll
-                for (int k = 0; k < 4; k++) hh[0][k] = hc0[k];
+                for (int k = 0; k < 4; k++) hh[0][k] = HRE ? h_chunk(k) : hc0[k];
             } else {
                 const float4 h4 = s.hst[(sc - 1) * SF_THREADS + tid];
                 hh[0][0] = h4.x; hh[0][1] = h4.y; hh[0][2] = h4.z; hh[0][3] = h4.w;
@@ -1282,4 +1313,9 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
 }  // namespace sbf
 
 extern "C" __global__ void __launch_bounds__(SF_THREADS, SF_MINB)
-selective_scan_bwd_fast(const __grid_constant__ ScanBwdParams p) { sbf::fast_entry(p); }
+selective_scan_bwd_fast(const __grid_constant__ ScanBwdParams p) { sbf::fast_entry<true>(p); }
+
+// The same without the pre-pass, for a launch with the forward's checkpoints
+// (p.ck_given = 1, p.scratch = the checkpoints; a launch without them poisons du).
+extern "C" __global__ void __launch_bounds__(SF_THREADS, SF_MINB)
+selective_scan_bwd_fast_ck(const __grid_constant__ ScanBwdParams p) { sbf::fast_entry<false>(p); }

@@ -424,6 +424,9 @@ __device__ __forceinline__ void store_last_state(const ScanFwdParams& p, int bi,
 // ----------------------------------------------------------------------------
 
 #define SCAN_CK_T 32
+#ifndef SCAN_CK_PAIR
+#define SCAN_CK_PAIR 1  // fast kernel, n = 16: the lane pair of a channel writes whole 32-byte sectors
+#endif
 
 template <int NS>
 struct CkRow {
@@ -453,6 +456,27 @@ struct CkRow {
 #pragma unroll
             for (int i = 0; i < NS; i++)
                 if (i < nvalid) q[i] = h[i];
+        }
+    }
+
+    // The fast kernel's store (NS = 8, lane pair sub = 0, 1 of a channel; all
+    // lanes of the warp call it). For n = 16 the pair swaps half of its
+    // states so that each of its two 16-byte stores fills one whole 32-byte
+    // sector with the partner (lane 0: states 0-3, then 8-11; lane 1: 4-7,
+    // then 12-15): 16 full sectors per warp store instead of 32 halves.
+    __device__ __forceinline__ void store_pair(const float (&h)[NS], int j, int sub) const {
+        if (SCAN_CK_PAIR && NS == 8 && n == 16) {
+            float x[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) x[i] = __shfl_xor_sync(SCAN_FULL, sub ? h[i] : h[4 + i], 1);
+            if (!on) return;
+            float* q = ptr + (i64)j * n;
+            const float4 lo = sub ? make_float4(x[0], x[1], x[2], x[3]) : make_float4(h[0], h[1], h[2], h[3]);
+            const float4 hi = sub ? make_float4(h[4], h[5], h[6], h[7]) : make_float4(x[0], x[1], x[2], x[3]);
+            *reinterpret_cast<float4*>(q + (sub ? -4 : 0)) = lo;
+            *reinterpret_cast<float4*>(q + (sub ? 4 : 8)) = hi;
+        } else {
+            store(h, j);
         }
     }
 };
@@ -895,7 +919,7 @@ __device__ __forceinline__ void fast_entry(const ScanFwdParams& p, const ConvSca
             }
             // CK: a checkpoint after every SCAN_CK_T steps (at the end of the
             // group's basic block; compiled out otherwise)
-            if (CK && ((t0 + 8) % SCAN_CK_T) == 0 && t0 + 8 < l) ckr.store(h, (t0 + 8) / SCAN_CK_T);
+            if (CK && ((t0 + 8) % SCAN_CK_T) == 0 && t0 + 8 < l) ckr.store_pair(h, (t0 + 8) / SCAN_CK_T, sub);
         }
 
         // Steps past the full groups, one at a time (the next step's inputs

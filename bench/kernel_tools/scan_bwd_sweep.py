@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Compile variants of kernels/selective_scan_bwd.cu (NVRTC -D knobs, and the
 kernel entry: v1 = selective_scan_bwd, v2 = selective_scan_bwd_v2, fast =
-selective_scan_bwd_fast), launch them
+selective_scan_bwd_fast, fastck = selective_scan_bwd_fast_ck given the
+forward's checkpoints, fast+ck = selective_scan_bwd_fast given them), launch them
 through the driver API on torch tensors, check each against the installed
 library's backward (itself checked against the float64 reference by
 tests/test_cuda_grad.py) on the G2 shape and on an odd layout, and time them at
@@ -30,7 +31,8 @@ NAMES = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dinit")
 
 class Params(ctypes.Structure):
     _fields_ = [(f, ctypes.c_int32) for f in ("b", "d", "l", "n", "groups_b", "groups_c", "softplus",
-                                               "nchunks")] + [(f, T4) for f in FIELDS]
+                                               "nchunks")] + [(f, T4) for f in FIELDS] + \
+        [("ck_given", ctypes.c_int32), ("_pad", ctypes.c_int32)]
 
 
 def bc4(t):
@@ -82,7 +84,8 @@ def launch_variant(spec, x):
     kv = dict(a.split("=") for a in defines)
     W, IT, KB = int(kv.get("SB_W", 8)), int(kv.get("SB_IT", 8)), int(kv.get("SB_KB", 16))
     CH = 32 * IT
-    if kern == "fast":  # the channel-parallel kernel: 32-step chunks
+    given = kern in ("fastck", "fast+ck")
+    if kern in ("fast", "fastck", "fast+ck"):  # the channel-parallel kernel: 32-step chunks
         CH = 32
     mod = gs.Module(os.path.join(gs.KDIR, "selective_scan_bwd.cu"), defines)
     b, d, l = x["u"].shape
@@ -93,8 +96,15 @@ def launch_variant(spec, x):
              dA=z(d, n), dB=z(*x["B"].shape), dC=z(*x["C"].shape), dD=z(d), ddelta_bias=z(d),
              dinit=z(b, d, n) if "initial_state" in x else None,
              scratch=torch.empty(b, d, nch, n, device="cuda") if nch > 1 else None)
+    if given:  # the forward's checkpoints stand in for the scratch
+        from mamba_attention import _core
+
+        o["scratch"] = _core.selective_scan_fwd_ck(
+            x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True,
+            x.get("initial_state"))[2]
     (tB, gB), (tC, gC) = bc4(x["B"]), bc4(x["C"])
     p = Params(b, d, l, n, gB, gC, 1, nch)
+    p.ck_given = int(given)
     for f in FIELDS:
         t = x.get(f, o.get(f))
         if t is not None:
@@ -106,8 +116,8 @@ def launch_variant(spec, x):
         smem += 4 * 2 * KB * (CH + 32)
         name = "selective_scan_bwd_v2"
     grid, block = ((d + W - 1) // W, b, 1), (32 * W, 1, 1)
-    if kern == "fast":
-        name = "selective_scan_bwd_fast"
+    if kern in ("fast", "fastck", "fast+ck"):
+        name = "selective_scan_bwd_fast_ck" if kern == "fastck" else "selective_scan_bwd_fast"
         smem = 4 * (2 * 16 * CH + 5 * 32 * CH + 4 * 128 * (CH // 4 - 1) + 2 * 32 * 64)
         grid, block = ((d + 31) // 32, b, 1), (128, 1, 1)
     f = mod.fn(name)

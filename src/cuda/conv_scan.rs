@@ -3,10 +3,7 @@
 //! struct of the same name there.
 
 use super::kernel;
-use super::scan::{
-    check_batch, fast_forward, lanes_per_channel, suffix, ScanFwdParams, Tensor4, SCAN_FAST_P,
-    SCAN_THREADS,
-};
+use super::scan::{check_batch, forward_kernel, ScanFwdParams, Tensor4, SCAN_THREADS};
 use crate::error::Result;
 use crate::tensor::DType;
 
@@ -34,27 +31,13 @@ pub fn conv_scan_forward(
     dtype: DType,
 ) -> Result<()> {
     check_batch(p.s.b)?;
-    let (name, grid_x) = if fast_forward(&p.s) {
-        let kw = if p.w <= 4 { 4 } else { 8 };
-        (
-            format!("selective_scan_fwd_conv{kw}_{}", suffix(dtype)),
-            (p.s.d as u32).div_ceil(SCAN_THREADS / SCAN_FAST_P),
-        )
-    } else {
-        let lanes = lanes_per_channel(p.s.n);
-        (
-            format!("selective_scan_fwd_conv_{}_general", suffix(dtype)),
-            (p.s.d as u32 * lanes).div_ceil(SCAN_THREADS),
-        )
-    };
+    let kw = if p.w <= 4 { 4 } else { 8 };
+    let (name, grid) = forward_kernel(
+        &p.s,
+        &format!("selective_scan_fwd_conv{kw}"),
+        "selective_scan_fwd_conv",
+        dtype,
+    );
     let k = kernel(ordinal, "selective_scan_fwd", &name)?;
-    unsafe {
-        k.launch(
-            (grid_x, p.s.b as u32, 1),
-            (SCAN_THREADS, 1, 1),
-            0,
-            stream,
-            p,
-        )
-    }
+    unsafe { k.launch(grid, (SCAN_THREADS, 1, 1), 0, stream, p) }
 }

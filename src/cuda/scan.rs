@@ -142,24 +142,39 @@ pub(crate) fn lanes_per_channel(n: i32) -> u32 {
     ((n.max(1) as u32).div_ceil(16)).next_power_of_two().min(32)
 }
 
-/// Launches the forward scan on `stream` of GPU `ordinal` (launch rules from
-/// the comment block of kernels/selective_scan_fwd.cu).
-pub fn scan_forward(ordinal: i32, stream: u64, p: &ScanFwdParams, dtype: DType) -> Result<()> {
-    check_batch(p.b)?;
+/// The forward kernel a launch picks and its grid (launch rules from the
+/// comment block of kernels/selective_scan_fwd.cu): `{fast_stem}_{dtype}` (the
+/// fast kernel, SCAN_FAST_P lanes per channel) where `fast_forward` holds,
+/// else `{general_stem}_{dtype}_general` (lanes_per_channel(n) lanes per
+/// channel); blocks of SCAN_THREADS, the batch on the grid's y.
+pub(crate) fn forward_kernel(
+    p: &ScanFwdParams,
+    fast_stem: &str,
+    general_stem: &str,
+    dtype: DType,
+) -> (String, (u32, u32, u32)) {
     let (name, grid_x) = if fast_forward(p) {
         (
-            format!("selective_scan_fwd_{}", suffix(dtype)),
+            format!("{fast_stem}_{}", suffix(dtype)),
             (p.d as u32).div_ceil(SCAN_THREADS / SCAN_FAST_P),
         )
     } else {
         let lanes = lanes_per_channel(p.n);
         (
-            format!("selective_scan_fwd_{}_general", suffix(dtype)),
+            format!("{general_stem}_{}_general", suffix(dtype)),
             (p.d as u32 * lanes).div_ceil(SCAN_THREADS),
         )
     };
+    (name, (grid_x, p.b as u32, 1))
+}
+
+/// Launches the forward scan on `stream` of GPU `ordinal` (launch rules from
+/// the comment block of kernels/selective_scan_fwd.cu).
+pub fn scan_forward(ordinal: i32, stream: u64, p: &ScanFwdParams, dtype: DType) -> Result<()> {
+    check_batch(p.b)?;
+    let (name, grid) = forward_kernel(p, "selective_scan_fwd", "selective_scan_fwd", dtype);
     let k = kernel(ordinal, "selective_scan_fwd", &name)?;
-    unsafe { k.launch((grid_x, p.b as u32, 1), (SCAN_THREADS, 1, 1), 0, stream, p) }
+    unsafe { k.launch(grid, (SCAN_THREADS, 1, 1), 0, stream, p) }
 }
 
 /// Threads per block of the state update (SSU_THREADS in the kernel).
@@ -200,26 +215,12 @@ pub const CK_CHUNK: usize = 32;
 /// writes the states before every CK_CHUNK-th step to `p.ck`.
 pub fn scan_forward_ck(ordinal: i32, stream: u64, p: &ScanFwdCkParams, dtype: DType) -> Result<()> {
     check_batch(p.s.b)?;
-    let (name, grid_x) = if fast_forward(&p.s) {
-        (
-            format!("selective_scan_fwd_ck_{}", suffix(dtype)),
-            (p.s.d as u32).div_ceil(SCAN_THREADS / SCAN_FAST_P),
-        )
-    } else {
-        let lanes = lanes_per_channel(p.s.n);
-        (
-            format!("selective_scan_fwd_ck_{}_general", suffix(dtype)),
-            (p.s.d as u32 * lanes).div_ceil(SCAN_THREADS),
-        )
-    };
+    let (name, grid) = forward_kernel(
+        &p.s,
+        "selective_scan_fwd_ck",
+        "selective_scan_fwd_ck",
+        dtype,
+    );
     let k = kernel(ordinal, "selective_scan_fwd", &name)?;
-    unsafe {
-        k.launch(
-            (grid_x, p.s.b as u32, 1),
-            (SCAN_THREADS, 1, 1),
-            0,
-            stream,
-            p,
-        )
-    }
+    unsafe { k.launch(grid, (SCAN_THREADS, 1, 1), 0, stream, p) }
 }

@@ -104,7 +104,13 @@ pub fn scan_backward(ordinal: i32, stream: u64, p: &ScanBwdParams) -> Result<()>
         )));
     }
     if fast {
-        let k = kernel(ordinal, "selective_scan_bwd", "selective_scan_bwd_fast")?;
+        // given the forward's checkpoints: the kernel without the pre-pass
+        let name = if p.ck_given != 0 {
+            "selective_scan_bwd_fast_ck"
+        } else {
+            "selective_scan_bwd_fast"
+        };
+        let k = kernel(ordinal, "selective_scan_bwd", name)?;
         let smem = smem_bytes_fast();
         k.set_max_dynamic_smem(smem)?;
         let grid = ((p.d as u32).div_ceil(FAST_CPB), p.b as u32, 1);
