@@ -18,7 +18,8 @@
 use super::conv1d::MAX_W;
 use super::scan::{
     channel_blocks, lane_table_hook, lane_vec_hook, load_tile_hook, outer_chunk_of,
-    recur_tile_hook, store_tile_hook, transpose_bc_chunk, BcSrc, ScanJob, MAX_LANES, MAX_N, TILE_T,
+    prefetch_tile_rows, recur_tile_hook, store_tile_hook, transpose_bc_chunk, BcSrc, ScanJob,
+    MAX_LANES, MAX_N, TILE_T,
 };
 use super::simd::{Simd, LOG2E};
 use super::SimdLevel;
@@ -183,6 +184,11 @@ unsafe fn conv_scan_block<S: Simd>(ctx: &Ctx) {
     let mut t = ctx.t0;
     while t < ctx.t1 {
         let tt = T.min(ctx.t1 - t);
+        // Prefetch the next tile's rows, as the scan's tile loop does.
+        let tn = t + tt;
+        if tn < ctx.t1 {
+            prefetch_tile_rows(job, ctx.bi, ctx.c0, len, tn, T.min(ctx.t1 - tn));
+        }
         // u = act(bias + Σ_i w[i]·x[t - hw + i]): the conv of cpu::conv1d,
         // vectorised over the channels instead of time.
         load_tile_hook::<S>(

@@ -388,17 +388,7 @@ unsafe fn scan_block<S: Simd>(ctx: &BlockCtx) {
         let tn = t + tt;
         if tn < ctx.t1 {
             let nt = T.min(ctx.t1 - tn);
-            for r in [
-                Some(&job.u),
-                Some(&job.delta),
-                job.z.as_ref(),
-                Some(&job.out),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                prefetch_rows(r, ctx.bi, ctx.c0, len, tn, nt);
-            }
+            prefetch_tile_rows(job, ctx.bi, ctx.c0, len, tn, nt);
             // (Not the checkpoints' lines when they are streamed.)
             let streamed = ck_streaming::<S>(n, len, std::ptr::null(), 0);
             if let Some(ck) = ctx.ck.filter(|_| !streamed) {
@@ -533,6 +523,31 @@ unsafe fn scan_block<S: Simd>(ctx: &BlockCtx) {
                 );
             }
         }
+    }
+}
+
+/// Prefetches the rows of u, delta, z and out that the tile [t, t+tt) of
+/// channels [c0, c0+len) will read and write (also used by the fused
+/// conv+scan, whose u is the conv's input x).
+#[inline(always)]
+pub(crate) fn prefetch_tile_rows(
+    job: &ScanJob,
+    bi: usize,
+    c0: usize,
+    len: usize,
+    t: usize,
+    tt: usize,
+) {
+    for r in [
+        Some(&job.u),
+        Some(&job.delta),
+        job.z.as_ref(),
+        Some(&job.out),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        prefetch_rows(r, bi, c0, len, t, tt);
     }
 }
 
