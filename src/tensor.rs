@@ -448,7 +448,7 @@ pub fn addr<const R: usize>(r: &Raw<R>, idx: [usize; R]) -> usize {
 }
 
 #[cfg(feature = "python")]
-pub use py::{alloc, current_stream, extract, extract_opt};
+pub use py::{alloc, alloc_reuse, current_stream, extract, extract_opt};
 
 #[cfg(feature = "python")]
 mod py {
@@ -866,6 +866,217 @@ mod py {
                 np.call_method1("empty", (shp, dt)).map_err(err)?
             }
         };
+        let view = extract(name, &obj)?;
+        Ok((obj, view))
+    }
+
+    // ------------------------------------------------ reused CPU output buffers
+    //
+    // A fresh multi-MB output costs a page fault per 4 KB on its first write:
+    // ~4 ms of kernel time for 12.6 MB here (b1 d1536 l2048 float32), while
+    // writing memory that is already mapped takes ~0.7 ms. glibc returns large
+    // freed blocks to the system, so a training loop that allocates the same
+    // outputs every step pays that again and again (5 such tensors per
+    // forward + backward of the scan). `alloc_reuse` hands out buffers that
+    // outlived their tensors instead: a small cache, like the CUDA caching
+    // allocator's, for CPU torch outputs of at least `REUSE_MIN` bytes. The
+    // tensor comes from DLPack (`torch._C._from_dlpack`), so its storage is not
+    // resizable (`resize_` to a larger size raises).
+
+    /// Smallest output (bytes) that goes through the cache.
+    const REUSE_MIN: usize = 1 << 20;
+    /// Alignment of the cached buffers (torch's CPU allocator uses 64).
+    const REUSE_ALIGN: usize = 64;
+    /// Environment variable: the cache's capacity in MB (default 256; 0 turns
+    /// `alloc_reuse` into `alloc`).
+    pub const REUSE_ENV: &str = "MAMBA_ATTENTION_CPU_CACHE_MB";
+
+    struct Reuse {
+        /// Idle buffers (address, bytes), oldest first.
+        free: Vec<(usize, usize)>,
+        idle: usize,
+    }
+    static REUSE: std::sync::Mutex<Reuse> = std::sync::Mutex::new(Reuse {
+        free: Vec::new(),
+        idle: 0,
+    });
+
+    fn reuse_cap() -> usize {
+        static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *CAP.get_or_init(|| {
+            std::env::var(REUSE_ENV)
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .unwrap_or(256)
+                << 20
+        })
+    }
+
+    fn reuse_layout(bytes: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(bytes, REUSE_ALIGN).expect("buffer layout")
+    }
+
+    /// A buffer of exactly `bytes` (a multiple of 4096): the newest idle one of
+    /// that size, else a fresh one (null if the system has no memory).
+    fn reuse_take(bytes: usize) -> *mut u8 {
+        {
+            let mut r = REUSE.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = r.free.iter().rposition(|&(_, b)| b == bytes) {
+                let (p, _) = r.free.remove(i);
+                r.idle -= bytes;
+                return p as *mut u8;
+            }
+        }
+        unsafe { std::alloc::alloc(reuse_layout(bytes)) }
+    }
+
+    /// Gives a buffer of `reuse_take` back; the oldest idle ones are freed while
+    /// the cache holds more than its capacity.
+    fn reuse_give(p: *mut u8, bytes: usize) {
+        let mut drop_now = Vec::new();
+        {
+            let mut r = REUSE.lock().unwrap_or_else(|e| e.into_inner());
+            r.free.push((p as usize, bytes));
+            r.idle += bytes;
+            let cap = reuse_cap();
+            while r.idle > cap {
+                let (q, b) = r.free.remove(0);
+                r.idle -= b;
+                drop_now.push((q, b));
+            }
+        }
+        for (q, b) in drop_now {
+            unsafe { std::alloc::dealloc(q as *mut u8, reuse_layout(b)) };
+        }
+    }
+
+    /// A DLPack tensor that owns a cached buffer (the DLManagedTensor first,
+    /// so a pointer to it is a pointer to the whole).
+    #[repr(C)]
+    struct Owned {
+        m: DLManagedTensor,
+        shape: Vec<i64>,
+        strides: Vec<i64>,
+        bytes: usize,
+    }
+
+    unsafe extern "C" fn owned_deleter(m: *mut DLManagedTensor) {
+        let o = Box::from_raw(m as *mut Owned);
+        reuse_give(o.m.dl_tensor.data as *mut u8, o.bytes);
+    }
+
+    /// The capsule's destructor: frees the tensor unless a consumer took it
+    /// (which renames the capsule "used_dltensor").
+    unsafe extern "C" fn owned_capsule_destructor(cap: *mut ffi::PyObject) {
+        if ffi::PyCapsule_IsValid(cap, c"dltensor".as_ptr()) == 1 {
+            let m = ffi::PyCapsule_GetPointer(cap, c"dltensor".as_ptr()) as *mut DLManagedTensor;
+            if !m.is_null() {
+                owned_deleter(m);
+            }
+        }
+    }
+
+    fn dl_dtype(d: DType) -> Option<DLDataType> {
+        let (code, bits) = match d {
+            DType::F32 => (2, 32),
+            DType::F64 => (2, 64),
+            DType::F16 => (2, 16),
+            DType::BF16 => (4, 16),
+            _ => return None,
+        };
+        Some(DLDataType {
+            code,
+            bits,
+            lanes: 1,
+        })
+    }
+
+    /// `alloc` for outputs that a caller is likely to allocate again with the
+    /// same size (a training loop): CPU torch outputs of at least 1 MB come
+    /// from the cache of idle buffers above; everything else is `alloc`.
+    pub fn alloc_reuse<'py>(
+        name: &'static str,
+        like_obj: &Bound<'py, PyAny>,
+        like: &TensorView,
+        shape: &[usize],
+        dtype: Option<DType>,
+    ) -> Result<(Bound<'py, PyAny>, TensorView)> {
+        let dt = dtype.unwrap_or(like.dtype);
+        let numel: usize = shape.iter().product();
+        let bytes = numel * dt.size();
+        let dl = dl_dtype(dt);
+        if like.kind != Kind::Torch
+            || like.device != Device::Cpu
+            || bytes < REUSE_MIN
+            || dl.is_none()
+            || reuse_cap() == 0
+        {
+            return alloc(name, like_obj, like, shape, dtype);
+        }
+        let py = like_obj.py();
+        let err = |e: PyErr| {
+            Error::runtime(format!(
+                "could not allocate {name} of shape {}: {e}",
+                shape_str(shape)
+            ))
+        };
+        static FROM_DLPACK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        let from = FROM_DLPACK
+            .get_or_try_init(py, || {
+                py.import("torch")?
+                    .getattr("_C")?
+                    .getattr("_from_dlpack")
+                    .map(|f| f.unbind())
+            })
+            .map_err(err)?;
+        let size = bytes.div_ceil(4096) * 4096;
+        let data = reuse_take(size);
+        if data.is_null() {
+            return alloc(name, like_obj, like, shape, dtype);
+        }
+        let shape_i: Vec<i64> = shape.iter().map(|&s| s as i64).collect();
+        let mut strides = vec![1i64; shape.len()];
+        for i in (0..shape.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * shape_i[i + 1].max(1);
+        }
+        let mut o = Box::new(Owned {
+            m: DLManagedTensor {
+                dl_tensor: DLTensor {
+                    data: data as *mut c_void,
+                    device: DLDevice {
+                        device_type: 1,
+                        device_id: 0,
+                    },
+                    ndim: shape.len() as i32,
+                    dtype: dl.unwrap(),
+                    shape: std::ptr::null(),
+                    strides: std::ptr::null(),
+                    byte_offset: 0,
+                },
+                manager_ctx: std::ptr::null_mut(),
+                deleter: owned_deleter as *mut c_void,
+            },
+            shape: shape_i,
+            strides,
+            bytes: size,
+        });
+        o.m.dl_tensor.shape = o.shape.as_ptr();
+        o.m.dl_tensor.strides = o.strides.as_ptr();
+        let raw = Box::into_raw(o);
+        let cap = unsafe {
+            ffi::PyCapsule_New(
+                raw as *mut c_void,
+                c"dltensor".as_ptr(),
+                Some(owned_capsule_destructor),
+            )
+        };
+        if cap.is_null() {
+            unsafe { owned_deleter(raw as *mut DLManagedTensor) };
+            return Err(err(PyErr::fetch(py)));
+        }
+        // The capsule owns the buffer now (its destructor frees it if torch fails).
+        let cap = unsafe { Bound::from_owned_ptr(py, cap) };
+        let obj = from.bind(py).call1((cap,)).map_err(err)?;
         let view = extract(name, &obj)?;
         Ok((obj, view))
     }

@@ -510,7 +510,7 @@ mod py {
     use crate::cpu::scan::{scan_forward, state_update};
     use crate::cpu::SimdLevel;
     use crate::error::catch_panic;
-    use crate::tensor::{alloc, current_stream, extract, extract_opt, DType};
+    use crate::tensor::{alloc, alloc_reuse, current_stream, extract, extract_opt, DType};
     use pyo3::prelude::*;
     use pyo3::types::PyTuple;
 
@@ -536,7 +536,7 @@ mod py {
         let (args, uv) = (v.args(), &v.u);
         let dims = check_scan(&args)?;
         check_backend(uv)?;
-        let (out_obj, out) = alloc("out", u, uv, &[dims.b, dims.d, dims.l], None)?;
+        let (out_obj, out) = alloc_reuse("out", u, uv, &[dims.b, dims.d, dims.l], None)?;
         let last = if return_last_state {
             Some(alloc(
                 "last_state",

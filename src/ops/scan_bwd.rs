@@ -145,7 +145,7 @@ mod py {
     use crate::cpu::scan_bwd::scan_backward_ck;
     use crate::cpu::SimdLevel;
     use crate::error::{catch_panic, Error};
-    use crate::tensor::{alloc, current_stream, extract, extract_opt, DType, Device};
+    use crate::tensor::{alloc, alloc_reuse, current_stream, extract, extract_opt, DType, Device};
     use pyo3::prelude::*;
     use pyo3::types::PyTuple;
 
@@ -198,8 +198,8 @@ mod py {
         crate::ops::scan::check_backend(uv)?;
         let ScanDims { b, d, l, n } = dims;
         let f32_ = Some(DType::F32);
-        let (du_o, du) = alloc("du", u, uv, &[b, d, l], None)?;
-        let (ddelta_o, ddelta) = alloc("ddelta", u, uv, &[b, d, l], None)?;
+        let (du_o, du) = alloc_reuse("du", u, uv, &[b, d, l], None)?;
+        let (ddelta_o, ddelta) = alloc_reuse("ddelta", u, uv, &[b, d, l], None)?;
         let (da_o, da) = alloc("dA", u, uv, &[d, n], f32_)?;
         let (db_o, db) = alloc("dB", u, uv, &bv.shape, f32_)?;
         let (dc_o, dc) = alloc("dC", u, uv, &cv.shape, f32_)?;
@@ -211,7 +211,10 @@ mod py {
             })
         };
         let dd = opt(dsk.is_some(), "dD", &[d], f32_)?;
-        let dz = opt(zv.is_some(), "dz", &[b, d, l], zv.as_ref().map(|z| z.dtype))?;
+        let dz = match &zv {
+            Some(zt) => Some(alloc_reuse("dz", u, uv, &[b, d, l], Some(zt.dtype))?),
+            None => None,
+        };
         let ddb = opt(bias.is_some(), "ddelta_bias", &[d], f32_)?;
         let dinit = opt(init.is_some(), "dinitial_state", &[b, d, n], f32_)?;
         let outs = BwdOuts {

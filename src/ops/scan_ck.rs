@@ -89,7 +89,7 @@ mod py {
     use crate::cpu::SimdLevel;
     use crate::error::catch_panic;
     use crate::ops::scan::{check_backend, check_scan, plan_scan, ScanViews};
-    use crate::tensor::{alloc, current_stream};
+    use crate::tensor::{alloc, alloc_reuse, current_stream};
     use pyo3::prelude::*;
     use pyo3::types::PyTuple;
 
@@ -154,9 +154,9 @@ mod py {
             return PyTuple::new(py, [out_o, last_o, ck_o]);
         }
         let nch = l.div_ceil(checkpoint_chunk(b, d, n, l));
-        let (out_o, out) = alloc("out", u, uv, &[b, d, l], None)?;
+        let (out_o, out) = alloc_reuse("out", u, uv, &[b, d, l], None)?;
         let (last_o, last) = alloc("last_state", u, uv, &[b, d, n], f32_)?;
-        let (ck_o, ck) = alloc("checkpoints", u, uv, &[b, d, nch, n], f32_)?;
+        let (ck_o, ck) = alloc_reuse("checkpoints", u, uv, &[b, d, nch, n], f32_)?;
         let ckp = check_checkpoints(&ck, dims)?;
         let level = SimdLevel::current()?;
         let job = plan_scan(&args, dims, delta_softplus, &out, Some(&last));
