@@ -586,6 +586,32 @@ fn ck_streaming<S: Simd>(n: usize, len: usize, dst: *const f32, row: usize) -> b
         && (row * 4).is_multiple_of(64)
 }
 
+/// Transposes the 16 × 16 float32 tile `src` (16 rows of 16) and writes its
+/// column j to `dst + j·row` (floats) with non-temporal stores. Every
+/// destination row must be one whole, 64-byte aligned line (AVX-512 only).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn stream_tile16<S: Simd>(src: *const f32, dst: *mut f32, row: isize) {
+    use std::arch::x86_64::{_mm512_loadu_ps, _mm512_stream_ps};
+    let mut tmp = [0.0f32; 256];
+    for k0 in (0..16).step_by(8) {
+        for j0 in (0..16).step_by(8) {
+            S::transpose8(
+                src.add(k0 * 16 + j0),
+                16,
+                tmp.as_mut_ptr().add(j0 * 16 + k0),
+                16,
+            );
+        }
+    }
+    for j in 0..16 {
+        _mm512_stream_ps(
+            dst.offset(j as isize * row),
+            _mm512_loadu_ps(tmp.as_ptr().add(j * 16)),
+        );
+    }
+}
+
 /// Writes the block state h ([n][LANES]) to rows `dst + j·row` (channel j <
 /// len, float32 [n] each) of the checkpoint tensor.
 #[inline(always)]
@@ -601,21 +627,7 @@ unsafe fn store_checkpoint<S: Simd>(
     if ck_streaming::<S>(n, len, dst, row) {
         // Whole 64-byte lines: transpose on the stack, then non-temporal
         // stores (the backward reads them much later; no read for ownership).
-        use std::arch::x86_64::{_mm512_loadu_ps, _mm512_stream_ps};
-        let mut tmp = [0.0f32; 256];
-        for k0 in (0..16).step_by(8) {
-            for j0 in (0..16).step_by(8) {
-                S::transpose8(
-                    h.add(k0 * 16 + j0),
-                    16,
-                    tmp.as_mut_ptr().add(j0 * 16 + k0),
-                    16,
-                );
-            }
-        }
-        for j in 0..16 {
-            _mm512_stream_ps(dst.add(j * row), _mm512_loadu_ps(tmp.as_ptr().add(j * 16)));
-        }
+        stream_tile16::<S>(h, dst, row as isize);
         return;
     }
     if S::AVX && len == lanes && n.is_multiple_of(8) {

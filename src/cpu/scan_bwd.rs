@@ -294,25 +294,8 @@ unsafe fn store_tile_nt<S: Simd>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if len == 16 && tt == 16 && streams_tiles::<S>(r, ts) {
-        use std::arch::x86_64::{_mm512_loadu_ps, _mm512_stream_ps};
         let base = addr(r, [bi, c0, t]) as *mut f32;
-        let mut tmp = [0.0f32; 256];
-        for j0 in (0..16).step_by(8) {
-            for s0 in (0..16).step_by(8) {
-                S::transpose8(
-                    tile.add(s0 * 16 + j0),
-                    16,
-                    tmp.as_mut_ptr().add(j0 * 16 + s0),
-                    16,
-                );
-            }
-        }
-        for j in 0..16 {
-            _mm512_stream_ps(
-                base.offset(j as isize * r.strides[1]),
-                _mm512_loadu_ps(tmp.as_ptr().add(j * 16)),
-            );
-        }
+        crate::cpu::scan::stream_tile16::<S>(tile, base, r.strides[1]);
         return;
     }
     store_tile::<S>(r, bi, c0, len, t, tt, tile)
