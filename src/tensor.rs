@@ -515,29 +515,176 @@ mod py {
         ))
     }
 
-    /// `isinstance(obj, torch.Tensor)`, without importing torch: until the
-    /// caller has imported it, nothing can be a tensor.
-    fn is_torch_tensor(obj: &Bound<'_, PyAny>) -> bool {
-        static TORCH_TENSOR: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-        let py = obj.py();
-        if let Some(t) = TORCH_TENSOR.get(py) {
-            return obj.is_instance(t.bind(py)).unwrap_or(false);
+    // ------------------------------------------- torch's DLPack exchange API
+    //
+    // torch (≥ 2.10) puts a table of C functions on `torch.Tensor`
+    // (`__dlpack_c_exchange_api__`, a capsule named "dlpack_exchange_api",
+    // DLPack's `DLPackExchangeAPI`): `dltensor_from_py_object_no_sync` fills a
+    // DLTensor from a tensor object without allocating (its shape and strides
+    // point into the TensorImpl), ~40 ns against ~300 ns for the six attribute
+    // reads of `from_torch` (each of which also makes a GC-tracked tuple or a
+    // Python int), and `current_work_stream` gives the CUDA stream without a
+    // Python call. Used for tensors whose type is exactly `torch.Tensor` or
+    // `torch.nn.Parameter`; subclasses (which may override attributes), older
+    // torch and every error case go through `from_torch`.
+
+    #[repr(C)]
+    struct DLPackVersion {
+        major: u32,
+        minor: u32,
+    }
+
+    type SetErrorFn =
+        unsafe extern "C" fn(*mut c_void, *const std::os::raw::c_char, *const std::os::raw::c_char);
+
+    /// DLPack 1.x `DLPackExchangeAPI` (dlpack.h), header first.
+    #[repr(C)]
+    struct ExchangeApi {
+        version: DLPackVersion,
+        prev_api: *const c_void,
+        managed_tensor_allocator: Option<
+            unsafe extern "C" fn(
+                *mut DLTensor,
+                *mut *mut DLManagedTensorVersioned,
+                *mut c_void,
+                Option<SetErrorFn>,
+            ) -> i32,
+        >,
+        managed_tensor_from_py_object_no_sync:
+            Option<unsafe extern "C" fn(*mut c_void, *mut *mut DLManagedTensorVersioned) -> i32>,
+        managed_tensor_to_py_object_no_sync:
+            Option<unsafe extern "C" fn(*mut DLManagedTensorVersioned, *mut *mut c_void) -> i32>,
+        dltensor_from_py_object_no_sync:
+            Option<unsafe extern "C" fn(*mut c_void, *mut DLTensor) -> i32>,
+        current_work_stream: Option<unsafe extern "C" fn(i32, i32, *mut *mut c_void) -> i32>,
+    }
+
+    /// What is looked up once torch is imported.
+    struct TorchInfo {
+        tensor: Py<PyAny>,
+        /// `torch.Tensor` and `torch.nn.Parameter` as type pointers (kept
+        /// alive by `tensor` and torch's module dict).
+        exact: [usize; 2],
+        /// The exchange table (static in libtorch_python), or 0.
+        api: usize,
+    }
+
+    fn torch_info(py: Python<'_>) -> Option<&'static TorchInfo> {
+        static INFO: PyOnceLock<TorchInfo> = PyOnceLock::new();
+        if let Some(i) = INFO.get(py) {
+            return Some(i);
         }
+        // Until the caller has imported torch, nothing can be a tensor.
         let imported = py
             .import("sys")
             .and_then(|s| s.getattr("modules"))
             .and_then(|m| m.contains("torch"))
             .unwrap_or(false);
         if !imported {
-            return false;
+            return None;
         }
-        match py.import("torch").and_then(|m| m.getattr("Tensor")) {
-            Ok(t) => {
-                let t = TORCH_TENSOR.get_or_init(py, || t.unbind());
-                obj.is_instance(t.bind(py)).unwrap_or(false)
+        let torch = py.import("torch").ok()?;
+        let tensor = torch.getattr("Tensor").ok()?;
+        let param = torch
+            .getattr("nn")
+            .and_then(|m| m.getattr("Parameter"))
+            .map(|p| p.as_ptr() as usize)
+            .unwrap_or(0);
+        let api = tensor
+            .getattr("__dlpack_c_exchange_api__")
+            .ok()
+            .map(|cap| unsafe {
+                let p = ffi::PyCapsule_GetPointer(cap.as_ptr(), c"dlpack_exchange_api".as_ptr());
+                if p.is_null() {
+                    ffi::PyErr_Clear();
+                    return 0;
+                }
+                let a = &*(p as *const ExchangeApi);
+                let usable = a.version.major == 1
+                    && a.dltensor_from_py_object_no_sync.is_some()
+                    && a.current_work_stream.is_some();
+                if usable {
+                    p as usize
+                } else {
+                    0
+                }
+            })
+            .unwrap_or(0);
+        let exact = [tensor.as_ptr() as usize, param];
+        Some(INFO.get_or_init(py, || TorchInfo {
+            tensor: tensor.unbind(),
+            exact,
+            api,
+        }))
+    }
+
+    fn exchange_api(info: &TorchInfo) -> Option<&'static ExchangeApi> {
+        (info.api != 0).then(|| unsafe { &*(info.api as *const ExchangeApi) })
+    }
+
+    /// The view of a tensor whose type is exactly torch.Tensor / Parameter,
+    /// through the exchange API; None where `from_torch` must decide (older
+    /// torch, another type, an error, a dtype or device DLPack cannot name).
+    fn from_torch_fast(
+        name: &'static str,
+        obj: &Bound<'_, PyAny>,
+        info: &TorchInfo,
+    ) -> Option<TensorView> {
+        let api = exchange_api(info)?;
+        let tp = obj.get_type_ptr() as usize;
+        if tp != info.exact[0] && tp != info.exact[1] {
+            return None;
+        }
+        let f = api.dltensor_from_py_object_no_sync?;
+        let mut t = DLTensor {
+            data: std::ptr::null_mut(),
+            device: DLDevice {
+                device_type: 0,
+                device_id: 0,
+            },
+            ndim: 0,
+            dtype: DLDataType {
+                code: 0,
+                bits: 0,
+                lanes: 0,
+            },
+            shape: std::ptr::null(),
+            strides: std::ptr::null(),
+            byte_offset: 0,
+        };
+        unsafe {
+            if f(obj.as_ptr() as *mut c_void, &mut t) != 0 {
+                ffi::PyErr_Clear();
+                return None;
             }
-            Err(_) => false,
         }
+        let dtype = DType::from_dlpack(t.dtype.code, t.dtype.bits, t.dtype.lanes)?;
+        let device = match t.device.device_type {
+            1 => Device::Cpu,
+            2 => Device::Cuda(t.device.device_id),
+            _ => return None,
+        };
+        let nd = t.ndim.max(0) as usize;
+        if nd > 0 && (t.shape.is_null() || t.strides.is_null()) {
+            return None;
+        }
+        let (shape, strides) = unsafe {
+            (
+                (0..nd).map(|i| *t.shape.add(i) as usize).collect(),
+                (0..nd).map(|i| *t.strides.add(i) as isize).collect(),
+            )
+        };
+        Some(TensorView {
+            name,
+            dtype,
+            shape,
+            strides,
+            device,
+            ptr: t.data as usize + t.byte_offset as usize,
+            readonly: false,
+            kind: Kind::Torch,
+            _owner: None,
+        })
     }
 
     /// torch dtype objects and ours, looked up by identity (no string work per call).
@@ -756,8 +903,13 @@ mod py {
 
     /// The view of any supported array object, named `name` in errors.
     pub fn extract(name: &'static str, obj: &Bound<'_, PyAny>) -> Result<TensorView> {
-        if is_torch_tensor(obj) {
-            return from_torch(name, obj);
+        if let Some(info) = torch_info(obj.py()) {
+            if let Some(v) = from_torch_fast(name, obj, info) {
+                return Ok(v);
+            }
+            if obj.is_instance(info.tensor.bind(obj.py())).unwrap_or(false) {
+                return from_torch(name, obj);
+            }
         }
         let numpy = is_numpy(obj);
         if !numpy && !obj.hasattr("__dlpack__").unwrap_or(false) {
@@ -1084,6 +1236,17 @@ mod py {
     /// PyTorch's current CUDA stream on device `ordinal`, as a raw handle:
     /// kernels run in order with the caller's work on that stream.
     pub fn current_stream(py: Python<'_>, ordinal: i32) -> Result<u64> {
+        if let Some(f) = torch_info(py)
+            .and_then(exchange_api)
+            .and_then(|a| a.current_work_stream)
+        {
+            let mut s: *mut c_void = std::ptr::null_mut();
+            // kDLCUDA = 2; torch returns its current stream of that device.
+            if unsafe { f(2, ordinal, &mut s) } == 0 {
+                return Ok(s as u64);
+            }
+            unsafe { ffi::PyErr_Clear() };
+        }
         static RAW: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
         let f = RAW.get_or_try_init(py, || {
             let c = py.import("torch")?.getattr("_C")?;
