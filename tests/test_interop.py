@@ -61,6 +61,34 @@ def test_torch_requires_grad_inputs(dtype):
     assert_close(y["state"], ref_state, "float32", "state")
 
 
+def test_torch_parameters_subclasses_and_outputs():
+    """Inputs of type torch.nn.Parameter (read through torch's DLPack exchange API, like
+    plain tensors), of a Tensor subclass (read through attributes) and views with a
+    storage offset give the reference result; the output is a plain contiguous tensor
+    of x's dtype, on x's device, that owns its memory."""
+    torch = pytest.importorskip("torch")
+
+    class Sub(torch.Tensor):
+        pass
+
+    y = to_kind(update_inputs(b=2, d=40, n=16, D=True, z=True, dt_bias=True), "torch-float32")
+    ref_out, ref_state = selective_state_update_ref(**y, dt_softplus=True)
+    wide = torch.full((2, 80), float("nan"))
+    wide[:, 1::2] = y["x"]
+    args = dict(y, A=torch.nn.Parameter(y["A"].clone()), D=torch.nn.Parameter(y["D"].clone()),
+                dt_bias=y["dt_bias"].clone().as_subclass(Sub), x=wide[:, 1::2])
+    with torch.no_grad():
+        out = selective_state_update(**args, dt_softplus=True)
+    assert type(out) is torch.Tensor and out.is_contiguous() and not out.requires_grad
+    assert out.dtype == torch.float32 and out.device.type == "cpu" and out.shape == (2, 40)
+    assert_close(out, ref_out, "float32")
+    assert_close(y["state"], ref_state, "float32", "state")
+    keep = out.clone()
+    del args, y
+    out.add_(0.0)  # the memory stays valid after the inputs are gone
+    assert torch.equal(out, keep)
+
+
 def test_torch_inference_mode_tensors():
     torch = pytest.importorskip("torch")
     with torch.inference_mode():

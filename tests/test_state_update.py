@@ -30,7 +30,7 @@ def test_options(opts, grouped_B, grouped_C):
     run_update(b=3, d=6, n=4, g=3, grouped_B=grouped_B, grouped_C=grouped_C, **opts)
 
 
-@pytest.mark.parametrize("d,g", [(6, 2), (36, 3), (34, 2), (5, 5)])
+@pytest.mark.parametrize("d,g", [(6, 2), (36, 3), (34, 2), (5, 5), (600, 4), (780, 6)])
 @pytest.mark.parametrize("grouped_B,grouped_C", GROUPED, ids=["Bs-Cs", "Bs-Cg", "Bg-Cs", "Bg-Cg"])
 def test_bc_layouts(grouped_B, grouped_C, d, g):
     run_update(b=2, d=d, n=16, g=g, grouped_B=grouped_B, grouped_C=grouped_C, **ALL_ON)
@@ -44,7 +44,8 @@ def test_bc_layouts_gpu(grouped_B, grouped_C, d, g):
     run_update(b=3, d=d, n=16, g=g, grouped_B=grouped_B, grouped_C=grouped_C, **ALL_ON)
 
 
-@pytest.mark.parametrize("b,d,n", [(1, 1, 1), (3, 17, 16), (2, 37, 64), (1, 3, 256), (5, 67, 4), (2, 300, 8)])
+@pytest.mark.parametrize("b,d,n", [(1, 1, 1), (3, 17, 16), (2, 37, 64), (1, 3, 256), (5, 67, 4), (2, 300, 8),
+                                   (2, 600, 32), (1, 520, 24), (1, 1536, 16)])
 def test_sizes(b, d, n):
     run_update(b=b, d=d, n=n, **ALL_ON)
 

@@ -940,6 +940,10 @@ unsafe fn update_task<S: super::scan_bwd::BwdSimd>(task: &UpdateTask) {
     let job = task.job;
     let (bi, c0, c1, n) = (task.bi, task.c0, task.c1, job.n);
     let m = c1 - c0;
+    let l = S::LANES;
+    // Per-channel rows of the chunk as float32, zero past m up to the next
+    // whole vector (UPDATE_CHUNK is a multiple of every LANES), so the
+    // vectorised passes below never need a partial vector.
     let mut x = [0.0f32; UPDATE_CHUNK];
     let mut dt = [0.0f32; UPDATE_CHUNK];
     let mut y = [0.0f32; UPDATE_CHUNK];
@@ -974,29 +978,25 @@ unsafe fn update_task<S: super::scan_bwd::BwdSimd>(task: &UpdateTask) {
     if let Some(r) = &job.dskip {
         load_row(&mut dsk[..m], addr(r, [c0]), r.dtype, r.strides[0]);
     }
-    // Δ for the chunk's channels, vectorised over channels.
-    let l = S::LANES;
+    // Δ (softplus'ed), then the two per-channel scalars of the recurrence:
+    // Δ·log2(e) (the exponent's scale, exp(Δ·A) = 2^(A·Δ·log2 e)) into `dt`,
+    // Δ·x into `du`; vectorised over channels.
+    let mut du = [0.0f32; UPDATE_CHUNK];
+    let mv = m.div_ceil(l) * l;
+    let log2e = S::splat(LOG2E);
     let mut c = 0;
-    while c < m {
-        let mut v = [0.0f32; MAX_LANES];
-        let w = l.min(m - c);
-        for j in 0..w {
-            v[j] = dt[c + j] + bias[c + j];
-        }
-        let mut vv = S::load(v.as_ptr());
+    while c < mv {
+        let mut d = S::add(S::load(dt.as_ptr().add(c)), S::load(bias.as_ptr().add(c)));
         if job.softplus {
-            vv = S::softplus(vv);
+            d = S::softplus(d);
         }
-        S::store(v.as_mut_ptr(), vv);
-        dt[c..c + w].copy_from_slice(&v[..w]);
-        c += w;
+        S::store(
+            du.as_mut_ptr().add(c),
+            S::mul(d, S::load(x.as_ptr().add(c))),
+        );
+        S::store(dt.as_mut_ptr().add(c), S::mul(d, log2e));
+        c += l;
     }
-    // B and C of the batch entry, per group, as float32.
-    let (sb, sc) = (job.d / job.groups_b, job.d / job.groups_c);
-    let npad = n.div_ceil(l) * l;
-    let mut bv = [0.0f32; MAX_N];
-    let mut cv = [0.0f32; MAX_N];
-    let (mut gb_loaded, mut gc_loaded) = (usize::MAX, usize::MAX);
     // Float32 state and A contiguous in n, n a whole number of vectors: read and
     // write them in place. Otherwise go through padded float32 copies (padding:
     // a = b = c = h = 0, which stays 0 and adds nothing to y).
@@ -1005,88 +1005,44 @@ unsafe fn update_task<S: super::scan_bwd::BwdSimd>(task: &UpdateTask) {
         && job.a.dtype == DType::F32
         && job.a.strides[1] == 1
         && n % l == 0;
-    let mut hbuf = [0.0f32; MAX_N];
-    let mut abuf = [0.0f32; MAX_N];
-    let log2e = S::splat(LOG2E);
-    // y's dot products of 8 channels at a time, summed over lanes together
-    // (a shuffle tree for 8 is cheaper than 8 horizontal sums).
-    let mut accs = [S::zero(); 8];
-    for j in 0..m {
-        let ch = c0 + j;
-        let (gb, gc) = (ch / sb, ch / sc);
-        if gb != gb_loaded {
-            load_row(
-                &mut bv[..n],
-                addr(&job.bm, [bi, gb, 0]),
-                job.bm.dtype,
-                job.bm.strides[2],
-            );
-            gb_loaded = gb;
-        }
-        if gc != gc_loaded {
-            load_row(
-                &mut cv[..n],
-                addr(&job.cm, [bi, gc, 0]),
-                job.cm.dtype,
-                job.cm.strides[2],
-            );
-            gc_loaded = gc;
-        }
-        let sp = addr(&job.state, [row, ch, 0]);
-        let ap = addr(&job.a, [ch, 0]);
-        let (hp, apf): (*mut f32, *const f32) = if direct {
-            (sp as *mut f32, ap as *const f32)
-        } else {
-            load_row(&mut hbuf[..n], sp, job.state.dtype, job.state.strides[2]);
-            load_row(&mut abuf[..n], ap, job.a.dtype, job.a.strides[1]);
-            (hbuf.as_mut_ptr(), abuf.as_ptr())
-        };
-        let dtv = S::splat(dt[j]);
-        let du = S::splat(dt[j] * x[j]);
-        let mut acc = S::zero();
-        let mut k = 0;
-        while k < npad {
-            let a = S::mul(S::load(apf.add(k)), log2e);
-            let da = S::exp2_fast(S::mul(dtv, a));
-            let hk = S::fma(
-                da,
-                S::load(hp.add(k)),
-                S::mul(du, S::load(bv.as_ptr().add(k))),
-            );
-            S::store(hp.add(k), hk);
-            acc = S::fma(S::load(cv.as_ptr().add(k)), hk, acc);
-            k += l;
-        }
-        if !direct {
-            store_row(&hbuf[..n], sp, job.state.dtype, job.state.strides[2]);
-        }
-        accs[j % 8] = acc;
-        if j % 8 == 7 {
-            let j0 = j - 7;
-            S::add_lane_sums8(&accs, y.as_mut_ptr().add(j0));
-        }
+    let nv = n.div_ceil(l);
+    let g = UpdateGeom {
+        job,
+        bi,
+        c0,
+        hp: addr(&job.state, [row, c0, 0]),
+        hs: job.state.strides[1] * job.state.dtype.size() as isize,
+        ap: addr(&job.a, [c0, 0]),
+        as_: job.a.strides[0] * job.a.dtype.size() as isize,
+        sb: job.d / job.groups_b,
+        sc: job.d / job.groups_c,
+    };
+    let (dtl, dup) = (dt.as_ptr(), du.as_ptr());
+    // The channel loop, specialised for the common vector counts (n = 16: one
+    // AVX-512 vector, two AVX2 vectors) so the inner loop unrolls away.
+    match (direct, nv) {
+        (true, 1) => update_channels::<S, true>(&g, m, 1, dtl, dup, &mut y),
+        (true, 2) => update_channels::<S, true>(&g, m, 2, dtl, dup, &mut y),
+        (true, _) => update_channels::<S, true>(&g, m, nv, dtl, dup, &mut y),
+        (false, _) => update_channels::<S, false>(&g, m, nv, dtl, dup, &mut y),
     }
-    for (i, a) in accs.iter().enumerate().take(m % 8) {
-        y[m - m % 8 + i] = S::hsum(*a);
-    }
-    for j in 0..m {
-        y[j] += dsk[j] * x[j];
-    }
+    // y = (Σ_k C·h + D·x) · silu(z), vectorised over channels.
+    let mut zr = [0.0f32; UPDATE_CHUNK];
     if let Some(z) = &job.z {
-        let mut zr = [0.0f32; UPDATE_CHUNK];
         load_row(&mut zr[..m], addr(z, [bi, c0]), z.dtype, z.strides[1]);
-        let mut c = 0;
-        while c < m {
-            let w = l.min(m - c);
-            let mut v = [0.0f32; MAX_LANES];
-            v[..w].copy_from_slice(&zr[c..c + w]);
-            let g = S::silu(S::load(v.as_ptr()));
-            S::store(v.as_mut_ptr(), g);
-            for j in 0..w {
-                y[c + j] *= v[j];
-            }
-            c += w;
+    }
+    let mut c = 0;
+    while c < mv {
+        let mut v = S::fma(
+            S::load(dsk.as_ptr().add(c)),
+            S::load(x.as_ptr().add(c)),
+            S::load(y.as_ptr().add(c)),
+        );
+        if job.z.is_some() {
+            v = S::mul(v, S::silu(S::load(zr.as_ptr().add(c))));
         }
+        S::store(y.as_mut_ptr().add(c), v);
+        c += l;
     }
     store_row(
         &y[..m],
@@ -1094,6 +1050,134 @@ unsafe fn update_task<S: super::scan_bwd::BwdSimd>(task: &UpdateTask) {
         job.out.dtype,
         job.out.strides[1],
     );
+}
+
+/// Where a chunk's channels live: the state row's and A's first channel
+/// (byte addresses) and their channel strides in bytes; channels per group.
+struct UpdateGeom<'a> {
+    job: &'a UpdateJob,
+    bi: usize,
+    c0: usize,
+    hp: usize,
+    hs: isize,
+    ap: usize,
+    as_: isize,
+    sb: usize,
+    sc: usize,
+}
+
+/// Per-chunk buffers of `update_channel` (no closure: a closure would not
+/// inherit the caller's target features, and its intrinsics would not inline).
+struct ChanBufs {
+    bv: [f32; MAX_N],
+    cv: [f32; MAX_N],
+    hbuf: [f32; MAX_N],
+    abuf: [f32; MAX_N],
+    b_end: usize,
+    c_end: usize,
+}
+
+/// One channel (j of the chunk) of `update_channels`; returns C·h as a vector
+/// (its lanes summed by the caller).
+#[inline(always)]
+unsafe fn update_channel<S: super::scan_bwd::BwdSimd, const DIRECT: bool>(
+    g: &UpdateGeom,
+    st: &mut ChanBufs,
+    nv: usize,
+    dtl: *const f32,
+    du: *const f32,
+    j: usize,
+) -> S::V {
+    let job = g.job;
+    let (n, l) = (job.n, S::LANES);
+    let ch = g.c0 + j;
+    if ch >= st.b_end {
+        let gb = ch / g.sb;
+        load_row(
+            &mut st.bv[..n],
+            addr(&job.bm, [g.bi, gb, 0]),
+            job.bm.dtype,
+            job.bm.strides[2],
+        );
+        st.b_end = (gb + 1) * g.sb;
+    }
+    if ch >= st.c_end {
+        let gc = ch / g.sc;
+        load_row(
+            &mut st.cv[..n],
+            addr(&job.cm, [g.bi, gc, 0]),
+            job.cm.dtype,
+            job.cm.strides[2],
+        );
+        st.c_end = (gc + 1) * g.sc;
+    }
+    let sp = (g.hp as isize + j as isize * g.hs) as usize;
+    let ap = (g.ap as isize + j as isize * g.as_) as usize;
+    let (hp, apf): (*mut f32, *const f32) = if DIRECT {
+        (sp as *mut f32, ap as *const f32)
+    } else {
+        load_row(&mut st.hbuf[..n], sp, job.state.dtype, job.state.strides[2]);
+        load_row(&mut st.abuf[..n], ap, job.a.dtype, job.a.strides[1]);
+        (st.hbuf.as_mut_ptr(), st.abuf.as_ptr())
+    };
+    let dtv = S::splat(*dtl.add(j));
+    let duv = S::splat(*du.add(j));
+    let (bp, cp) = (st.bv.as_ptr(), st.cv.as_ptr());
+    let mut acc = S::zero();
+    for v in 0..nv {
+        let k = v * l;
+        let da = S::exp2_fast(S::mul(S::load(apf.add(k)), dtv));
+        let hk = S::fma(da, S::load(hp.add(k)), S::mul(duv, S::load(bp.add(k))));
+        S::store(hp.add(k), hk);
+        acc = S::fma(S::load(cp.add(k)), hk, acc);
+    }
+    if !DIRECT {
+        store_row(&st.hbuf[..n], sp, job.state.dtype, job.state.strides[2]);
+    }
+    acc
+}
+
+/// The recurrence of channels c0 .. c0 + m: h = exp(Δ·A)·h + Δ·x·B per state,
+/// y[j] = Σ_k C[k]·h[k] into `y`. `nv` vectors per channel (n ≤ nv·LANES; the
+/// padding of the float32 copies is zero). `DIRECT`: h and A read and written in
+/// place (float32, contiguous in n, n = nv·LANES).
+#[inline(always)]
+unsafe fn update_channels<S: super::scan_bwd::BwdSimd, const DIRECT: bool>(
+    g: &UpdateGeom,
+    m: usize,
+    nv: usize,
+    dtl: *const f32,
+    du: *const f32,
+    y: &mut [f32; UPDATE_CHUNK],
+) {
+    // B and C of the current group, reloaded when a channel crosses into the
+    // next one (no division per channel).
+    let mut st = ChanBufs {
+        bv: [0.0; MAX_N],
+        cv: [0.0; MAX_N],
+        hbuf: [0.0; MAX_N],
+        abuf: [0.0; MAX_N],
+        b_end: 0,
+        c_end: 0,
+    };
+    // 8 channels at a time: their lane sums in one shuffle tree.
+    let mut j0 = 0;
+    while j0 + 8 <= m {
+        let mut accs = [S::zero(); 8];
+        for (i, a) in accs.iter_mut().enumerate() {
+            *a = update_channel::<S, DIRECT>(g, &mut st, nv, dtl, du, j0 + i);
+        }
+        S::add_lane_sums8(&accs, y.as_mut_ptr().add(j0));
+        j0 += 8;
+    }
+    if j0 < m {
+        // UPDATE_CHUNK is a multiple of 8: the zero sums past m land in y's padding.
+        let mut accs = [S::zero(); 8];
+        for (i, a) in accs.iter_mut().enumerate().take(m - j0) {
+            *a = update_channel::<S, DIRECT>(g, &mut st, nv, dtl, du, j0 + i);
+        }
+        S::add_lane_sums8(&accs, y.as_mut_ptr().add(j0));
+    }
 }
 
 #[cfg(test)]
