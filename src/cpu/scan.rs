@@ -464,6 +464,9 @@ pub(crate) unsafe fn scan_block<S: Simd, U: USource>(ctx: &BlockCtx<U>) {
     }
 
     let mut ub = ctx.src.begin::<S>(ctx.c0, len, ctx.carry);
+    // The training forward streams out (non-temporal stores, no output
+    // prefetch): its caller's backward does not read it.
+    let out_nt = ctx.ck.is_some() && out_streaming::<S>(&job.out, len);
     let mut ut = [0.0f32; T * MAX_LANES];
     let mut dt = [0.0f32; T * MAX_LANES];
     let mut zt = [0.0f32; T * MAX_LANES];
@@ -478,7 +481,7 @@ pub(crate) unsafe fn scan_block<S: Simd, U: USource>(ctx: &BlockCtx<U>) {
         let tn = t + tt;
         if tn < ctx.t1 {
             let nt = T.min(ctx.t1 - tn);
-            prefetch_tile_rows(job, ctx.bi, ctx.c0, len, tn, nt);
+            prefetch_tile_rows(job, ctx.bi, ctx.c0, len, tn, nt, !out_nt);
             // (Not the checkpoints' lines when they are streamed.)
             let streamed = ck_streaming::<S>(n, len, std::ptr::null(), 0);
             if let Some(ck) = ctx.ck.filter(|_| !streamed) {
@@ -589,6 +592,15 @@ pub(crate) unsafe fn scan_block<S: Simd, U: USource>(ctx: &BlockCtx<U>) {
             }
             S::store(yt.as_mut_ptr().add(o), y);
         }
+        #[cfg(target_arch = "x86_64")]
+        if out_nt && tt.is_multiple_of(16) {
+            let base = addr(&job.out, [ctx.bi, ctx.c0, t]) as *mut f32;
+            for s0 in (0..tt).step_by(16) {
+                stream_tile16::<S>(yt.as_ptr().add(s0 * 16), base.add(s0), job.out.strides[1]);
+            }
+            t += tt;
+            continue;
+        }
         store_tile::<S>(&job.out, ctx.bi, ctx.c0, len, t, tt, lanes, &yt);
         t += tt;
     }
@@ -596,7 +608,7 @@ pub(crate) unsafe fn scan_block<S: Simd, U: USource>(ctx: &BlockCtx<U>) {
 
     #[cfg(target_arch = "x86_64")]
     if ctx.ck.is_some() && S::LANES == 16 {
-        // Order the non-temporal checkpoint stores before the task ends.
+        // Order the non-temporal checkpoint (and out) stores before the task ends.
         std::arch::x86_64::_mm_sfence();
     }
     if ctx.last_chunk {
@@ -617,23 +629,23 @@ pub(crate) unsafe fn scan_block<S: Simd, U: USource>(ctx: &BlockCtx<U>) {
     }
 }
 
-/// Prefetches the rows of u, delta, z and out that the tile [t, t+tt) of
-/// channels [c0, c0+len) will read and write (also used by the fused
-/// conv+scan, whose u is the conv's input x).
+/// Prefetches the rows of u, delta, z and (`out`) out that the tile
+/// [t, t+tt) of channels [c0, c0+len) will read and write.
 #[inline(always)]
-pub(crate) fn prefetch_tile_rows(
+fn prefetch_tile_rows(
     job: &ScanJob,
     bi: usize,
     c0: usize,
     len: usize,
     t: usize,
     tt: usize,
+    out: bool,
 ) {
     for r in [
         Some(&job.u),
         Some(&job.delta),
         job.z.as_ref(),
-        Some(&job.out),
+        Some(&job.out).filter(|_| out),
     ]
     .into_iter()
     .flatten()
@@ -663,6 +675,21 @@ pub(crate) fn prefetch_rows(r: &Raw<3>, bi: usize, c0: usize, len: usize, t: usi
             }
         }
     }
+}
+
+/// Whether a block's out tiles can go out with non-temporal stores: AVX-512,
+/// a full block, float32 rows of whole, 64-byte aligned lines (tiles of a
+/// multiple of 16 steps starting at a multiple of 16).
+#[inline(always)]
+fn out_streaming<S: Simd>(r: &Raw<3>, len: usize) -> bool {
+    cfg!(target_arch = "x86_64")
+        && S::LANES == 16
+        && len == 16
+        && r.dtype == DType::F32
+        && r.strides[2] == 1
+        && r.ptr.is_multiple_of(64)
+        && r.strides[1].rem_euclid(16) == 0
+        && r.strides[0].rem_euclid(16) == 0
 }
 
 /// Whether `store_checkpoint` can write whole lines with non-temporal stores:

@@ -632,6 +632,13 @@ unsafe fn pass1_block<S: BwdSimd>(c: &Pass1) {
         if j + 1 >= nch {
             break; // the state after the last sub-chunk is not needed
         }
+        // Prefetch the next sub-chunk's rows (as the forward's tile loop does).
+        let tn = t + tt;
+        if tn < c.t1 && (j + 2) < nch {
+            let nt = ts.min(c.t1 - tn);
+            prefetch_tile(&job.u, c.bi, c.c0, c.len, tn, nt);
+            prefetch_tile(&job.delta, c.bi, c.c0, c.len, tn, nt);
+        }
         load_tile::<S>(&job.u, c.bi, c.c0, c.len, t, tt, ut.as_mut_ptr());
         load_tile::<S>(&job.delta, c.bi, c.c0, c.len, t, tt, dt.as_mut_ptr());
         delta_tile::<S>(
