@@ -67,9 +67,13 @@ def ref_states(x, chunk, softplus=True):
 
 SIZES = [(1, 3, 1, 4), (2, 5, 15, 4), (1, 16, 16, 16), (2, 20, 17, 16), (1, 37, 100, 8),
          (2, 24, 300, 5)]
+# Rows of whole 64-byte lines (l % 16 == 0), full 16-channel blocks next to a
+# partial one, tiles of 64 steps and a 32- or 16-step tail: the AVX-512
+# training forward streams out with non-temporal stores there.
+STREAM_SIZES = [(2, 40, 96, 16), (1, 32, 208, 16), (1, 16, 2048, 16)]
 
 
-@pytest.mark.parametrize("b,d,l,n", SIZES)
+@pytest.mark.parametrize("b,d,l,n", SIZES + STREAM_SIZES)
 @pytest.mark.parametrize("layout", ["const", "shared", "grouped"])
 def test_forward_checkpoints(b, d, l, n, layout):
     g = 4 if layout == "grouped" and d % 4 == 0 else 1

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 /// Widest vector (AVX-512) in float32 lanes; per-block buffers are sized for it.
 pub const MAX_LANES: usize = 16;
 /// Time steps per tile.
-const T: usize = 64;
+pub(crate) const T: usize = 64;
 /// Largest supported state size.
 pub const MAX_N: usize = 256;
 
@@ -119,15 +119,20 @@ fn transpose_bc(src: &BcSrc, b: usize, n: usize, t0: usize, lc: usize, dst: &mut
         });
 }
 
-struct BlockCtx<'a> {
-    job: &'a ScanJob,
-    bi: usize,
-    c0: usize,
-    len: usize,
+/// One (batch, block, outer chunk) of [`run_scan`].
+pub(crate) struct BlockCtx<'a, U> {
+    pub(crate) job: &'a ScanJob,
+    src: &'a U,
+    pub(crate) bi: usize,
+    /// Channels [c0, c0 + len).
+    pub(crate) c0: usize,
+    pub(crate) len: usize,
     t0: usize,
     t1: usize,
     /// State of this block, float32 [n][MAX_LANES], carried across chunks.
     h: *mut f32,
+    /// The u source's floats carried across chunks (`USource::carry_len`).
+    carry: *mut f32,
     /// Transposed time-varying B/C of this block's group at t0: [t][n].
     bt: *const f32,
     ct: *const f32,
@@ -154,6 +159,80 @@ pub fn scan_forward(job: &ScanJob, level: SimdLevel) {
 /// Runs the whole scan and, when `ck` is given, also writes the states at the
 /// start of every `ck.ts` steps (what the backward would otherwise recompute).
 pub fn scan_forward_ck(job: &ScanJob, level: SimdLevel, ck: Option<Checkpoints>) {
+    run_scan(job, level, ck, &LoadU);
+}
+
+/// Where a tile's u comes from. The scan loads it from `job.u` ([`LoadU`]);
+/// the fused conv+scan (`cpu::conv_scan`) makes it from x = `job.u` by the
+/// conv. Everything else (the work split, outer chunks, B/C transposes,
+/// prefetches, Δ, the recurrence, checkpoints, D, z, states) is
+/// [`run_scan`] / [`scan_block`], shared by both.
+pub(crate) trait USource: Sync + Sized {
+    /// What a block keeps while it walks one outer chunk.
+    type Blk;
+    /// Floats per (batch, block) carried from one outer chunk to the next
+    /// (zeros before the first).
+    fn carry_len(&self) -> usize;
+    /// Sets up a block of channels [c0, c0+len) from its carried floats.
+    unsafe fn begin<S: Simd>(&self, c0: usize, len: usize, carry: *const f32) -> Self::Blk;
+    /// u of the block's rows [c0, c0+len) × [t, t+tt) into the
+    /// [tt][S::LANES] tile `ut` (lanes ≥ len zero).
+    unsafe fn u_tile<S: Simd>(
+        &self,
+        blk: &mut Self::Blk,
+        ctx: &BlockCtx<Self>,
+        t: usize,
+        tt: usize,
+        ut: &mut [f32],
+    );
+    /// Saves what the next outer chunk needs.
+    unsafe fn end<S: Simd>(&self, blk: &Self::Blk, carry: *mut f32);
+    /// `scan_block::<S, Self>` at `level` (`simd_dispatch!` wants a
+    /// concrete argument type).
+    fn run_block(ctx: &BlockCtx<Self>, level: SimdLevel);
+}
+
+/// u loaded from `job.u`: the plain scan.
+pub(crate) struct LoadU;
+
+impl USource for LoadU {
+    type Blk = ();
+    fn carry_len(&self) -> usize {
+        0
+    }
+    #[inline(always)]
+    unsafe fn begin<S: Simd>(&self, _c0: usize, _len: usize, _carry: *const f32) {}
+    #[inline(always)]
+    unsafe fn u_tile<S: Simd>(
+        &self,
+        _: &mut (),
+        c: &BlockCtx<Self>,
+        t: usize,
+        tt: usize,
+        ut: &mut [f32],
+    ) {
+        load_tile::<S>(&c.job.u, c.bi, c.c0, c.len, t, tt, S::LANES, ut);
+    }
+    #[inline(always)]
+    unsafe fn end<S: Simd>(&self, _blk: &(), _carry: *mut f32) {}
+    fn run_block(ctx: &BlockCtx<Self>, level: SimdLevel) {
+        #[inline(always)]
+        unsafe fn block<S: Simd>(ctx: &BlockCtx<LoadU>) {
+            scan_block::<S, LoadU>(ctx)
+        }
+        simd_dispatch!(level, block, ctx, &BlockCtx<LoadU>);
+    }
+}
+
+/// The scan's driver: rayon over (batch, block of up to LANES channels inside
+/// one B/C group), outer time chunks bounding the transposed B/C, with u from
+/// `src`.
+pub(crate) fn run_scan<U: USource>(
+    job: &ScanJob,
+    level: SimdLevel,
+    ck: Option<Checkpoints>,
+    src: &U,
+) {
     if let Some(c) = ck {
         assert!(
             c.ts > 0 && T.is_multiple_of(c.ts),
@@ -166,8 +245,10 @@ pub fn scan_forward_ck(job: &ScanJob, level: SimdLevel, ck: Option<Checkpoints>)
     };
     let blocks = channel_blocks(job.d, job.bm.groups(), job.cm.groups(), lanes);
     let nb = blocks.len();
+    // Per (batch, block): the state [n][MAX_LANES], then the source's carry.
     let stride_h = job.n * MAX_LANES;
-    let mut states = vec![0.0f32; job.b * nb * stride_h];
+    let stride = stride_h + src.carry_len();
+    let mut states = vec![0.0f32; job.b * nb * stride];
     let lc = outer_chunk(job);
     let (mut bt, mut ct) = (Vec::new(), Vec::new());
     let mut t0 = 0;
@@ -180,7 +261,7 @@ pub fn scan_forward_ck(job: &ScanJob, level: SimdLevel, ck: Option<Checkpoints>)
         let (sb, sc) = (job.d / gb, job.d / gc);
         let (bt_p, ct_p) = (bt.as_ptr() as usize, ct.as_ptr() as usize);
         states
-            .par_chunks_mut(stride_h)
+            .par_chunks_mut(stride)
             .enumerate()
             .for_each(|(i, h)| {
                 let (bi, blk) = (i / nb, i % nb);
@@ -189,19 +270,21 @@ pub fn scan_forward_ck(job: &ScanJob, level: SimdLevel, ck: Option<Checkpoints>)
                 let ct_off = ((bi * gc + c0 / sc) * len_t) * job.n;
                 let ctx = BlockCtx {
                     job,
+                    src,
                     bi,
                     c0,
                     len,
                     t0,
                     t1,
                     h: h.as_mut_ptr(),
+                    carry: h.as_mut_ptr().wrapping_add(stride_h),
                     bt: (bt_p as *const f32).wrapping_add(bt_off),
                     ct: (ct_p as *const f32).wrapping_add(ct_off),
                     first: t0 == 0,
                     last_chunk: t1 == job.l,
                     ck,
                 };
-                simd_dispatch!(level, scan_block, &ctx, &BlockCtx);
+                U::run_block(&ctx, level);
             });
         t0 = t1;
     }
@@ -217,7 +300,7 @@ fn fast_tile<S: Simd>(raw: &Raw<3>, len: usize, lanes: usize, tt: usize) -> bool
 }
 
 #[inline(always)]
-unsafe fn load_tile<S: Simd>(
+pub(crate) unsafe fn load_tile<S: Simd>(
     raw: &Raw<3>,
     bi: usize,
     c0: usize,
@@ -304,7 +387,12 @@ unsafe fn store_tile<S: Simd>(
 
 /// Per-lane parameter vector [LANES] from a per-channel f32 slice.
 #[inline(always)]
-fn lane_vec(src: Option<&Vec<f32>>, c0: usize, len: usize, fill: f32) -> [f32; MAX_LANES] {
+pub(crate) fn lane_vec(
+    src: Option<&Vec<f32>>,
+    c0: usize,
+    len: usize,
+    fill: f32,
+) -> [f32; MAX_LANES] {
     let mut v = [fill; MAX_LANES];
     if let Some(s) = src {
         v[..len].copy_from_slice(&s[c0..c0 + len]);
@@ -314,7 +402,7 @@ fn lane_vec(src: Option<&Vec<f32>>, c0: usize, len: usize, fill: f32) -> [f32; M
 
 /// [n][LANES] table from a per-channel [d][n] matrix, scaled by `scale`.
 #[inline(always)]
-fn lane_table(
+pub(crate) fn lane_table(
     m: &[f32],
     n: usize,
     c0: usize,
@@ -334,8 +422,9 @@ fn lane_table(
     }
 }
 
+/// One block's walk through one outer chunk: tiles of `T` steps.
 #[inline(always)]
-unsafe fn scan_block<S: Simd>(ctx: &BlockCtx) {
+pub(crate) unsafe fn scan_block<S: Simd, U: USource>(ctx: &BlockCtx<U>) {
     let job = ctx.job;
     let (n, lanes, len) = (job.n, S::LANES, ctx.len);
     // exp(Δ·A) = exp2(Δ·A·log2 e): fold log2 e into A once per block.
@@ -374,6 +463,10 @@ unsafe fn scan_block<S: Simd>(ctx: &BlockCtx) {
         }
     }
 
+    let mut ub = ctx.src.begin::<S>(ctx.c0, len, ctx.carry);
+    // The training forward streams out (non-temporal stores, no output
+    // prefetch): its caller's backward does not read it.
+    let out_nt = ctx.ck.is_some() && out_streaming::<S>(&job.out, len);
     let mut ut = [0.0f32; T * MAX_LANES];
     let mut dt = [0.0f32; T * MAX_LANES];
     let mut zt = [0.0f32; T * MAX_LANES];
@@ -388,7 +481,7 @@ unsafe fn scan_block<S: Simd>(ctx: &BlockCtx) {
         let tn = t + tt;
         if tn < ctx.t1 {
             let nt = T.min(ctx.t1 - tn);
-            prefetch_tile_rows(job, ctx.bi, ctx.c0, len, tn, nt);
+            prefetch_tile_rows(job, ctx.bi, ctx.c0, len, tn, nt, !out_nt);
             // (Not the checkpoints' lines when they are streamed.)
             let streamed = ck_streaming::<S>(n, len, std::ptr::null(), 0);
             if let Some(ck) = ctx.ck.filter(|_| !streamed) {
@@ -402,7 +495,7 @@ unsafe fn scan_block<S: Simd>(ctx: &BlockCtx) {
                 prefetch_rows(&row, ctx.bi, ctx.c0, len, j0 * n, (j1 - j0) * n);
             }
         }
-        load_tile::<S>(&job.u, ctx.bi, ctx.c0, len, t, tt, lanes, &mut ut);
+        ctx.src.u_tile::<S>(&mut ub, ctx, t, tt, &mut ut);
         load_tile::<S>(&job.delta, ctx.bi, ctx.c0, len, t, tt, lanes, &mut dt);
         // Δ = softplus(delta + bias): once per (t, channel), vectorised.
         let bias = S::load(biasv.as_ptr());
@@ -499,13 +592,23 @@ unsafe fn scan_block<S: Simd>(ctx: &BlockCtx) {
             }
             S::store(yt.as_mut_ptr().add(o), y);
         }
+        #[cfg(target_arch = "x86_64")]
+        if out_nt && tt.is_multiple_of(16) {
+            let base = addr(&job.out, [ctx.bi, ctx.c0, t]) as *mut f32;
+            for s0 in (0..tt).step_by(16) {
+                stream_tile16::<S>(yt.as_ptr().add(s0 * 16), base.add(s0), job.out.strides[1]);
+            }
+            t += tt;
+            continue;
+        }
         store_tile::<S>(&job.out, ctx.bi, ctx.c0, len, t, tt, lanes, &yt);
         t += tt;
     }
+    ctx.src.end::<S>(&ub, ctx.carry);
 
     #[cfg(target_arch = "x86_64")]
     if ctx.ck.is_some() && S::LANES == 16 {
-        // Order the non-temporal checkpoint stores before the task ends.
+        // Order the non-temporal checkpoint (and out) stores before the task ends.
         std::arch::x86_64::_mm_sfence();
     }
     if ctx.last_chunk {
@@ -526,23 +629,23 @@ unsafe fn scan_block<S: Simd>(ctx: &BlockCtx) {
     }
 }
 
-/// Prefetches the rows of u, delta, z and out that the tile [t, t+tt) of
-/// channels [c0, c0+len) will read and write (also used by the fused
-/// conv+scan, whose u is the conv's input x).
+/// Prefetches the rows of u, delta, z and (`out`) out that the tile
+/// [t, t+tt) of channels [c0, c0+len) will read and write.
 #[inline(always)]
-pub(crate) fn prefetch_tile_rows(
+fn prefetch_tile_rows(
     job: &ScanJob,
     bi: usize,
     c0: usize,
     len: usize,
     t: usize,
     tt: usize,
+    out: bool,
 ) {
     for r in [
         Some(&job.u),
         Some(&job.delta),
         job.z.as_ref(),
-        Some(&job.out),
+        Some(&job.out).filter(|_| out),
     ]
     .into_iter()
     .flatten()
@@ -572,6 +675,21 @@ pub(crate) fn prefetch_rows(r: &Raw<3>, bi: usize, c0: usize, len: usize, t: usi
             }
         }
     }
+}
+
+/// Whether a block's out tiles can go out with non-temporal stores: AVX-512,
+/// a full block, float32 rows of whole, 64-byte aligned lines (tiles of a
+/// multiple of 16 steps starting at a multiple of 16).
+#[inline(always)]
+fn out_streaming<S: Simd>(r: &Raw<3>, len: usize) -> bool {
+    cfg!(target_arch = "x86_64")
+        && S::LANES == 16
+        && len == 16
+        && r.dtype == DType::F32
+        && r.strides[2] == 1
+        && r.ptr.is_multiple_of(64)
+        && r.strides[1].rem_euclid(16) == 0
+        && r.strides[0].rem_euclid(16) == 0
 }
 
 /// Whether `store_checkpoint` can write whole lines with non-temporal stores:
@@ -748,126 +866,6 @@ unsafe fn recur_dyn<S: Simd, const BV: bool, const CV: bool>(tl: &Tiles, n: usiz
             y = S::fma(bc::<S, CV>(tl.cp, s, k, n), hk, y);
         }
         S::store(tl.y.add(s * l), y);
-    }
-}
-
-// ------------------------------------------------------------ hooks for fused callers
-//
-// cpu::conv_scan (conv_selective_scan_fn) runs this scan with u made per tile
-// by the conv instead of loaded: it reuses the pieces below through these
-// wrappers (additions only; the scan itself does not use them).
-
-/// Time steps per tile of the scan.
-pub(crate) const TILE_T: usize = T;
-
-pub(crate) fn outer_chunk_of(job: &ScanJob) -> usize {
-    outer_chunk(job)
-}
-
-pub(crate) fn transpose_bc_chunk(
-    src: &BcSrc,
-    b: usize,
-    n: usize,
-    t0: usize,
-    lc: usize,
-    dst: &mut Vec<f32>,
-) {
-    transpose_bc(src, b, n, t0, lc, dst)
-}
-
-/// `load_tile`: rows [c0, c0+len) × [t, t+tt) of a (b, d, l) tensor into a
-/// [tt][lanes] float32 tile (lanes ≥ len zero).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn load_tile_hook<S: Simd>(
-    raw: &Raw<3>,
-    bi: usize,
-    c0: usize,
-    len: usize,
-    t: usize,
-    tt: usize,
-    lanes: usize,
-    tile: &mut [f32],
-) {
-    load_tile::<S>(raw, bi, c0, len, t, tt, lanes, tile)
-}
-
-/// `store_tile`: the inverse of `load_tile_hook` (lanes ≥ len not written).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn store_tile_hook<S: Simd>(
-    raw: &Raw<3>,
-    bi: usize,
-    c0: usize,
-    len: usize,
-    t: usize,
-    tt: usize,
-    lanes: usize,
-    tile: &[f32],
-) {
-    store_tile::<S>(raw, bi, c0, len, t, tt, lanes, tile)
-}
-
-/// `lane_table`: [n][lanes] from a per-channel [d][n] matrix, scaled.
-#[inline(always)]
-pub(crate) fn lane_table_hook(
-    m: &[f32],
-    n: usize,
-    c0: usize,
-    len: usize,
-    lanes: usize,
-    scale: f32,
-    dst: &mut [f32],
-) {
-    lane_table(m, n, c0, len, lanes, scale, dst)
-}
-
-/// `lane_vec`: a per-lane vector from a per-channel slice (`fill` elsewhere).
-#[inline(always)]
-pub(crate) fn lane_vec_hook(
-    src: Option<&Vec<f32>>,
-    c0: usize,
-    len: usize,
-    fill: f32,
-) -> [f32; MAX_LANES] {
-    lane_vec(src, c0, len, fill)
-}
-
-/// The recurrence over one tile: u, dt (Δ after bias/softplus) and y are
-/// [tt][lanes] tiles, a2 = A·log2 e as [n][lanes], bp / cp time-varying
-/// [t][n] (bvar / cvar) or constant [n][lanes], h the state [n][MAX_LANES].
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn recur_tile_hook<S: Simd>(
-    u: *const f32,
-    dt: *const f32,
-    y: *mut f32,
-    a2: *const f32,
-    bp: *const f32,
-    cp: *const f32,
-    h: *mut f32,
-    tt: usize,
-    n: usize,
-    bvar: bool,
-    cvar: bool,
-) {
-    let tiles = Tiles {
-        u,
-        dt,
-        y,
-        a2,
-        bp,
-        cp,
-        h,
-        tt,
-    };
-    match (n, bvar, cvar) {
-        (16, true, true) => recur16::<S, true, true>(&tiles),
-        (16, false, false) => recur16::<S, false, false>(&tiles),
-        (_, true, true) => recur_dyn::<S, true, true>(&tiles, n),
-        (_, true, false) => recur_dyn::<S, true, false>(&tiles, n),
-        (_, false, true) => recur_dyn::<S, false, true>(&tiles, n),
-        (_, false, false) => recur_dyn::<S, false, false>(&tiles, n),
     }
 }
 

@@ -124,6 +124,18 @@ pub unsafe trait BwdSimd: Simd {
             *dst.add(i) += Self::hsum(*x);
         }
     }
+    /// Whether `lane_pair` + `add_lane_pairs4` are a split `add_lane_sums8`
+    /// (the reverse then folds each pair as soon as it is made, which keeps
+    /// fewer vectors live).
+    const PAIRS: bool = false;
+    /// The first stage of `add_lane_sums8` for v[2i], v[2i+1].
+    #[inline(always)]
+    unsafe fn lane_pair(x: Self::V, _y: Self::V) -> Self::V {
+        x
+    }
+    /// The rest of `add_lane_sums8`, from the four pairs.
+    #[inline(always)]
+    unsafe fn add_lane_pairs4(_p: &[Self::V; 4], _dst: *mut f32) {}
 }
 
 unsafe impl BwdSimd for super::simd::Portable {}
@@ -136,14 +148,25 @@ unsafe impl BwdSimd for super::simd::Avx512 {
     /// A reduction tree instead of 8 horizontal sums: 16 shuffles and 9 adds.
     #[inline(always)]
     unsafe fn add_lane_sums8(v: &[Self::V; 8], dst: *mut f32) {
+        let h = |x, y| Self::lane_pair(x, y);
+        Self::add_lane_pairs4(
+            &[h(v[0], v[1]), h(v[2], v[3]), h(v[4], v[5]), h(v[6], v[7])],
+            dst,
+        );
+    }
+    const PAIRS: bool = true;
+    /// Halves: [x.lo256 + x.hi256 | y.lo256 + y.hi256].
+    #[inline(always)]
+    unsafe fn lane_pair(x: Self::V, y: Self::V) -> Self::V {
         use std::arch::x86_64::*;
-        // Halves: [x.lo256 + x.hi256 | y.lo256 + y.hi256].
-        let h = |x, y| {
-            _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0x44>(x, y),
-                _mm512_shuffle_f32x4::<0xEE>(x, y),
-            )
-        };
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(x, y),
+            _mm512_shuffle_f32x4::<0xEE>(x, y),
+        )
+    }
+    #[inline(always)]
+    unsafe fn add_lane_pairs4(p: &[Self::V; 4], dst: *mut f32) {
+        use std::arch::x86_64::*;
         // Quarters: [v0 | v1 | v2 | v3] four partial sums each.
         let q = |x, y| {
             _mm512_add_ps(
@@ -151,8 +174,8 @@ unsafe impl BwdSimd for super::simd::Avx512 {
                 _mm512_shuffle_f32x4::<0xDD>(x, y),
             )
         };
-        let x0 = q(h(v[0], v[1]), h(v[2], v[3]));
-        let x1 = q(h(v[4], v[5]), h(v[6], v[7]));
+        let x0 = q(p[0], p[1]);
+        let x1 = q(p[2], p[3]);
         // In quad i: [Σ v_i, Σ v_i+4, Σ v_i, Σ v_i+4] after two more steps.
         let y = _mm512_add_ps(_mm512_unpacklo_ps(x0, x1), _mm512_unpackhi_ps(x0, x1));
         let z = _mm512_add_ps(y, _mm512_permute_ps::<0x4E>(y));
@@ -546,6 +569,9 @@ unsafe fn reverse_group<S: BwdSimd, const K: usize, const BV: bool, const CV: bo
         let z = S::zero();
         let (mut d1, mut d2, mut y) = ([z; 2], [z; 2], [z; 2]);
         let (mut pb, mut pc) = ([z; K], [z; K]);
+        // With S::PAIRS and K = 8, the tree's first stage as soon as a pair is made.
+        let pairs = S::PAIRS && K == 8;
+        let (mut qb, mut qc) = ([z; 4], [z; 4]);
         for_k!(K, kk, {
             let c = bc::<S, CV>(cp, s, kk, n);
             let g = S::fma(c, dy, gq[kk]);
@@ -560,21 +586,35 @@ unsafe fn reverse_group<S: BwdSimd, const K: usize, const BV: bool, const CV: bo
             y[e] = S::fma(c, ht, y[e]);
             if BV {
                 pb[kk] = S::mul(g, du);
+                if pairs && kk % 2 == 1 {
+                    qb[kk / 2] = S::lane_pair(pb[kk - 1], pb[kk]);
+                }
             } else {
                 S::store(db.add(kk * l), S::fma(g, du, S::load(db.add(kk * l))));
             }
             if CV {
                 pc[kk] = S::mul(dy, ht);
+                if pairs && kk % 2 == 1 {
+                    qc[kk / 2] = S::lane_pair(pc[kk - 1], pc[kk]);
+                }
             } else {
                 S::store(dc.add(kk * l), S::fma(dy, ht, S::load(dc.add(kk * l))));
             }
             gq[kk] = S::mul(a, g);
         });
         if BV {
-            add_lane_sums::<S, K>(&pb, db.add(s * n));
+            if pairs {
+                S::add_lane_pairs4(&qb, db.add(s * n));
+            } else {
+                add_lane_sums::<S, K>(&pb, db.add(s * n));
+            }
         }
         if CV {
-            add_lane_sums::<S, K>(&pc, dc.add(s * n));
+            if pairs {
+                S::add_lane_pairs4(&qc, dc.add(s * n));
+            } else {
+                add_lane_sums::<S, K>(&pc, dc.add(s * n));
+            }
         }
         let o = s * l;
         for (q, v) in [(acc.d1, d1), (acc.d2, d2), (acc.y, y)] {
@@ -631,6 +671,13 @@ unsafe fn pass1_block<S: BwdSimd>(c: &Pass1) {
         let (j, tt) = (t / ts, ts.min(c.t1 - t));
         if j + 1 >= nch {
             break; // the state after the last sub-chunk is not needed
+        }
+        // Prefetch the next sub-chunk's rows (as the forward's tile loop does).
+        let tn = t + tt;
+        if tn < c.t1 && (j + 2) < nch {
+            let nt = ts.min(c.t1 - tn);
+            prefetch_tile(&job.u, c.bi, c.c0, c.len, tn, nt);
+            prefetch_tile(&job.delta, c.bi, c.c0, c.len, tn, nt);
         }
         load_tile::<S>(&job.u, c.bi, c.c0, c.len, t, tt, ut.as_mut_ptr());
         load_tile::<S>(&job.delta, c.bi, c.c0, c.len, t, tt, dt.as_mut_ptr());
