@@ -786,9 +786,12 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 // thread's 8 steps), dΔbias in the output store (Σ dΔ over the same 8 steps).
 // Requires SF_OST. Measured on the H100 at the G2 shape (device NVRTC):
 // fast 1.558 ms (8 B stack frame) -> 1.538 (0 B) with it; fast_ck 1.226-1.228
-// without, 1.230-1.234 with it (125 instead of 128 registers).
+// without, 1.230-1.234 with it (125 instead of 128 registers). Off in both:
+// it changes the order in which dD and dΔbias are summed, and the two kernels
+// must give the same bits (tests/test_cuda_scan_ck.py: the backward from the
+// checkpoints is the recompute path), while fast_ck (G2's) is faster without.
 #ifndef SF_DSM
-#define SF_DSM 1
+#define SF_DSM 0
 #endif
 #ifndef SF_DSM_CK
 #define SF_DSM_CK 0
