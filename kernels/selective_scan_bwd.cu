@@ -726,8 +726,9 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 // The per-step sums over k (of g B, g A a h, C h) are reduce-scattered over
 // the 4 lanes so that lane q finishes step 4s+q of the sub-chunk (du, dΔ, dz,
 // dD, dΔbias). dB_t[k], dC_t[k] are summed over the block's 32 channels
-// through shared memory (per sub-chunk, one float4 per thread) and added
-// with one atomic per (t, k) per block. Per chunk, the block stages B, C
+// through shared memory (per sub-chunk: over each warp's 8 channels in the
+// warp's own part of the buffer, then over the 4 warps, SF_WRS: one block
+// barrier per sub-chunk) and added with one atomic per (t, k) per block. Per chunk, the block stages B, C
 // ([t][16] float32) and the rows Δ = softplus(delta + bias), u,
 // dy = dout silu(z), softplus'(.), dout silu'(z) ([32][SF_T]) in shared
 // memory, with 16-byte loads where rows are contiguous and aligned. du, dΔ,
@@ -762,15 +763,35 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 #ifndef SF_PF_CK
 #define SF_PF_CK 0     // the same in selective_scan_bwd_fast_ck (no pre-pass; measured slower, see below)
 #endif
+// SF_WRS: the dB/dC reduction in two levels. Each warp sums its own 8
+// channels in its own part of s.red after a __syncwarp (the part is the
+// warp's alone, so no block barrier guards its reuse), and leaves the 128 sums
+// (one float4 per thread) in the thread's own s.hst slot that its sub-chunk
+// has consumed (sub-chunk sc > 0: slot sc-1, read at the sub-chunk's start;
+// sc = 0: slot 1, free since sub-chunk 2 read it; consecutive sub-chunks use
+// different slots: a double buffer at no extra shared memory). One
+// __syncthreads per sub-chunk, then each thread adds the 4 warps' sums of its
+// (step, state) in warp order and makes the atomic. 0: one buffer for the
+// block, a barrier before the writes and one before the reads (the old way).
+// Changes the order of dB/dC's sums over channels (both kernels alike).
+// Measured on the H100 at the G2 shape (scan_bwd_sweep.py, round 3): fast_ck
+// 1.230 / 1.236 -> 1.212 / 1.213 ms, fast 1.541 -> 1.494 ms.
+#ifndef SF_WRS
+#define SF_WRS 1
+#endif
 // SF_HRE (selective_scan_bwd_fast) / SF_HRE_CK (..._fast_ck): the chunk's
 // start state re-read from the scratch / checkpoints at sub-chunk 0 instead of
 // held in 4 registers through the chunk. Only a register-allocation knob (same
 // results). fast: the setting without a stack frame for each architecture
-// with NVRTC 13.2 (sm_90: 1, sm_80: 0; nvrtc_check.py). fast_ck: 0, measured
+// with NVRTC 13.2 (SF_WRS = 0: sm_90 1, sm_80 0; SF_WRS = 1: 0 on both;
+// nvrtc_check.py; the device's NVRTC gives fast an 8 B frame with SF_WRS = 1,
+// and it is still faster: 1.494 vs 1.541 ms). fast_ck: 0, measured
 // faster on the H100 (G2 shape: 1.222 ms with SF_HRE_CK = 0 and SF_PF_CK = 0,
 // 1.246 with 0 / 1, 1.282 with 1 / 1, 1.281 with 1 / 0; all 0 B stack frame).
 #ifndef SF_HRE
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if SF_WRS
+#define SF_HRE 0  // with SF_WRS: 0 B stack frame on both (1: 8 B on sm_90)
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define SF_HRE 1
 #else
 #define SF_HRE 0
@@ -1164,9 +1185,11 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
     const i64 off_du = row_off(p.du, bi, cc), off_dd = row_off(p.ddelta, bi, cc);
     const i64 off_dz = p.dz.ptr ? row_off(p.dz, bi, cc) : 0;
 #endif
+#if !SF_WRS
     // the dB/dC reduction: this thread's float4 output slot
     const int rr = tid & 3, roj = tid >> 2, rQ = roj >> 4, rj = roj & 15;
     const int rk = (rj & 3) * 4 + rr, ri = rj >> 2;
+#endif
 #pragma unroll 1
     for (int j = nch - 1; j >= 0; j--) {
         const int t0 = j * SF_T;
@@ -1226,7 +1249,7 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                     hh[i + 1][k] = fmaf(a[i][k], hh[i][k], Bv[k] * du[i]);
                 }
             }
-            __syncthreads();  // the previous sub-chunk's reduction has read s.red
+            if (!SF_WRS) __syncthreads();  // the previous sub-chunk's reduction has read s.red
             float* const red = s.red;
             float pB[4], pA[4], pY[4];
 #pragma unroll
@@ -1286,6 +1309,33 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                 }
 #endif
             }
+#if SF_WRS
+            static_assert(SF_NSUB >= 3, "SF_WRS: sub-chunk 0 uses hst slot 1");
+            const int slot = sc > 0 ? sc - 1 : 1;
+            __syncwarp();  // this warp's part of s.red complete
+            {  // the warp's 8 channels: lane L sums float4 slot L & 15 of dB (L < 16) / dC
+                const int L = tid & 31;
+                const float* base = red + (L >> 4) * 32 * 64 + (tid >> 5) * 8 * 64;
+                float4 acc = *reinterpret_cast<const float4*>(base + red_idx(0, L & 15));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#pragma unroll 2  // sm_80: 0 B stack frame with NVRTC 13.2 (full unroll: 8 B)
+#else
+#pragma unroll
+#endif
+                for (int m = 1; m < 8; m++) {
+                    const float4 v = *reinterpret_cast<const float4*>(base + red_idx(m, L & 15));
+                    acc.x += v.x; acc.y += v.y; acc.z += v.z; acc.w += v.w;
+                }
+                s.hst[slot * SF_THREADS + tid] = acc;
+            }
+            __syncthreads();  // every warp's sums in s.hst
+            {  // dB (rQ = 0) / dC (1) of step ri, state rk: the 4 warps' sums
+                const float* cs = reinterpret_cast<const float*>(s.hst + slot * SF_THREADS);
+                const float v = ((cs[tid] + cs[128 + tid]) + cs[256 + tid]) + cs[384 + tid];
+                int to;  // opaque: the slot's (step, state) recomputed here, not kept live
+                asm volatile("mov.b32 %0, %1;" : "=r"(to) : "r"(tid));
+                const int rQ = to >> 6, rk = ((to >> 2) & 3) * 4 + (to & 3), ri = (to >> 4) & 3;
+#else
             __syncthreads();  // s.red complete
             {  // dB (rQ = 0) / dC (1) of step ri, states rk: sum over the 32 channels
                 const float* base = red + rQ * 32 * 64;
@@ -1296,6 +1346,7 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                     acc[0] += v.x; acc[1] += v.y; acc[2] += v.z; acc[3] += v.w;
                 }
                 const float v = rs4(acc, rr);
+#endif
                 const int t = t0 + ts + ri;
                 if (rk < n && t < l) {
                     int bo;  // opaque: the 64-bit address is recomputed here, not kept live
