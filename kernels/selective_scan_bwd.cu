@@ -706,8 +706,8 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 // (no block of 32 channels straddles two groups; a block that would writes
 // NaN to du and returns).
 //   grid  = (ceil(d / 32), b, 1)    block = (128, 1, 1)
-//   dynamic shared memory = 4 * (2*16*SF_T + 5*32*SF_T + 4*128*(SF_NSUB-1) + 2*32*64)
-//                         = 55296 bytes for SF_T = 32 (cuFuncSetAttribute needed)
+//   dynamic shared memory = 4 * (2*16*SF_T + 5*32*SF_T + 4*128*(SF_NSUB-1) + 2*32*64 + SF_ACC)
+//                         = 56448 bytes for SF_T = 32 (cuFuncSetAttribute needed)
 //   nchunks = ceil(l / SF_T) (32-step chunks); scratch: float32 (b, d, nchunks, n)
 //   when nchunks > 1. Zero-filled outputs as for selective_scan_bwd.
 //
@@ -726,8 +726,9 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 // The per-step sums over k (of g B, g A a h, C h) are reduce-scattered over
 // the 4 lanes so that lane q finishes step 4s+q of the sub-chunk (du, dΔ, dz,
 // dD, dΔbias). dB_t[k], dC_t[k] are summed over the block's 32 channels
-// through shared memory (per sub-chunk, one float4 per thread) and added
-// with one atomic per (t, k) per block. Per chunk, the block stages B, C
+// through shared memory (per sub-chunk: over each warp's 8 channels in the
+// warp's own part of the buffer, then over the 4 warps, SF_WRS: one block
+// barrier per sub-chunk) and added with one atomic per (t, k) per block. Per chunk, the block stages B, C
 // ([t][16] float32) and the rows Δ = softplus(delta + bias), u,
 // dy = dout silu(z), softplus'(.), dout silu'(z) ([32][SF_T]) in shared
 // memory, with 16-byte loads where rows are contiguous and aligned. du, dΔ,
@@ -762,15 +763,35 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 #ifndef SF_PF_CK
 #define SF_PF_CK 0     // the same in selective_scan_bwd_fast_ck (no pre-pass; measured slower, see below)
 #endif
+// SF_WRS: the dB/dC reduction in two levels. Each warp sums its own 8
+// channels in its own part of s.red after a __syncwarp (the part is the
+// warp's alone, so no block barrier guards its reuse), and leaves the 128 sums
+// (one float4 per thread) in the thread's own s.hst slot that its sub-chunk
+// has consumed (sub-chunk sc > 0: slot sc-1, read at the sub-chunk's start;
+// sc = 0: slot 1, free since sub-chunk 2 read it; consecutive sub-chunks use
+// different slots: a double buffer at no extra shared memory). One
+// __syncthreads per sub-chunk, then each thread adds the 4 warps' sums of its
+// (step, state) in warp order and makes the atomic. 0: one buffer for the
+// block, a barrier before the writes and one before the reads (the old way).
+// Changes the order of dB/dC's sums over channels (both kernels alike).
+// Measured on the H100 at the G2 shape (scan_bwd_sweep.py, round 3): fast_ck
+// 1.230 / 1.236 -> 1.212 / 1.213 ms, fast 1.541 -> 1.494 ms.
+#ifndef SF_WRS
+#define SF_WRS 1
+#endif
 // SF_HRE (selective_scan_bwd_fast) / SF_HRE_CK (..._fast_ck): the chunk's
 // start state re-read from the scratch / checkpoints at sub-chunk 0 instead of
 // held in 4 registers through the chunk. Only a register-allocation knob (same
 // results). fast: the setting without a stack frame for each architecture
-// with NVRTC 13.2 (sm_90: 1, sm_80: 0; nvrtc_check.py). fast_ck: 0, measured
+// with NVRTC 13.2 (SF_WRS = 0: sm_90 1, sm_80 0; SF_WRS = 1: 0 on both;
+// nvrtc_check.py; the device's NVRTC gives fast an 8 B frame with SF_WRS = 1,
+// and it is still faster: 1.494 vs 1.541 ms). fast_ck: 0, measured
 // faster on the H100 (G2 shape: 1.222 ms with SF_HRE_CK = 0 and SF_PF_CK = 0,
 // 1.246 with 0 / 1, 1.282 with 1 / 1, 1.281 with 1 / 0; all 0 B stack frame).
 #ifndef SF_HRE
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if SF_WRS
+#define SF_HRE 0  // with SF_WRS: 0 B stack frame on both (1: 8 B on sm_90)
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define SF_HRE 1
 #else
 #define SF_HRE 0
@@ -779,6 +800,27 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 #ifndef SF_HRE_CK
 #define SF_HRE_CK 0
 #endif
+// SF_DSM (selective_scan_bwd_fast) / SF_DSM_CK (..._fast_ck): D and the
+// per-thread dD / dΔbias partial sums in shared memory (SF_ACC floats after
+// the reduction buffer, allocated either way) instead of 3 loop-long
+// registers: dD accumulated per chunk in the staging (Σ dy u over the
+// thread's 8 steps), dΔbias in the output store (Σ dΔ over the same 8 steps).
+// Requires SF_OST. Measured on the H100 at the G2 shape (device NVRTC):
+// fast 1.558 ms (8 B stack frame) -> 1.538 (0 B) with it; fast_ck 1.226-1.228
+// without, 1.230-1.234 with it (125 instead of 128 registers). Off in both:
+// it changes the order in which dD and dΔbias are summed, and the two kernels
+// must give the same bits (tests/test_cuda_scan_ck.py: the backward from the
+// checkpoints is the recompute path), while fast_ck (G2's) is faster without.
+#ifndef SF_DSM
+#define SF_DSM 0
+#endif
+#ifndef SF_DSM_CK
+#define SF_DSM_CK 0
+#endif
+#if (SF_DSM || SF_DSM_CK) && !SF_OST
+#error "SF_DSM requires SF_OST"
+#endif
+#define SF_ACC (2 * SF_THREADS + SF_CPB)
 #define SF_LN2 0.6931471805599453f
 
 namespace sbf {
@@ -903,11 +945,12 @@ struct Sm {
     float* rows;       // NROWS x [32][SF_T]
     float4* hst;       // [SF_NSUB-1][128]: state at the start of sub-chunk s+1
     float* red;        // [2][32][64]: dB, dC per channel, step, state
+    float* acc;        // SF_DSM: [128] dD, [128] dΔbias partials per thread, [32] D per channel
 };
 
 // Stages the rows of chunk t0 (main: all five; else Δ and u) and B (and C
 // when main) into shared memory.
-template <bool MAIN>
+template <bool MAIN, bool DSM = false>
 __device__ __forceinline__ void stage(const ScanBwdParams& p, const Sm& s, int bi, int c0, int grpB,
                                       int grpC, int t0, int tid) {
     const int l = p.l;
@@ -953,6 +996,12 @@ __device__ __forceinline__ void stage(const ScanBwdParams& p, const Sm& s, int b
                 dy[i] = valid ? y : 0.0f;
                 gz[i] = valid ? gzv : 0.0f;
             }
+        }
+        if (DSM && MAIN) {  // dD: Σ dy u over this thread's steps (0 where not valid)
+            float dsum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; i++) dsum = fmaf(dy[i], uu[i], dsum);
+            s.acc[tid] += dsum;
         }
         const int tl = seg * 8;
 #pragma unroll
@@ -1041,6 +1090,7 @@ template <bool PRE>
 __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
     constexpr bool PF = PRE ? SF_PF : SF_PF_CK;
     constexpr bool HRE = PRE ? SF_HRE : SF_HRE_CK;
+    constexpr bool DSM = PRE ? SF_DSM : SF_DSM_CK;
     extern __shared__ float4 smem4[];
     Sm s;
     s.sB = reinterpret_cast<float*>(smem4);
@@ -1048,6 +1098,7 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
     s.rows = s.sC + SF_T * 16;
     s.hst = reinterpret_cast<float4*>(s.rows + NROWS * 32 * SF_T);
     s.red = reinterpret_cast<float*>(s.hst + (SF_NSUB - 1) * SF_THREADS);  // [2][32][64]
+    s.acc = s.red + 2 * 32 * 64;                                            // SF_ACC floats
 
     const int tid = threadIdx.x, ch = tid >> 2, q = tid & 3;
     const int bi = blockIdx.y, c0 = blockIdx.x * SF_CPB;
@@ -1119,15 +1170,26 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
     }
 
     // ---- main pass, chunks in reverse
-    const float Dv = p.D.ptr ? ld_any(p.D.ptr, p.D.dtype, (i64)cc * p.D.stride[0]) : 0.0f;
-    float dD_acc = 0.0f, ddb_acc = 0.0f;
+    float Dv = 0.0f, dD_acc = 0.0f, ddb_acc = 0.0f;  // DSM: in shared memory instead
+    if (DSM) {  // read after the chunk loop's first barrier
+        s.acc[tid] = 0.0f;
+        s.acc[SF_THREADS + tid] = 0.0f;
+        if (tid < SF_CPB) {
+            const int cd = min(c0 + tid, d - 1);
+            s.acc[2 * SF_THREADS + tid] = p.D.ptr ? ld_any(p.D.ptr, p.D.dtype, (i64)cd * p.D.stride[0]) : 0.0f;
+        }
+    } else {
+        Dv = p.D.ptr ? ld_any(p.D.ptr, p.D.dtype, (i64)cc * p.D.stride[0]) : 0.0f;
+    }
 #if !SF_OST
     const i64 off_du = row_off(p.du, bi, cc), off_dd = row_off(p.ddelta, bi, cc);
     const i64 off_dz = p.dz.ptr ? row_off(p.dz, bi, cc) : 0;
 #endif
+#if !SF_WRS
     // the dB/dC reduction: this thread's float4 output slot
     const int rr = tid & 3, roj = tid >> 2, rQ = roj >> 4, rj = roj & 15;
     const int rk = (rj & 3) * 4 + rr, ri = rj >> 2;
+#endif
 #pragma unroll 1
     for (int j = nch - 1; j >= 0; j--) {
         const int t0 = j * SF_T;
@@ -1146,7 +1208,7 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
 #pragma unroll
         for (int i = 0; i < 4; i++) hc0[i] = HRE ? 0.0f : h_chunk(i);
         __syncthreads();
-        stage<true>(p, s, bi, c0, grpB, grpC, t0, tid);
+        stage<true, DSM>(p, s, bi, c0, grpB, grpC, t0, tid);
         __syncthreads();
         if (PF && j > 0) prefetch<true>(p, bi, c0, grpB, grpC, t0 - SF_T, tid);
         {  // states at the sub-chunk starts
@@ -1187,7 +1249,7 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                     hh[i + 1][k] = fmaf(a[i][k], hh[i][k], Bv[k] * du[i]);
                 }
             }
-            __syncthreads();  // the previous sub-chunk's reduction has read s.red
+            if (!SF_WRS) __syncthreads();  // the previous sub-chunk's reduction has read s.red
             float* const red = s.red;
             float pB[4], pA[4], pY[4];
 #pragma unroll
@@ -1223,6 +1285,7 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                 const float dl = s.rows[R_D * 32 * SF_T + o], uu = s.rows[R_U * 32 * SF_T + o];
                 const float dy = s.rows[R_Y * 32 * SF_T + o], spd = s.rows[R_SP * 32 * SF_T + o];
                 const float gz = s.rows[R_GZ * 32 * SF_T + o];
+                if (DSM) Dv = s.acc[2 * SF_THREADS + ch];
                 const float duv = fmaf(dl, SB, Dv * dy);
                 const float ddv = fmaf(uu, SB, SA) * spd;
 #if SF_OST
@@ -1231,7 +1294,7 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                 s.rows[R_Y * 32 * SF_T + o] = duv;
                 s.rows[R_SP * 32 * SF_T + o] = ddv;
                 s.rows[R_GZ * 32 * SF_T + o] = gz * fmaf(Dv, uu, SY);
-                if (act && t < l) {
+                if (!DSM && act && t < l) {
                     dD_acc = fmaf(dy, uu, dD_acc);
                     ddb_acc += ddv;
                 }
@@ -1246,6 +1309,33 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                 }
 #endif
             }
+#if SF_WRS
+            static_assert(SF_NSUB >= 3, "SF_WRS: sub-chunk 0 uses hst slot 1");
+            const int slot = sc > 0 ? sc - 1 : 1;
+            __syncwarp();  // this warp's part of s.red complete
+            {  // the warp's 8 channels: lane L sums float4 slot L & 15 of dB (L < 16) / dC
+                const int L = tid & 31;
+                const float* base = red + (L >> 4) * 32 * 64 + (tid >> 5) * 8 * 64;
+                float4 acc = *reinterpret_cast<const float4*>(base + red_idx(0, L & 15));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#pragma unroll 2  // sm_80: 0 B stack frame with NVRTC 13.2 (full unroll: 8 B)
+#else
+#pragma unroll
+#endif
+                for (int m = 1; m < 8; m++) {
+                    const float4 v = *reinterpret_cast<const float4*>(base + red_idx(m, L & 15));
+                    acc.x += v.x; acc.y += v.y; acc.z += v.z; acc.w += v.w;
+                }
+                s.hst[slot * SF_THREADS + tid] = acc;
+            }
+            __syncthreads();  // every warp's sums in s.hst
+            {  // dB (rQ = 0) / dC (1) of step ri, state rk: the 4 warps' sums
+                const float* cs = reinterpret_cast<const float*>(s.hst + slot * SF_THREADS);
+                const float v = ((cs[tid] + cs[128 + tid]) + cs[256 + tid]) + cs[384 + tid];
+                int to;  // opaque: the slot's (step, state) recomputed here, not kept live
+                asm volatile("mov.b32 %0, %1;" : "=r"(to) : "r"(tid));
+                const int rQ = to >> 6, rk = ((to >> 2) & 3) * 4 + (to & 3), ri = (to >> 4) & 3;
+#else
             __syncthreads();  // s.red complete
             {  // dB (rQ = 0) / dC (1) of step ri, states rk: sum over the 32 channels
                 const float* base = red + rQ * 32 * 64;
@@ -1256,6 +1346,7 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                     acc[0] += v.x; acc[1] += v.y; acc[2] += v.z; acc[3] += v.w;
                 }
                 const float v = rs4(acc, rr);
+#endif
                 const int t = t0 + ts + ri;
                 if (rk < n && t < l) {
                     int bo;  // opaque: the 64-bit address is recomputed here, not kept live
@@ -1280,6 +1371,12 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
 #pragma unroll
             for (int i = 0; i < 8; i++) v[i] = s.rows[R_SP * 32 * SF_T + rsw(ch, tl + i)];
             store8(v, p.ddelta, row_off(p.ddelta, bi, c), t, l);
+            if (DSM) {  // dΔbias: Σ dΔ over these steps (those below l)
+                float dsum = 0.0f;
+#pragma unroll
+                for (int i = 0; i < 8; i++) dsum += t + i < l ? v[i] : 0.0f;
+                s.acc[SF_THREADS + tid] += dsum;
+            }
             if (p.dz.ptr) {
 #pragma unroll
                 for (int i = 0; i < 8; i++) v[i] = s.rows[R_GZ * 32 * SF_T + rsw(ch, tl + i)];
@@ -1300,6 +1397,10 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
             if (4 * q + i < n)
                 atomicAdd((float*)p.dA.ptr + (i64)c * p.dA.stride[0] + (i64)(4 * q + i) * p.dA.stride[1], dA[i]);
     }
+    if (DSM) {
+        dD_acc = s.acc[tid];
+        ddb_acc = s.acc[SF_THREADS + tid];
+    }
     dD_acc += __shfl_xor_sync(SB_FULL, dD_acc, 1);
     dD_acc += __shfl_xor_sync(SB_FULL, dD_acc, 2);
     ddb_acc += __shfl_xor_sync(SB_FULL, ddb_acc, 1);
@@ -1319,3 +1420,27 @@ selective_scan_bwd_fast(const __grid_constant__ ScanBwdParams p) { sbf::fast_ent
 // (p.ck_given = 1, p.scratch = the checkpoints; a launch without them poisons du).
 extern "C" __global__ void __launch_bounds__(SF_THREADS, SF_MINB)
 selective_scan_bwd_fast_ck(const __grid_constant__ ScanBwdParams p) { sbf::fast_entry<false>(p); }
+
+// ----------------------------------------------------------------------------
+// scan_bwd_zero: zero-fills up to 5 contiguous float32 buffers in one launch
+// (the backward's atomically-added gradients dA, dB, dC, dD, dΔbias), instead
+// of one fill per buffer. Any grid and block; 16-byte stores where a buffer is
+// 16-byte aligned, scalar stores for the rest.
+// ----------------------------------------------------------------------------
+struct ScanBwdZeroParams {
+    unsigned long long ptr[5];
+    i64 n[5];  // elements (float32)
+    int count;
+    int _pad;
+};
+
+extern "C" __global__ void __launch_bounds__(256) scan_bwd_zero(const __grid_constant__ ScanBwdZeroParams p) {
+    const i64 i0 = (i64)blockIdx.x * blockDim.x + threadIdx.x, step = (i64)gridDim.x * blockDim.x;
+    for (int b = 0; b < p.count && b < 5; b++) {
+        float* x = reinterpret_cast<float*>(p.ptr[b]);
+        const i64 n = p.n[b];
+        const i64 n4 = (p.ptr[b] & 15ull) == 0 ? n / 4 : 0;
+        for (i64 i = i0; i < n4; i += step) reinterpret_cast<float4*>(x)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (i64 i = 4 * n4 + i0; i < n; i += step) x[i] = 0.0f;
+    }
+}

@@ -427,6 +427,21 @@ __device__ __forceinline__ void store_last_state(const ScanFwdParams& p, int bi,
 #ifndef SCAN_CK_PAIR
 #define SCAN_CK_PAIR 1  // fast kernel, n = 16: the lane pair of a channel writes whole 32-byte sectors
 #endif
+// SCAN_CK_CS: checkpoint stores with the streaming cache hint (st.global.cs,
+// evict first): the 64 MB of checkpoints at G2 no longer push u, Δ, z, B, C
+// out of L2. H100, G2 shape (scan_fwd_ck_sweep.py): fwd_ck 0.3042 -> 0.2955 ms
+// (plain forward 0.275; with no checkpoint stores at all: 0.2961), bitwise
+// the same outputs.
+#ifndef SCAN_CK_CS
+#define SCAN_CK_CS 1
+#endif
+__device__ __forceinline__ void ck_st4(float* q, float4 v) {
+#if SCAN_CK_CS
+    __stcs(reinterpret_cast<float4*>(q), v);
+#else
+    *reinterpret_cast<float4*>(q) = v;
+#endif
+}
 
 template <int NS>
 struct CkRow {
@@ -451,7 +466,7 @@ struct CkRow {
         if (nvalid >= NS && (n & 3) == 0) {
 #pragma unroll
             for (int i = 0; i < NS; i += 4)
-                *reinterpret_cast<float4*>(q + i) = make_float4(h[i], h[i + 1], h[i + 2], h[i + 3]);
+                ck_st4(q + i, make_float4(h[i], h[i + 1], h[i + 2], h[i + 3]));
         } else {
 #pragma unroll
             for (int i = 0; i < NS; i++)
@@ -465,6 +480,9 @@ struct CkRow {
     // sector with the partner (lane 0: states 0-3, then 8-11; lane 1: 4-7,
     // then 12-15): 16 full sectors per warp store instead of 32 halves.
     __device__ __forceinline__ void store_pair(const float (&h)[NS], int j, int sub) const {
+#ifdef SCAN_CK_DIAG  // timing diagnostic only: no checkpoint written (wrong results)
+        return;
+#endif
         if (SCAN_CK_PAIR && NS == 8 && n == 16) {
             float x[4];
 #pragma unroll
@@ -473,8 +491,8 @@ struct CkRow {
             float* q = ptr + (i64)j * n;
             const float4 lo = sub ? make_float4(x[0], x[1], x[2], x[3]) : make_float4(h[0], h[1], h[2], h[3]);
             const float4 hi = sub ? make_float4(h[4], h[5], h[6], h[7]) : make_float4(x[0], x[1], x[2], x[3]);
-            *reinterpret_cast<float4*>(q + (sub ? -4 : 0)) = lo;
-            *reinterpret_cast<float4*>(q + (sub ? 4 : 8)) = hi;
+            ck_st4(q + (sub ? -4 : 0), lo);
+            ck_st4(q + (sub ? 4 : 8), hi);
         } else {
             store(h, j);
         }

@@ -119,6 +119,7 @@ def launch_variant(spec, x):
     if kern in ("fast", "fastck", "fast+ck"):
         name = "selective_scan_bwd_fast_ck" if kern == "fastck" else "selective_scan_bwd_fast"
         smem = 4 * (2 * 16 * CH + 5 * 32 * CH + 4 * 128 * (CH // 4 - 1) + 2 * 32 * 64)
+        smem += 4 * (2 * 128 + 32)  # SF_ACC: D, dD, dΔbias partials (SF_DSM, SF_DSM_CK)
         grid, block = ((d + 31) // 32, b, 1), (128, 1, 1)
     f = mod.fn(name)
     gs.ck(gs.cuda.cuFuncSetAttribute(f, 8, smem), "cuFuncSetAttribute")

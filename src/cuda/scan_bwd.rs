@@ -79,10 +79,12 @@ fn smem_bytes(n: u32) -> u32 {
     4 * (6 * BWD_W * ch + BWD_W * (ch + ch / 32) + 2 * BWD_W * n + 64 * BWD_W)
 }
 
-/// Dynamic shared memory of one block of the fast kernel.
+/// Dynamic shared memory of one block of the fast kernel (SF_DSM = 1: D and
+/// the dD / dΔbias partial sums after the reduction buffer, SF_ACC floats).
 fn smem_bytes_fast() -> u32 {
     let t = FAST_CHUNK as u32;
-    4 * (2 * 16 * t + 5 * 32 * t + 4 * 128 * (t / 4 - 1) + 2 * 32 * 64)
+    let acc = 2 * FAST_THREADS + FAST_CPB;
+    4 * (2 * 16 * t + 5 * 32 * t + 4 * 128 * (t / 4 - 1) + 2 * 32 * 64 + acc)
 }
 
 /// Launches the backward on `stream` of GPU `ordinal`. The caller has zeroed
@@ -121,4 +123,42 @@ pub fn scan_backward(ordinal: i32, stream: u64, p: &ScanBwdParams) -> Result<()>
     k.set_max_dynamic_smem(smem)?;
     let grid = ((p.d as u32).div_ceil(BWD_W), p.b as u32, 1);
     unsafe { k.launch(grid, (32 * BWD_W, 1, 1), smem, stream, p) }
+}
+
+/// Mirror of `ScanBwdZeroParams` in kernels/selective_scan_bwd.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+struct ScanBwdZeroParams {
+    ptr: [u64; 5],
+    n: [i64; 5],
+    count: i32,
+    _pad: i32,
+}
+
+/// Zero-fills up to 5 contiguous float32 buffers `(device pointer, elements)`
+/// on `stream` of GPU `ordinal` in one launch (`scan_bwd_zero`): the
+/// backward's atomically-added gradients, before `scan_backward`.
+pub fn zero_f32(ordinal: i32, stream: u64, bufs: &[(usize, usize)]) -> Result<()> {
+    if bufs.len() > 5 {
+        return Err(Error::runtime(
+            "scan_bwd_zero: internal error: more than 5 buffers",
+        ));
+    }
+    let mut p = ScanBwdZeroParams {
+        count: bufs.len() as i32,
+        ..Default::default()
+    };
+    let mut most = 0usize;
+    for (i, &(ptr, n)) in bufs.iter().enumerate() {
+        p.ptr[i] = ptr as u64;
+        p.n[i] = n as i64;
+        most = most.max(n);
+    }
+    if most == 0 {
+        return Ok(());
+    }
+    let k = kernel(ordinal, "selective_scan_bwd", "scan_bwd_zero")?;
+    // one float4 per thread over the largest buffer, at most 4 blocks per SM
+    let blocks = most.div_ceil(4 * 256).clamp(1, 4 * k.sms.max(1) as usize) as u32;
+    unsafe { k.launch((blocks, 1, 1), (256, 1, 1), 0, stream, &p) }
 }

@@ -240,13 +240,22 @@ mod py {
                 })?;
             }
             Device::Cuda(ord) => {
-                // The kernel adds into these with atomics.
-                let mut zero = vec![&da_o, &db_o, &dc_o];
-                zero.extend(dd.as_ref().map(|x| &x.0));
-                zero.extend(ddb.as_ref().map(|x| &x.0));
-                for o in zero {
-                    o.call_method0("zero_")?;
+                // The kernel adds into these with atomics: zeroed in one
+                // launch (scan_bwd_zero) instead of one `zero_()` each.
+                let stream = current_stream(py, ord)?;
+                let mut zero: Vec<(usize, usize)> = vec![
+                    (da.ptr, da.shape.iter().product()),
+                    (db.ptr, db.shape.iter().product()),
+                    (dc.ptr, dc.shape.iter().product()),
+                ];
+                for x in [&dd, &ddb].into_iter().flatten() {
+                    zero.push((x.1.ptr, x.1.shape.iter().product()));
                 }
+                py.detach(|| {
+                    catch_panic("selective_scan_bwd", || {
+                        crate::cuda::scan_bwd::zero_f32(ord, stream, &zero)
+                    })
+                })?;
                 let (_, gb) = crate::cuda::scan::scan_bc(bv);
                 let (_, gc) = crate::cuda::scan::scan_bc(cv);
                 let fast = crate::cuda::scan_bwd::use_fast(d, n, gb, gc);
@@ -257,7 +266,6 @@ mod py {
                 } else {
                     None
                 };
-                let stream = current_stream(py, ord)?;
                 let mut p = plan_scan_bwd_cuda(
                     &args,
                     dims,
