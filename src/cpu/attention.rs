@@ -165,13 +165,17 @@ pub fn attn_forward(job: &AttnJob, level: SimdLevel) {
     while run > 1 && nblocks.div_ceil(run) < 8 * threads {
         run /= 2;
     }
+    // Run-major order: consecutive tasks of a thread are the kv heads of one
+    // run, whose K/V rows share pages (a [s][hk][hd] row of 16 heads × 64
+    // floats is one 4 KB page): each page's TLB walk then serves every head,
+    // not one.
     let mut tasks = Vec::new();
     for seq in &job.seqs {
         let rows = seq.sq * grp;
-        for kvh in 0..job.hk {
-            let mut r0 = 0;
-            while r0 < rows {
-                let n = (run * bq).min(rows - r0);
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = (run * bq).min(rows - r0);
+            for kvh in 0..job.hk {
                 tasks.push(Task {
                     job,
                     seq,
@@ -182,8 +186,8 @@ pub fn attn_forward(job: &AttnJob, level: SimdLevel) {
                     khi: i64::MAX,
                     part: 0,
                 });
-                r0 += n;
             }
+            r0 += n;
         }
     }
     // Split-KV when there are too few tasks to occupy the threads (then every
@@ -380,6 +384,12 @@ impl Packer {
             pack_rows::<S>(&seg.k, kvh, row0, n, hd, self.k.add(o));
             pack_rows::<S>(&seg.v, kvh, row0, n, hd, self.v.add(o));
             self.reg[si].1 = end;
+            // The next tile's rows, each in its own 4 KB page for C5's
+            // layout (no hardware prefetch across pages), are packed next
+            // (this block's next tile or the next block's last one).
+            let (r1, n1) = (row0 + n, BK.min(seg.len.saturating_sub(row0 + n)));
+            prefetch_kv_rows(&seg.k, kvh, r1, n1, hd);
+            prefetch_kv_rows(&seg.v, kvh, r1, n1, hd);
         }
         let o = (jt - self.base) as usize * hd;
         (self.k.add(o), self.v.add(o))
@@ -617,6 +627,29 @@ unsafe fn transpose<S: Simd>(
         let c_from = if r < r8 { c8 } else { 0 };
         for c in c_from..cols {
             *dst.add(c * ds + r) = *src.add(r * ss + c);
+        }
+    }
+}
+
+/// Prefetches (into L2) the lines of rows row0 .. row0 + n of kv head `h` of
+/// a K/V view with unit stride along hd.
+#[inline(always)]
+fn prefetch_kv_rows(r: &Raw<3>, h: usize, row0: usize, n: usize, hd: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if r.strides[2] == 1 {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let esz = r.dtype.size() as isize;
+        let base =
+            r.ptr as isize + (row0 as isize * r.strides[0] + h as isize * r.strides[1]) * esz;
+        let bytes = hd * esz as usize;
+        for j in 0..n as isize {
+            let q = (base + j * r.strides[0] * esz) as usize;
+            let mut a = q & !63;
+            while a < q + bytes {
+                // SAFETY: prefetches never fault.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(a as *const i8) };
+                a += 64;
+            }
         }
     }
 }
