@@ -21,8 +21,10 @@
 //! a ring-buffer KV cache is two (the wrapped halves) plus the new tokens.
 //! Only keys the mask can reach are visited (a window of W costs O(s·W)); a
 //! tile wholly inside the mask skips the masking, a tile partly outside gets
-//! it element-wise. float32 K/V with unit stride along hd are read in place;
-//! other dtypes/strides are converted one tile at a time.
+//! it element-wise. A task is a run of up to `RUN_BLOCKS` consecutive blocks:
+//! the K/V rows it reads are converted to float32 into a contiguous
+//! thread-local buffer once, the first time a block touches them (one tile at
+//! a time into a small buffer when the run's keys would need > 4 MB).
 
 // Register tiles are indexed [row][vector]: index loops read clearest.
 #![allow(clippy::needless_range_loop)]
