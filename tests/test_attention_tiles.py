@@ -104,3 +104,36 @@ def test_c5_shape_full_size():
                            causal=True, window_size=(511, 0))
     assert rel_err(out[:, :, heads], ro) <= TOL_ATTN["float32"]
     assert rel_err(to_f64(lse[:, heads]), rl) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["numpy-float32", "torch-float16", "torch-bfloat16"])
+def test_runs_of_blocks_share_packed_kv(simd_level, kind):
+    """Enough row blocks that a task is a run of several consecutive blocks sharing
+    one packed K/V copy (bench/cpu_attn_notes.md): GQA groups of 3 whose blocks'
+    key ranges overlap off the tile grid, sliding windows, causal, two-sided."""
+    q, k, v = qkv(11, 1, 1100, 1100, 6, 2, 40, kind)
+    for kw in (dict(causal=True, window_size=(300, 0)), dict(causal=True),
+               dict(window_size=(77, 50), softcap=4.0)):
+        check(kind, q, k, v, "runs", **kw)
+
+
+def test_runs_of_blocks_over_ring_cache_segments(simd_level):
+    """Long appends to a sliding-window ring cache: the keys are two or three
+    segments (wrapped halves + new tokens) and each task is a run of blocks."""
+    import torch
+
+    from mamba_attention import SlidingWindowKVCache
+
+    b, total, hq, hk, hd, w = 1, 1900, 8, 2, 16, 200
+    q, k, v = (torch.from_numpy(x).float() for x in qkv(12, b, total, total, hq, hk, hd, "numpy-float32"))
+    cache = SlidingWindowKVCache(b, w, hk, hd, dtype=torch.float32)
+    outs, t = [], 0
+    for n in (150, 700, 33, 900, 117):
+        outs.append(cache.append_and_attend(q[:, t:t + n], k[:, t:t + n], v[:, t:t + n]))
+        t += n
+    got = torch.cat(outs, 1)
+    check("torch-float32", q, k, v, "ring runs", causal=True, window_size=(w - 1, 0))
+    full = flash_attn_func(q, k, v, causal=True, window_size=(w - 1, 0))
+    assert rel_err(got, full) <= 1e-6
+    ro, _ = attention_ref(q, k, v, causal=True, window_size=(w - 1, 0))
+    assert rel_err(got, ro) <= TOL_ATTN["float32"]

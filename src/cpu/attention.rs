@@ -21,8 +21,10 @@
 //! a ring-buffer KV cache is two (the wrapped halves) plus the new tokens.
 //! Only keys the mask can reach are visited (a window of W costs O(s·W)); a
 //! tile wholly inside the mask skips the masking, a tile partly outside gets
-//! it element-wise. float32 K/V with unit stride along hd are read in place;
-//! other dtypes/strides are converted one tile at a time.
+//! it element-wise. A task is a run of up to `RUN_BLOCKS` consecutive blocks:
+//! the K/V rows it reads are converted to float32 into a contiguous
+//! thread-local buffer once, the first time a block touches them (one tile at
+//! a time into a small buffer when the run's keys would need > 4 MB).
 
 // Register tiles are indexed [row][vector]: index loops read clearest.
 #![allow(clippy::needless_range_loop)]
@@ -32,6 +34,8 @@ use super::SimdLevel;
 use crate::simd_dispatch;
 use crate::tensor::{load_row, store_row, DType, Raw};
 use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Keys per tile.
 pub const BK: usize = 64;
@@ -81,6 +85,8 @@ struct Task<'a> {
     job: &'a AttnJob,
     seq: &'a SeqDesc,
     kvh: usize,
+    /// Rows r0 .. r0 + nrows: a run of consecutive blocks of up to
+    /// `MAX_MVC·LANES` rows that share one packed copy of their K/V rows.
     r0: usize,
     nrows: usize,
     /// Keys this task covers: the block's visible keys ∩ [klo, khi).
@@ -95,6 +101,21 @@ struct Task<'a> {
 /// contexts), a block's keys are cut into chunks of at least this many keys
 /// that run in parallel and are merged by their lse.
 const MIN_SPLIT_KEYS: i64 = 512;
+
+/// Most blocks per task (a run). The run's K/V rows are converted into a
+/// contiguous buffer once, when a block first touches them, and the run's
+/// later blocks read them from there: a window of W keys used to be copied
+/// ≈ W / BK + 1 times, from rows `hk·hd` elements apart.
+const RUN_BLOCKS: usize = 8;
+
+/// Largest packed K+V buffer (bytes) per task; runs whose keys need more
+/// convert each tile into a small buffer instead (settable for tests).
+static PACK_MAX_BYTES: AtomicUsize = AtomicUsize::new(4 << 20);
+
+thread_local! {
+    /// Packed K and V rows of the task this thread runs (kept between calls).
+    static PACK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
 
 /// The keys a block of rows can see, [lo, hi), clipped to the sequence's segments.
 fn visible_keys(job: &AttnJob, seq: &SeqDesc, r0: usize, nrows: usize) -> (i64, i64) {
@@ -134,13 +155,29 @@ fn lanes_of(level: SimdLevel) -> usize {
 pub fn attn_forward(job: &AttnJob, level: SimdLevel) {
     let grp = job.hq / job.hk;
     let bq = MAX_MVC * lanes_of(level);
+    let threads = rayon::current_num_threads();
+    // Blocks per task: as many as keep ≥ 8 tasks per thread.
+    let nblocks = job.hk
+        * job
+            .seqs
+            .iter()
+            .map(|s| (s.sq * grp).div_ceil(bq))
+            .sum::<usize>();
+    let mut run = RUN_BLOCKS;
+    while run > 1 && nblocks.div_ceil(run) < 8 * threads {
+        run /= 2;
+    }
+    // Run-major order: consecutive tasks of a thread are the kv heads of one
+    // run, whose K/V rows share pages (a [s][hk][hd] row of 16 heads × 64
+    // floats is one 4 KB page): each page's TLB walk then serves every head,
+    // not one.
     let mut tasks = Vec::new();
     for seq in &job.seqs {
         let rows = seq.sq * grp;
-        for kvh in 0..job.hk {
-            let mut r0 = 0;
-            while r0 < rows {
-                let n = bq.min(rows - r0);
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = (run * bq).min(rows - r0);
+            for kvh in 0..job.hk {
                 tasks.push(Task {
                     job,
                     seq,
@@ -151,15 +188,15 @@ pub fn attn_forward(job: &AttnJob, level: SimdLevel) {
                     khi: i64::MAX,
                     part: 0,
                 });
-                r0 += n;
             }
+            r0 += n;
         }
     }
-    // Split-KV when there are too few tasks to occupy the threads.
-    let threads = rayon::current_num_threads();
+    // Split-KV when there are too few tasks to occupy the threads (then every
+    // task is one block).
     let mut groups: Vec<(usize, usize)> = Vec::new(); // (first part task, parts)
     let mut scratch: Vec<f32> = Vec::new();
-    if threads > 1 && !tasks.is_empty() && tasks.len() < 2 * threads {
+    if run == 1 && threads > 1 && !tasks.is_empty() && tasks.len() < 2 * threads {
         let want = (2 * threads).div_ceil(tasks.len()) as i64;
         let mut split = Vec::with_capacity(tasks.len() * want as usize);
         let mut offs = Vec::new();
@@ -259,11 +296,105 @@ unsafe fn write_row(seq: &SeqDesc, grp: usize, kvh: usize, r: usize, row: &[f32]
 
 #[inline(always)]
 unsafe fn task_any<S: Simd>(t: &Task) {
-    let v = t.nrows.div_ceil(S::LANES);
-    match v {
-        1 => task::<S, 1>(t),
-        2 => task::<S, 2>(t),
-        _ => task::<S, 4>(t),
+    let (job, seq, hd) = (t.job, t.seq, t.job.hd);
+    let bq = MAX_MVC * S::LANES;
+    let end = t.r0 + t.nrows;
+    // Keys of the whole run: [base, top).
+    let (mut base, mut top) = (i64::MAX, i64::MIN);
+    let mut r = t.r0;
+    while r < end {
+        let n = bq.min(end - r);
+        let (lo, hi) = visible_keys(job, seq, r, n);
+        base = base.min(lo.max(t.klo));
+        top = top.max(hi.min(t.khi));
+        r += n;
+    }
+    let span = if top > base { (top - base) as usize } else { 0 };
+    let (mut kb, mut vb) = PACK.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    let mut pk = Packer {
+        k: std::ptr::null_mut(),
+        v: std::ptr::null_mut(),
+        base,
+        reg: vec![(0, 0); seq.segs.len()],
+    };
+    if span > 0 && span * hd * 8 <= PACK_MAX_BYTES.load(Ordering::Relaxed) {
+        if kb.len() < span * hd {
+            kb.resize(span * hd, 0.0);
+            vb.resize(span * hd, 0.0);
+        }
+        pk.k = kb.as_mut_ptr();
+        pk.v = vb.as_mut_ptr();
+    }
+    let mut r = t.r0;
+    while r < end {
+        let n = bq.min(end - r);
+        match n.div_ceil(S::LANES) {
+            1 => task::<S, 1>(t, r, n, &mut pk),
+            2 => task::<S, 2>(t, r, n, &mut pk),
+            _ => task::<S, 4>(t, r, n, &mut pk),
+        }
+        r += n;
+    }
+    PACK.with(|c| *c.borrow_mut() = (kb, vb));
+}
+
+/// Where a task's K/V tiles come from: the run's packed buffers (`k`/`v`
+/// non-null: row j − `base` holds logical key j, converted on first use),
+/// else each tile is converted into the block's own small buffers.
+struct Packer {
+    k: *mut f32,
+    v: *mut f32,
+    base: i64,
+    /// Per segment, the logical keys [lo, hi) already packed.
+    reg: Vec<(i64, i64)>,
+}
+
+impl Packer {
+    /// K and V rows (stride hd) of keys jt .. jt + nj of segment `si`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<S: Simd>(
+        &mut self,
+        si: usize,
+        seg: &KeySeg,
+        kvh: usize,
+        jt: i64,
+        nj: usize,
+        hd: usize,
+        kbuf: &mut [f32],
+        vbuf: &mut [f32],
+    ) -> (*const f32, *const f32) {
+        if self.k.is_null() {
+            let row0 = jt as usize - seg.j0;
+            pack_rows::<S>(&seg.k, kvh, row0, nj, hd, kbuf.as_mut_ptr());
+            pack_rows::<S>(&seg.v, kvh, row0, nj, hd, vbuf.as_mut_ptr());
+            return (kbuf.as_ptr(), vbuf.as_ptr());
+        }
+        let end = jt + nj as i64;
+        let (lo, hi) = self.reg[si];
+        // Blocks of a run visit keys in non-decreasing order, so the packed
+        // keys are one interval; a tile outside it restarts the interval.
+        let from = if jt >= lo && jt <= hi {
+            hi
+        } else {
+            self.reg[si] = (jt, jt);
+            jt
+        };
+        if end > from {
+            let o = (from - self.base) as usize * hd;
+            let (row0, n) = (from as usize - seg.j0, (end - from) as usize);
+            pack_rows::<S>(&seg.k, kvh, row0, n, hd, self.k.add(o));
+            pack_rows::<S>(&seg.v, kvh, row0, n, hd, self.v.add(o));
+            self.reg[si].1 = end;
+            // The next tile's rows, each in its own 4 KB page for C5's
+            // layout (no hardware prefetch across pages), are packed next
+            // (this block's next tile or the next block's last one).
+            let (r1, n1) = (row0 + n, BK.min(seg.len.saturating_sub(row0 + n)));
+            prefetch_kv_rows(&seg.k, kvh, r1, n1, hd);
+            prefetch_kv_rows(&seg.v, kvh, r1, n1, hd);
+        }
+        let o = (jt - self.base) as usize * hd;
+        (self.k.add(o), self.v.add(o))
     }
 }
 
@@ -325,11 +456,21 @@ unsafe fn qk_rows<S: Simd, const NR: usize, const MVC: usize, const EPI: bool>(
     st: *mut f32,
     tmax: &mut [S::V; MVC],
 ) {
-    let kp: [*const f32; NR] = std::array::from_fn(|r| krows.offset((jj0 + r) as isize * kstride));
+    // Plain loops, not `std::array::from_fn`: its closures do not always
+    // inline into the target-feature function, and an out-of-line closure
+    // calls the intrinsics out of line too (perf: `_mm512_mul_ps` as a
+    // function, ~4% of C5's kernel time).
+    let mut kp = [krows; NR];
+    for r in 0..NR {
+        kp[r] = krows.offset((jj0 + r) as isize * kstride);
+    }
     let mut acc = [[S::zero(); MVC]; NR];
     for d in 0..hd {
         let qrow = qt.add(d * bq);
-        let q: [S::V; MVC] = std::array::from_fn(|v| S::load(qrow.add(v * S::LANES)));
+        let mut q = [S::zero(); MVC];
+        for v in 0..MVC {
+            q[v] = S::load(qrow.add(v * S::LANES));
+        }
         for r in 0..NR {
             let kb = S::splat(*kp[r].add(d));
             for v in 0..MVC {
@@ -407,13 +548,19 @@ unsafe fn pv_rows<S: Simd, const ND: usize, const MVC: usize>(
     ot: *mut f32,
     factor: &[S::V; MVC],
 ) {
-    let mut acc: [[S::V; MVC]; ND] = std::array::from_fn(|r| {
-        std::array::from_fn(|v| S::mul(S::load(ot.add((d0 + r) * bq + v * S::LANES)), factor[v]))
-    });
+    let mut acc = [[S::zero(); MVC]; ND];
+    for r in 0..ND {
+        for v in 0..MVC {
+            acc[r][v] = S::mul(S::load(ot.add((d0 + r) * bq + v * S::LANES)), factor[v]);
+        }
+    }
     let mut vp = vrows.add(d0);
     for j in 0..nj {
         let prow = pt.add(j * bq);
-        let p: [S::V; MVC] = std::array::from_fn(|v| S::load(prow.add(v * S::LANES)));
+        let mut p = [S::zero(); MVC];
+        for v in 0..MVC {
+            p[v] = S::load(prow.add(v * S::LANES));
+        }
         for r in 0..ND {
             let vb = S::splat(*vp.add(r));
             for v in 0..MVC {
@@ -486,25 +633,47 @@ unsafe fn transpose<S: Simd>(
     }
 }
 
-/// Pointer to `nj` float32 rows of a segment's K or V for kv head `h`, rows
-/// `row0..`, converted into the contiguous `buf` ([BK][hd]): packing also avoids
-/// the cache-set conflicts of rows h·hd·4 bytes apart. Returns (pointer, row stride in elements).
+/// Prefetches (into L2) the lines of rows row0 .. row0 + n of kv head `h` of
+/// a K/V view with unit stride along hd.
 #[inline(always)]
-unsafe fn rows_f32<S: Simd>(
+fn prefetch_kv_rows(r: &Raw<3>, h: usize, row0: usize, n: usize, hd: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if r.strides[2] == 1 {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let esz = r.dtype.size() as isize;
+        let base =
+            r.ptr as isize + (row0 as isize * r.strides[0] + h as isize * r.strides[1]) * esz;
+        let bytes = hd * esz as usize;
+        for j in 0..n as isize {
+            let q = (base + j * r.strides[0] * esz) as usize;
+            let mut a = q & !63;
+            while a < q + bytes {
+                // SAFETY: prefetches never fault.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(a as *const i8) };
+                a += 64;
+            }
+        }
+    }
+}
+
+/// Converts `nj` rows of a segment's K or V for kv head `h`, rows `row0..`,
+/// into float32 rows at `dst` (row stride hd): packing also avoids the
+/// cache-set conflicts of rows h·hd·4 bytes apart.
+#[inline(always)]
+unsafe fn pack_rows<S: Simd>(
     r: &Raw<3>,
     h: usize,
     row0: usize,
     nj: usize,
     hd: usize,
-    buf: &mut [f32],
-) -> (*const f32, isize) {
+    dst: *mut f32,
+) {
     let esz = r.dtype.size() as isize;
     let base = r.ptr as isize + (row0 as isize * r.strides[0] + h as isize * r.strides[1]) * esz;
     if r.dtype == DType::F32 && r.strides[2] == 1 {
         // Inline vector copy: a libc memmove call per 256-byte row cost ~15%
         // of C5 (perf, bench/cpu_attn_notes.md).
         let nv = hd / S::LANES * S::LANES;
-        let dst = buf.as_mut_ptr();
         for j in 0..nj {
             let src = (base + j as isize * r.strides[0] * esz) as *const f32;
             let d = dst.add(j * hd);
@@ -518,18 +687,13 @@ unsafe fn rows_f32<S: Simd>(
                 x += 1;
             }
         }
-        return (buf.as_ptr(), hd as isize);
+        return;
     }
     for j in 0..nj {
         let p = base + j as isize * r.strides[0] * esz;
-        load_row(
-            &mut buf[j * hd..(j + 1) * hd],
-            p as usize,
-            r.dtype,
-            r.strides[2],
-        );
+        let row = std::slice::from_raw_parts_mut(dst.add(j * hd), hd);
+        load_row(row, p as usize, r.dtype, r.strides[2]);
     }
-    (buf.as_ptr(), hd as isize)
 }
 
 /// Row-vector subsets of an edge tile (a tile the mask cuts): the tile's keys
@@ -645,15 +809,15 @@ unsafe fn pv_piece<S: Simd>(
     }
 }
 
+/// One block of rows r0 .. r0 + nrows of task `t`.
 #[inline(always)]
-unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
+unsafe fn task<S: Simd, const MVC: usize>(t: &Task, r0: usize, nrows: usize, pk: &mut Packer) {
     let job = t.job;
     let seq = t.seq;
     let hd = job.hd;
     let grp = job.hq / job.hk;
     let lanes = S::LANES;
     let bq = MVC * lanes;
-    let (r0, nrows) = (t.r0, t.nrows);
     let off = seq.sk as i64 - seq.sq as i64;
     let (left, right) = (job.left, job.right);
     let softcap = job.softcap > 0.0;
@@ -708,12 +872,15 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
         softcap,
         c2: S::splat(job.softcap * LOG2E),
         alibi,
-        nslope: std::array::from_fn(|v| S::load(lane_slope.as_ptr().add(v * lanes))),
+        nslope: [S::zero(); MVC],
         mask: false,
         lo: S::splat(lo),
         hi: S::splat(hi),
         dtile: [S::zero(); MVC],
     };
+    for v in 0..MVC {
+        epi.nslope[v] = S::load(lane_slope.as_ptr().add(v * lanes));
+    }
 
     // Keys any row of the block can see: [j_lo, j_hi).
     let sk = seq.sk as i64;
@@ -737,7 +904,7 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
     let mut l = [S::zero(); MVC];
     let big = lanes >= 16;
 
-    for seg in &seq.segs {
+    for (si, seg) in seq.segs.iter().enumerate() {
         let a = j_lo.max(seg.j0 as i64);
         let e = j_hi.min((seg.j0 + seg.len) as i64);
         let mut jt = a;
@@ -754,12 +921,13 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
             epi.mask = !((left < 0 || dmax <= left) && (right < 0 || dmin >= -right));
             if epi.mask || alibi {
                 let base = (i_min as i64 + off - jt) as f32;
-                epi.dtile = std::array::from_fn(|v| {
-                    S::add(S::load(lane_rel.as_ptr().add(v * lanes)), S::splat(base))
-                });
+                for v in 0..MVC {
+                    let rel = S::load(lane_rel.as_ptr().add(v * lanes));
+                    epi.dtile[v] = S::add(rel, S::splat(base));
+                }
             }
-            let row0 = jt as usize - seg.j0;
-            let (kp, ks) = rows_f32::<S>(&seg.k, t.kvh, row0, nj, hd, &mut kbuf);
+            let (kp, vp) = pk.tile::<S>(si, seg, t.kvh, jt, nj, hd, &mut kbuf, &mut vbuf);
+            let (ks, vs) = (hd as isize, hd as isize);
             let mut tmax = [S::splat(f32::NEG_INFINITY); MVC];
             let stp = st.as_mut_ptr();
             let qtp = qt.as_ptr();
@@ -847,7 +1015,6 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
             for v in 0..MVC {
                 l[v] = S::fma(l[v], factor[v], lsum[v]);
             }
-            let (vp, vs) = rows_f32::<S>(&seg.v, t.kvh, row0, nj, hd, &mut vbuf);
             let (stp, otp) = (st.as_ptr(), ot.as_mut_ptr());
             if epi.mask {
                 for d in 0..hd {
@@ -886,7 +1053,10 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
     for rl in 0..bq {
         inv[rl] = if lv[rl] > 0.0 { 1.0 / lv[rl] } else { 0.0 };
     }
-    let invv: [S::V; MVC] = std::array::from_fn(|v| S::load(inv.as_ptr().add(v * lanes)));
+    let mut invv = [S::zero(); MVC];
+    for v in 0..MVC {
+        invv[v] = S::load(inv.as_ptr().add(v * lanes));
+    }
     for d in 0..hd {
         for v in 0..MVC {
             let p = ot.as_mut_ptr().add(d * bq + v * lanes);
@@ -903,6 +1073,8 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task) {
         };
         let row = &rowbuf[rl * hd..(rl + 1) * hd];
         if t.part != 0 {
+            // Split-KV parts are single blocks: rows r0.. = t.r0...
+            debug_assert!(r0 == t.r0 && nrows == t.nrows);
             let p = t.part as *mut f32;
             std::ptr::copy_nonoverlapping(row.as_ptr(), p.add(rl * hd), hd);
             *p.add(nrows * hd + rl) = lse;
@@ -979,8 +1151,22 @@ mod tests {
 
     #[test]
     fn forward_matches_naive_on_every_level() {
+        forward_matches_naive();
+    }
+
+    /// The per-tile conversion (runs whose packed K/V would exceed
+    /// PACK_MAX_BYTES) against the same reference.
+    #[test]
+    fn forward_matches_naive_without_run_packing() {
+        PACK_MAX_BYTES.store(0, Ordering::Relaxed);
+        forward_matches_naive();
+        PACK_MAX_BYTES.store(4 << 20, Ordering::Relaxed);
+    }
+
+    fn forward_matches_naive() {
         let mut seed = 7u64;
         for &(sq, sk, hq, hk, hd, left, right) in &[
+            (600usize, 600usize, 8usize, 2usize, 16usize, 100i64, 0i64),
             (37usize, 37usize, 4usize, 2usize, 16usize, -1i64, 0i64),
             (20, 70, 2, 1, 9, 5, 3),
             (70, 20, 3, 3, 64, -1, 0),
