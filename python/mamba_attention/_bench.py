@@ -289,6 +289,7 @@ def workloads() -> List[Workload]:
     return [
         _scan_workload("C1", "cpu", b=1, d=1536, n=16, l=2048, g=1),
         _update_workload("C6", "cpu", b=1, d=1536, n=16),
+        _conv_workload("C3", "cpu", b=1, d=1536, l=2048, w=4, dtype="float32"),
         _scan_fwd_bwd_workload("C2", "cpu", b=1, d=1536, n=16, l=2048, g=1, dtype="float32",
                                ref_peer=False),
         # GPU (BENCHMARKS.md; floors are H100 estimates: 3.0 TB/s, 3.9 T exp/s).
@@ -1059,7 +1060,8 @@ def _conv_workload(wid, device, b, d, l, w, dtype="bfloat16"):
         description=f"causal_conv1d_fn fwd {dtype} b{b} d{d} l{l} w{w}, bias silu",
         setup=setup,
         floor_ms=1e3 * 2 * _ITEMSIZE[dtype] * b * d * l / m["mem_bytes_per_s"],
-        floor_note="H100 estimate: (x read + out written) / bandwidth",
+        floor_note=("H100 estimate: " if device == "cuda" else "")
+        + "(x read + out written) / bandwidth",
         rtol=_DTYPE_RTOL[dtype],
     )
 
