@@ -782,6 +782,21 @@ mod py {
         })
     }
 
+    /// A DLTensor's strides in elements, or the C-contiguous ones of `shape`
+    /// where the producer left them null.
+    unsafe fn dl_strides(t: &DLTensor, shape: &[usize]) -> Vec<isize> {
+        let nd = shape.len();
+        if t.strides.is_null() {
+            let mut s = vec![1isize; nd];
+            for i in (0..nd.saturating_sub(1)).rev() {
+                s[i] = s[i + 1] * shape[i + 1] as isize;
+            }
+            s
+        } else {
+            (0..nd).map(|i| *t.strides.add(i) as isize).collect()
+        }
+    }
+
     unsafe fn view_from_dltensor(
         name: &'static str,
         t: &DLTensor,
@@ -792,15 +807,7 @@ mod py {
     ) -> Result<TensorView> {
         let nd = t.ndim.max(0) as usize;
         let shape: Vec<usize> = (0..nd).map(|i| *t.shape.add(i) as usize).collect();
-        let strides: Vec<isize> = if t.strides.is_null() {
-            let mut s = vec![1isize; nd];
-            for i in (0..nd.saturating_sub(1)).rev() {
-                s[i] = s[i + 1] * shape[i + 1] as isize;
-            }
-            s
-        } else {
-            (0..nd).map(|i| *t.strides.add(i) as isize).collect()
-        };
+        let strides = dl_strides(t, &shape);
         let dtype = match dtype_override {
             Some(d) => d,
             None => {
@@ -1056,16 +1063,7 @@ mod py {
                 return fail(msg);
             }
             let t = &(*m).dl_tensor;
-            let nd = shape.len();
-            let strides: Vec<isize> = if t.strides.is_null() {
-                let mut s = vec![1isize; nd];
-                for i in (0..nd.saturating_sub(1)).rev() {
-                    s[i] = s[i + 1] * shape[i + 1] as isize;
-                }
-                s
-            } else {
-                (0..nd).map(|i| *t.strides.add(i) as isize).collect()
-            };
+            let strides = dl_strides(t, shape);
             let view = TensorView {
                 name,
                 dtype: dt,

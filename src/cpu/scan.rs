@@ -1079,27 +1079,21 @@ struct ChanBufs {
 #[inline(always)]
 unsafe fn load_groups(g: &UpdateGeom, st: &mut ChanBufs, ch: usize) {
     let job = g.job;
-    let n = job.n;
     if ch >= st.b_end {
-        let gb = ch / g.sb;
-        load_row(
-            &mut st.bv[..n],
-            addr(&job.bm, [g.bi, gb, 0]),
-            job.bm.dtype,
-            job.bm.strides[2],
-        );
-        st.b_end = (gb + 1) * g.sb;
+        st.b_end = load_group(&mut st.bv[..job.n], &job.bm, g.bi, ch, g.sb);
     }
     if ch >= st.c_end {
-        let gc = ch / g.sc;
-        load_row(
-            &mut st.cv[..n],
-            addr(&job.cm, [g.bi, gc, 0]),
-            job.cm.dtype,
-            job.cm.strides[2],
-        );
-        st.c_end = (gc + 1) * g.sc;
+        st.c_end = load_group(&mut st.cv[..job.n], &job.cm, g.bi, ch, g.sc);
     }
+}
+
+/// Loads the (batch `bi`) row of `m`'s group of channel `ch` (`per` channels
+/// a group) into `dst`; returns the first channel of the next group.
+#[inline(always)]
+unsafe fn load_group(dst: &mut [f32], m: &Raw<3>, bi: usize, ch: usize, per: usize) -> usize {
+    let grp = ch / per;
+    load_row(dst, addr(m, [bi, grp, 0]), m.dtype, m.strides[2]);
+    (grp + 1) * per
 }
 
 /// U channels (j .. j + U of the chunk) of the direct path in lockstep, `nv`
