@@ -466,7 +466,7 @@ pub(crate) unsafe fn scan_block<S: Simd, U: USource>(ctx: &BlockCtx<U>) {
     let mut ub = ctx.src.begin::<S>(ctx.c0, len, ctx.carry);
     // The training forward streams out (non-temporal stores, no output
     // prefetch): its caller's backward does not read it.
-    let out_nt = ctx.ck.is_some() && out_streaming::<S>(&job.out, len);
+    let out_nt = ctx.ck.is_some() && streams_tiles::<S>(&job.out, len);
     let mut ut = [0.0f32; T * MAX_LANES];
     let mut dt = [0.0f32; T * MAX_LANES];
     let mut zt = [0.0f32; T * MAX_LANES];
@@ -677,14 +677,16 @@ pub(crate) fn prefetch_rows(r: &Raw<3>, bi: usize, c0: usize, len: usize, t: usi
     }
 }
 
-/// Whether a block's out tiles can go out with non-temporal stores: AVX-512,
-/// a full block, float32 rows of whole, 64-byte aligned lines (tiles of a
-/// multiple of 16 steps starting at a multiple of 16).
+/// Whether tiles of `r` can go out with non-temporal 16×16 stores
+/// (`stream_tile16`): AVX-512, `k` == 16 (the caller's whole-tile count:
+/// channels of a block, or steps of a tile), float32 rows of whole, 64-byte
+/// aligned lines (a 64-byte aligned tensor whose rows are a multiple of 16
+/// floats).
 #[inline(always)]
-fn out_streaming<S: Simd>(r: &Raw<3>, len: usize) -> bool {
+pub(crate) fn streams_tiles<S: Simd>(r: &Raw<3>, k: usize) -> bool {
     cfg!(target_arch = "x86_64")
         && S::LANES == 16
-        && len == 16
+        && k == 16
         && r.dtype == DType::F32
         && r.strides[2] == 1
         && r.ptr.is_multiple_of(64)

@@ -41,7 +41,7 @@
 //! DRAM with softplus/sigmoid/silu per step. Checkpoints saved by the forward
 //! would remove pass 1.
 
-use super::scan::{bc, channel_blocks, BcSrc, Checkpoints, ScanJob, MAX_LANES};
+use super::scan::{bc, channel_blocks, streams_tiles, BcSrc, Checkpoints, ScanJob, MAX_LANES};
 use super::simd::{Simd, LOG2E};
 use super::SimdLevel;
 use crate::simd_dispatch;
@@ -283,21 +283,6 @@ unsafe fn store_tile<S: Simd>(
         }
         store_row(&row[..tt], addr(r, [bi, c0 + j, t]), r.dtype, r.strides[2]);
     }
-}
-
-/// Whether `store_tile_nt` streams tiles of `r`: AVX-512, float32 rows of
-/// whole, aligned 64-byte lines (16 steps of a 64-byte aligned tensor whose
-/// rows are a multiple of 16 floats).
-#[inline(always)]
-fn streams_tiles<S: Simd>(r: &Raw<3>, ts: usize) -> bool {
-    cfg!(target_arch = "x86_64")
-        && S::LANES == 16
-        && ts == 16
-        && r.dtype == DType::F32
-        && r.strides[2] == 1
-        && r.ptr.is_multiple_of(64)
-        && r.strides[1].rem_euclid(16) == 0
-        && r.strides[0].rem_euclid(16) == 0
 }
 
 /// `store_tile` with non-temporal stores when `streams_tiles` allows and the
