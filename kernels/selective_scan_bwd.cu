@@ -727,8 +727,8 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 // the 4 lanes so that lane q finishes step 4s+q of the sub-chunk (du, dΔ, dz,
 // dD, dΔbias). dB_t[k], dC_t[k] are summed over the block's 32 channels
 // through shared memory (per sub-chunk: over each warp's 8 channels in the
-// warp's own part of the buffer, then over the 4 warps, SF_WRS: one block
-// barrier per sub-chunk) and added with one atomic per (t, k) per block. Per chunk, the block stages B, C
+// warp's own part of the buffer, then over the 4 warps, SF_WRS; one block
+// barrier per chunk, SF_PB = 8) and added with one atomic per (t, k) per block. Per chunk, the block stages B, C
 // ([t][16] float32) and the rows Δ = softplus(delta + bias), u,
 // dy = dout silu(z), softplus'(.), dout silu'(z) ([32][SF_T]) in shared
 // memory, with 16-byte loads where rows are contiguous and aligned. du, dΔ,
@@ -738,8 +738,9 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 // of shared memory give 4 blocks = 16 warps per SM; a 3-block variant
 // (SF_DBUF, one barrier less per sub-chunk) measured 1.6x slower.
 // Three exps per element (pre-pass, chunk forward, sub-chunk forward);
-// ~42 instructions per (t, k, channel). G2 backward alone: 1.53 ms on an
-// H100 (the warp-scan kernel above: 3.64 ms). bench/scan_bwd_notes.md has
+// ~42 instructions per (t, k, channel). G2 backward alone: 1.41 ms on an
+// H100 with the pre-pass, 1.15 ms from the forward's checkpoints (_ck; the
+// warp-scan kernel above: 3.64 ms). bench/scan_bwd_notes.md has
 // the measurements of each knob.
 // ============================================================================
 
@@ -779,6 +780,30 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 #ifndef SF_WRS
 #define SF_WRS 1
 #endif
+// SF_PB (with SF_WRS): one block barrier per SF_PB sub-chunks instead of one
+// per sub-chunk (1, 2, 4 or 8). Sub-chunk sc > 0 leaves its per-warp sums in
+// s.hst slot sc-1 (its own state slot, read at its start; each slot is
+// written once per chunk), sub-chunk 0 in its warp's own part of s.red (free
+// until the next chunk); every SF_PB sub-chunks one __syncthreads, then the
+// cross-warp sums and atomics of those SF_PB sub-chunks. Same sums in the same
+// order as SF_PB = 1 (only issued later). 1: the round-3 code path.
+// Measured on the H100 at the G2 shape (scan_bwd_sweep.py, device NVRTC,
+// round 4 in bench/scan_bwd_notes.md): fast_ck 1.211-1.213 ms at SF_PB = 1;
+// SF_PB = 8 with SF_PBU = 1: 1.182-1.189 (8 B frame); with SF_DSM_CK = 1 as
+// well: 1.148-1.149 (0 B frame), the default. fast (pre-pass): 1.494 ->
+// 1.392 (SF_PB = 8, SF_PBU = 1) -> 1.406 with SF_DSM too.
+#ifndef SF_PB
+#define SF_PB 8
+#endif
+#ifndef SF_WSU
+#define SF_WSU 0  // SF_PB > 1: unroll of the warp sum (0: 2 on sm_80, full on sm_90; 1, 2, 8)
+#endif
+#ifndef SF_PBU
+#define SF_PBU 1  // SF_PB > 1: unroll the cross-warp loop (1) or not (0)
+#endif
+#if SF_PB != 1 && SF_PB != 2 && SF_PB != 4 && SF_PB != 8
+#error "SF_PB must be 1, 2, 4 or 8"
+#endif
 // SF_HRE (selective_scan_bwd_fast) / SF_HRE_CK (..._fast_ck): the chunk's
 // start state re-read from the scratch / checkpoints at sub-chunk 0 instead of
 // held in 4 registers through the chunk. Only a register-allocation knob (same
@@ -810,12 +835,14 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 // without, 1.230-1.234 with it (125 instead of 128 registers). Off in both:
 // it changes the order in which dD and dΔbias are summed, and the two kernels
 // must give the same bits (tests/test_cuda_scan_ck.py: the backward from the
-// checkpoints is the recompute path), while fast_ck (G2's) is faster without.
+// checkpoints is the recompute path), so both knobs move together. Round 2
+// kept both off (fast_ck was not faster with it); with SF_PB = 8 it frees the
+// registers that avoid a stack frame: fast_ck 1.186 -> 1.149 ms, so both on.
 #ifndef SF_DSM
-#define SF_DSM 0
+#define SF_DSM 1
 #endif
 #ifndef SF_DSM_CK
-#define SF_DSM_CK 0
+#define SF_DSM_CK 1
 #endif
 #if (SF_DSM || SF_DSM_CK) && !SF_OST
 #error "SF_DSM requires SF_OST"
@@ -1309,7 +1336,58 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                 }
 #endif
             }
-#if SF_WRS
+#if SF_WRS && SF_PB > 1
+            static_assert(SF_NSUB % SF_PB == 0, "SF_PB divides the sub-chunks of a chunk");
+            __syncwarp();  // this warp's part of s.red complete
+            {  // the warp's 8 channels: lane L sums float4 slot L & 15 of dB (L < 16) / dC
+                const int L = tid & 31;
+                const float* base = red + (L >> 4) * 32 * 64 + (tid >> 5) * 8 * 64;
+                float4 acc = *reinterpret_cast<const float4*>(base + red_idx(0, L & 15));
+#if SF_WSU == 1
+#pragma unroll 1
+#elif SF_WSU == 2 || (SF_WSU == 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900)
+#pragma unroll 2
+#else
+#pragma unroll
+#endif
+                for (int m = 1; m < 8; m++) {
+                    const float4 v = *reinterpret_cast<const float4*>(base + red_idx(m, L & 15));
+                    acc.x += v.x; acc.y += v.y; acc.z += v.z; acc.w += v.w;
+                }
+                if (sc > 0) {
+                    s.hst[(sc - 1) * SF_THREADS + tid] = acc;
+                } else {  // into the warp's own dB part of s.red, once the warp has read it
+                    __syncwarp();
+                    reinterpret_cast<float4*>(red)[(tid >> 5) * 128 + L] = acc;
+                }
+            }
+            if (sc % SF_PB == 0) {
+                __syncthreads();  // every warp's sums of sub-chunks sc .. sc + SF_PB - 1
+#if SF_PBU
+#pragma unroll
+#else
+#pragma unroll 1
+#endif
+                for (int g = SF_PB - 1; g >= 0; g--) {
+                    const int scg = sc + g;
+                    const float* cs = scg > 0 ? reinterpret_cast<const float*>(s.hst + (scg - 1) * SF_THREADS) : red;
+                    const int cst = scg > 0 ? 128 : 512;  // floats between the warps' sums
+                    const float v = ((cs[tid] + cs[cst + tid]) + cs[2 * cst + tid]) + cs[3 * cst + tid];
+                    int to;  // opaque: the slot's (step, state) recomputed here, not kept live
+                    asm volatile("mov.b32 %0, %1;" : "=r"(to) : "r"(tid));
+                    const int rQ = to >> 6, rk = ((to >> 2) & 3) * 4 + (to & 3), ri = (to >> 4) & 3;
+                    const int t = t0 + scg * SF_S + ri;
+                    if (rk < n && t < l) {
+                        int bo;
+                        asm volatile("mov.b32 %0, %1;" : "=r"(bo) : "r"(bi));
+                        const Tensor4& dX = rQ ? p.dC : p.dB;
+                        atomicAdd((float*)dX.ptr + (i64)bo * dX.stride[0] + (i64)(rQ ? grpC : grpB) * dX.stride[1] +
+                                      (i64)rk * dX.stride[2] + (i64)t * dX.stride[3],
+                                  v);
+                    }
+                }
+            }
+#elif SF_WRS
             static_assert(SF_NSUB >= 3, "SF_WRS: sub-chunk 0 uses hst slot 1");
             const int slot = sc > 0 ? sc - 1 : 1;
             __syncwarp();  // this warp's part of s.red complete
@@ -1347,6 +1425,7 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                 }
                 const float v = rs4(acc, rr);
 #endif
+#if !(SF_WRS && SF_PB > 1)
                 const int t = t0 + ts + ri;
                 if (rk < n && t < l) {
                     int bo;  // opaque: the 64-bit address is recomputed here, not kept live
@@ -1357,6 +1436,7 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                               v);
                 }
             }
+#endif
         }
 #if SF_OST
         // this quad's outputs of the chunk, staged in its rows: thread (ch, seg)
