@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_selftest as gs  # noqa: E402
 
 KDIR = gs.KDIR
+VT = [128]  # SSU_VTHREADS of the module being checked / timed
 SUFFIX, TOL, t4, rnd, relerr, report = gs.SUFFIX, gs.TOL, gs.t4, gs.rnd, gs.relerr, gs.report
 
 
@@ -78,8 +79,9 @@ def ssu_go(mod, kind, R, p, b, d, n):
         return mod.prepare("selective_state_update_" + sfx, (math.ceil(d * T / 128), b, 1), (128, 1, 1), p)
     T = n // 4
     r = 1 if kind == "vec1" else R
-    return mod.prepare(f"selective_state_update_{kind}_{sfx}", (math.ceil(d * T / 128), math.ceil(b / r), 1),
-                       (128, 1, 1), p)
+    nt = VT[0]
+    return mod.prepare(f"selective_state_update_{kind}_{sfx}", (math.ceil(d * T / nt), math.ceil(b / r), 1),
+                       (nt, 1, 1), p)
 
 
 def ssu_check(mod, R):
@@ -247,6 +249,7 @@ def main():
     for i, defs in enumerate(ssu_sets):
         m = gs.Module(os.path.join(KDIR, "selective_state_update.cu"), defs)
         R = vr_of(defs)
+        VT[0] = next((int(x.split("=")[1]) for x in defs if x.startswith("SSU_VTHREADS=")), 128)
         if i == 0 and not args.no_check:
             ssu_check(m, R)
         regs = {k: v["regs"] for k, v in m.info.items() if "vec" in k and "bf16" in k}
