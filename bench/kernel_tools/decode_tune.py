@@ -246,6 +246,15 @@ def main():
         kk[0] += 1
     print(f"TIME torch copy 16.8 MB graph {graph_us(copy):6.1f} dobench {do_bench_us(lambda: dst.copy_(srcs[0])):6.1f} us",
           flush=True)
+    # the decode step's own traffic: an in-place read-modify-write of the state
+    # (reads 16.8 MB, writes them back), 4 rotated buffers as in ssu_time
+    kk2 = [0]
+
+    def rmw():
+        srcs[kk2[0] % 4].mul_(1.0)
+        kk2[0] += 1
+    print(f"TIME torch in-place mul_ 16.8 MB graph {graph_us(rmw):6.1f} dobench {do_bench_us(lambda: srcs[0].mul_(1.0)):6.1f} us",
+          flush=True)
     for i, defs in enumerate(ssu_sets):
         m = gs.Module(os.path.join(KDIR, "selective_state_update.cu"), defs)
         R = vr_of(defs)
