@@ -69,6 +69,26 @@ template <> __device__ __forceinline__ float to_f<DT_F32>(float v) { return v; }
 template <> __device__ __forceinline__ float to_f<DT_F16>(u16 v) { return f16_to_f32(v); }
 template <> __device__ __forceinline__ float to_f<DT_BF16>(u16 v) { return bf16_to_f32(v); }
 
+// softplus of dt with mamba_ssm's threshold (x if x > 20 else log1p(exp(x))).
+// f16/bf16 dt (SSU_FSP): two MUFU ops, log1p(y) = ln2 lg2(1 + y) plus the
+// rounding that 1 + y lost, as the scan forward's 16-bit softplus (relative
+// error ~1e-6, far below the input's precision); float32 dt: the libm pair.
+// The precise pair is ~50 instructions that every lane of a channel runs,
+// a large part of the decode step's issue time at b64.
+#ifndef SSU_FSP
+#define SSU_FSP 1
+#endif
+template <int DT>
+__device__ __forceinline__ float softplus(float x) {
+    if (DT == DT_F32 || !SSU_FSP) return x > 20.0f ? x : log1pf(expf(x));
+    float y, l2;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+    const float w = 1.0f + y;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l2) : "f"(w));
+    const float r = fmaf(l2, 0.6931471805599453f, (y - (w - 1.0f)) * (2.0f - w));
+    return x > 20.0f ? x : r;
+}
+
 template <int DT> __device__ __forceinline__ void st(void* p, i64 i, float v);
 template <> __device__ __forceinline__ void st<DT_F32>(void* p, i64 i, float v) { ((float*)p)[i] = v; }
 template <> __device__ __forceinline__ void st<DT_F16>(void* p, i64 i, float v) { ((u16*)p)[i] = f32_to_f16(v); }
@@ -239,7 +259,7 @@ __device__ __forceinline__ void update(const StateUpdateParams& p) {
             load16raw(bw, (const char*)p.B.ptr + offB * (p.B.dtype == DT_F32 ? 4 : 2), p.B.dtype);
             load16raw(cw, (const char*)p.C.ptr + offC * (p.C.dtype == DT_F32 ? 4 : 2), p.C.dtype);
             float dt = to_f<DT>(dtr[0]) + bias;
-            if (p.softplus) dt = dt > 20.0f ? dt : log1pf(expf(dt));
+            if (p.softplus) dt = ssu::softplus<DT>(dt);
             const float dtx = dt * to_f<DT>(xr[0]);
             float sv[16], av[16], bv[16], cv[16];
             to16(sv, sw, DT_F32);
@@ -294,7 +314,7 @@ __device__ __forceinline__ void update(const StateUpdateParams& p) {
             }
             // then the arithmetic
             float dt = to_f<DT>(dtr[r]) + bias;
-            if (p.softplus) dt = dt > 20.0f ? dt : log1pf(expf(dt));
+            if (p.softplus) dt = ssu::softplus<DT>(dt);
             const float dtx = dt * to_f<DT>(xr[r]);
 #pragma unroll
             for (int q = 0; q < SSU_Q; q++) {
@@ -454,7 +474,7 @@ __device__ __forceinline__ void update_vec(const StateUpdateParams& p) {
     for (int r = 0; r < R; r++) {
         const int bi_raw = blockIdx.y * R + r;
         float dt = ssu::to_f<DT>(dtr[r]) + bias;
-        if (p.softplus) dt = dt > 20.0f ? dt : log1pf(expf(dt));
+        if (p.softplus) dt = ssu::softplus<DT>(dt);
         const float x = ssu::to_f<DT>(xr[r]);
         const float dtx = dt * x;
         float bv[4], cv[4];
