@@ -796,7 +796,7 @@ selective_scan_bwd(const __grid_constant__ ScanBwdParams p) { sbwd::entry(p); }
 #define SF_PB 8
 #endif
 #ifndef SF_WSU
-#define SF_WSU 0  // SF_PB > 1: unroll of the warp sum (0: 2 on sm_80, full on sm_90; 1, 2, 8)
+#define SF_WSU 0  // unroll of the SF_WRS warp sum (0: 2 on sm_80, full on sm_90; 1, 2, 8)
 #endif
 #ifndef SF_PBU
 #define SF_PBU 1  // SF_PB > 1: unroll the cross-warp loop (1) or not (0)
@@ -901,6 +901,26 @@ __device__ __forceinline__ float rs4(const float (&x)[4], int q) {
     const float y0 = (b1 ? x[2] : x[0]) + __shfl_xor_sync(SB_FULL, b1 ? x[0] : x[2], 2);
     const float y1 = (b1 ? x[3] : x[1]) + __shfl_xor_sync(SB_FULL, b1 ? x[1] : x[3], 2);
     return (b0 ? y1 : y0) + __shfl_xor_sync(SB_FULL, b0 ? y0 : y1, 1);
+}
+
+// SF_WRS: the sums of dB (lanes 0-15) / dC (16-31) over the warp's 8
+// channels: lane L sums float4 slot L & 15 of its part of s.red.
+__device__ __forceinline__ float4 warp_bc_sum(const float* red, int tid) {
+    const int L = tid & 31;
+    const float* base = red + (L >> 4) * 32 * 64 + (tid >> 5) * 8 * 64;
+    float4 acc = *reinterpret_cast<const float4*>(base + red_idx(0, L & 15));
+#if SF_WSU == 1
+#pragma unroll 1
+#elif SF_WSU == 2 || (SF_WSU == 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900)
+#pragma unroll 2  // sm_80: 0 B stack frame with NVRTC 13.2 (full unroll: 8 B)
+#else
+#pragma unroll
+#endif
+    for (int m = 1; m < 8; m++) {
+        const float4 v = *reinterpret_cast<const float4*>(base + red_idx(m, L & 15));
+        acc.x += v.x; acc.y += v.y; acc.z += v.z; acc.w += v.w;
+    }
+    return acc;
 }
 
 // 8 consecutive elements t .. t+7 of a row (element i at base + i*st) as
@@ -1339,21 +1359,9 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
 #if SF_WRS && SF_PB > 1
             static_assert(SF_NSUB % SF_PB == 0, "SF_PB divides the sub-chunks of a chunk");
             __syncwarp();  // this warp's part of s.red complete
-            {  // the warp's 8 channels: lane L sums float4 slot L & 15 of dB (L < 16) / dC
+            {
                 const int L = tid & 31;
-                const float* base = red + (L >> 4) * 32 * 64 + (tid >> 5) * 8 * 64;
-                float4 acc = *reinterpret_cast<const float4*>(base + red_idx(0, L & 15));
-#if SF_WSU == 1
-#pragma unroll 1
-#elif SF_WSU == 2 || (SF_WSU == 0 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900)
-#pragma unroll 2
-#else
-#pragma unroll
-#endif
-                for (int m = 1; m < 8; m++) {
-                    const float4 v = *reinterpret_cast<const float4*>(base + red_idx(m, L & 15));
-                    acc.x += v.x; acc.y += v.y; acc.z += v.z; acc.w += v.w;
-                }
+                const float4 acc = warp_bc_sum(red, tid);
                 if (sc > 0) {
                     s.hst[(sc - 1) * SF_THREADS + tid] = acc;
                 } else {  // into the warp's own dB part of s.red, once the warp has read it
@@ -1391,21 +1399,7 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
             static_assert(SF_NSUB >= 3, "SF_WRS: sub-chunk 0 uses hst slot 1");
             const int slot = sc > 0 ? sc - 1 : 1;
             __syncwarp();  // this warp's part of s.red complete
-            {  // the warp's 8 channels: lane L sums float4 slot L & 15 of dB (L < 16) / dC
-                const int L = tid & 31;
-                const float* base = red + (L >> 4) * 32 * 64 + (tid >> 5) * 8 * 64;
-                float4 acc = *reinterpret_cast<const float4*>(base + red_idx(0, L & 15));
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#pragma unroll 2  // sm_80: 0 B stack frame with NVRTC 13.2 (full unroll: 8 B)
-#else
-#pragma unroll
-#endif
-                for (int m = 1; m < 8; m++) {
-                    const float4 v = *reinterpret_cast<const float4*>(base + red_idx(m, L & 15));
-                    acc.x += v.x; acc.y += v.y; acc.z += v.z; acc.w += v.w;
-                }
-                s.hst[slot * SF_THREADS + tid] = acc;
-            }
+            s.hst[slot * SF_THREADS + tid] = warp_bc_sum(red, tid);
             __syncthreads();  // every warp's sums in s.hst
             {  // dB (rQ = 0) / dC (1) of step ri, state rk: the 4 warps' sums
                 const float* cs = reinterpret_cast<const float*>(s.hst + slot * SF_THREADS);
