@@ -105,8 +105,12 @@ const MIN_SPLIT_KEYS: i64 = 512;
 /// Most blocks per task (a run). The run's K/V rows are converted into a
 /// contiguous buffer once, when a block first touches them, and the run's
 /// later blocks read them from there: a window of W keys used to be copied
-/// ≈ W / BK + 1 times, from rows `hk·hd` elements apart.
-const RUN_BLOCKS: usize = 8;
+/// ≈ W / BK + 1 times, from rows `hk·hd` elements apart. Longer runs re-read
+/// fewer keys from memory (a run of R blocks of 64 rows under a window of W
+/// reads (64·R + W − 1) / (64·R) times the keys it needs): C5 (1 thread,
+/// best CPU time) 4 → 95.4 – 96.4 ms, 8 → 93.7 – 94.9, 32 → 91.6 – 92.1,
+/// 64 → 92.9 – 94.3 (bench/cpu_attn_notes.md, session 3).
+const RUN_BLOCKS: usize = 32;
 
 /// Largest packed K+V buffer (bytes) per task; runs whose keys need more
 /// convert each tile into a small buffer instead (settable for tests).
