@@ -340,6 +340,25 @@ unsafe fn task_any<S: Simd>(t: &Task) {
         r += n;
     }
     PACK.with(|c| *c.borrow_mut() = (kb, vb));
+    #[cfg(target_arch = "x86_64")]
+    if t.part == 0 && streams_out::<S>(&seq.out, hd) {
+        // Order the non-temporal output stores before the task ends.
+        std::arch::x86_64::_mm_sfence();
+    }
+}
+
+/// Whether a task writes its output rows with non-temporal stores: AVX-512,
+/// float32 rows of whole, 64-byte aligned lines.
+#[inline(always)]
+fn streams_out<S: Simd>(o: &Raw<3>, hd: usize) -> bool {
+    cfg!(target_arch = "x86_64")
+        && S::LANES == 16
+        && o.dtype == DType::F32
+        && o.strides[2] == 1
+        && hd.is_multiple_of(16)
+        && o.ptr.is_multiple_of(64)
+        && o.strides[1].rem_euclid(16) == 0
+        && o.strides[0].rem_euclid(16) == 0
 }
 
 /// Where a task's K/V tiles come from: the run's packed buffers (`k`/`v`
@@ -880,14 +899,48 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task, r0: usize, nrows: usize, pk:
     let mut rowbuf = vec![0.0f32; bq * hd];
     let q = &seq.q;
     let qsz = q.dtype.size() as isize;
-    for rl in 0..nrows {
-        let r = r0 + rl;
+    let q_at = |r: usize| {
         let (i, h) = (r / grp, t.kvh * grp + r % grp);
-        let p = q.ptr as isize + (i as isize * q.strides[0] + h as isize * q.strides[1]) * qsz;
+        q.ptr as isize + (i as isize * q.strides[0] + h as isize * q.strides[1]) * qsz
+    };
+    let q_f32 = q.dtype == DType::F32 && q.strides[2] == 1;
+    for rl in 0..nrows {
+        let p = q_at(r0 + rl);
         let row = &mut rowbuf[rl * hd..(rl + 1) * hd];
+        if q_f32 {
+            // Inline, scaled vector copy (load_row's copy is a memmove call).
+            let (src, dst, c) = (p as *const f32, row.as_mut_ptr(), S::splat(c1));
+            let mut x = 0;
+            while x + lanes <= hd {
+                S::store(dst.add(x), S::mul(S::load(src.add(x)), c));
+                x += lanes;
+            }
+            while x < hd {
+                *dst.add(x) = *src.add(x) * c1;
+                x += 1;
+            }
+            continue;
+        }
         load_row(row, p as usize, q.dtype, q.strides[2]);
         for x in row.iter_mut() {
             *x *= c1;
+        }
+    }
+    // The next block's Q rows (rows hk·hd apart: a page each for C5), read
+    // after this block's ≈ 9 tiles.
+    #[cfg(target_arch = "x86_64")]
+    if q.strides[2] == 1 {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let next_end = (t.r0 + t.nrows).min(r0 + nrows + bq);
+        let bytes = hd * qsz as usize;
+        for r in r0 + nrows..next_end {
+            let a0 = q_at(r) as usize;
+            let mut a = a0 & !63;
+            while a < a0 + bytes {
+                // SAFETY: prefetches never fault.
+                _mm_prefetch::<_MM_HINT_T0>(a as *const i8);
+                a += 64;
+            }
         }
     }
     transpose::<S>(rowbuf.as_ptr(), hd, qt.as_mut_ptr(), bq, bq, hd);
@@ -1101,6 +1154,7 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task, r0: usize, nrows: usize, pk:
         }
     }
     transpose::<S>(ot.as_ptr(), bq, rowbuf.as_mut_ptr(), hd, hd, bq);
+    let stream_out = streams_out::<S>(&seq.out, hd);
     for rl in 0..nrows {
         let lr = lv[rl];
         let lse = if lr > 0.0 {
@@ -1115,6 +1169,27 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task, r0: usize, nrows: usize, pk:
             let p = t.part as *mut f32;
             std::ptr::copy_nonoverlapping(row.as_ptr(), p.add(rl * hd), hd);
             *p.add(nrows * hd + rl) = lse;
+        } else if stream_out {
+            // Whole 64-byte lines with non-temporal stores: no read for
+            // ownership of the output's lines (rows hk·hd apart, a page
+            // each for C5); task_any fences them.
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::x86_64::{_mm512_loadu_ps, _mm512_stream_ps};
+                let r = r0 + rl;
+                let (i, h) = (r / grp, t.kvh * grp + r % grp);
+                let o = &seq.out;
+                let dst = (o.ptr as *mut f32)
+                    .offset(i as isize * o.strides[0] + h as isize * o.strides[1]);
+                for x in (0..hd).step_by(16) {
+                    _mm512_stream_ps(dst.add(x), _mm512_loadu_ps(row.as_ptr().add(x)));
+                }
+                if let Some(ls) = &seq.lse {
+                    let p = ls.ptr as isize
+                        + (h as isize * ls.strides[0] + i as isize * ls.strides[1]) * 4;
+                    *(p as *mut f32) = lse;
+                }
+            }
         } else {
             write_row(seq, grp, t.kvh, r0 + rl, row, lse);
         }
