@@ -926,23 +926,6 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task, r0: usize, nrows: usize, pk:
             *x *= c1;
         }
     }
-    // The next block's Q rows (rows hk·hd apart: a page each for C5), read
-    // after this block's ≈ 9 tiles.
-    #[cfg(target_arch = "x86_64")]
-    if q.strides[2] == 1 {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let next_end = (t.r0 + t.nrows).min(r0 + nrows + bq);
-        let bytes = hd * qsz as usize;
-        for r in r0 + nrows..next_end {
-            let a0 = q_at(r) as usize;
-            let mut a = a0 & !63;
-            while a < a0 + bytes {
-                // SAFETY: prefetches never fault.
-                _mm_prefetch::<_MM_HINT_T0>(a as *const i8);
-                a += 64;
-            }
-        }
-    }
     transpose::<S>(rowbuf.as_ptr(), hd, qt.as_mut_ptr(), bq, bq, hd);
     // Per-lane query index (relative to the block's first) and ALiBi slopes.
     let i_min = r0 / grp;
