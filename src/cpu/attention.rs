@@ -13,8 +13,9 @@
 //! GEMM that broadcasts K[j][d] and streams Qᵀ rows — and the accumulator is
 //! Oᵀ [hd][BQ] += Vᵀ·Pᵀ, broadcasting V[j][d] and streaming Pᵀ rows. The
 //! softmax's running max / sum are then plain vectors over rows: no horizontal
-//! reductions anywhere. exp is the Simd trait's accurate exp2 (scores are kept in
-//! the log2 domain).
+//! reductions anywhere. exp is the Simd trait's degree-4 `exp2_attn` (2.7e-6
+//! relative; scores are kept in the log2 domain). Output rows of whole aligned
+//! float32 lines are written with non-temporal stores.
 //!
 //! Keys come as a list of segments (`KeySeg`): a run of logical key indices
 //! stored at consecutive rows of some K/V memory. A batch entry is one segment;
@@ -105,8 +106,12 @@ const MIN_SPLIT_KEYS: i64 = 512;
 /// Most blocks per task (a run). The run's K/V rows are converted into a
 /// contiguous buffer once, when a block first touches them, and the run's
 /// later blocks read them from there: a window of W keys used to be copied
-/// ≈ W / BK + 1 times, from rows `hk·hd` elements apart.
-const RUN_BLOCKS: usize = 8;
+/// ≈ W / BK + 1 times, from rows `hk·hd` elements apart. Longer runs re-read
+/// fewer keys from memory (a run of R blocks of 64 rows under a window of W
+/// reads (64·R + W − 1) / (64·R) times the keys it needs): C5 (1 thread,
+/// best CPU time) 4 → 95.4 – 96.4 ms, 8 → 93.7 – 94.9, 32 → 91.6 – 92.1,
+/// 64 → 92.9 – 94.3 (bench/cpu_attn_notes.md, session 3).
+const RUN_BLOCKS: usize = 32;
 
 /// Largest packed K+V buffer (bytes) per task; runs whose keys need more
 /// convert each tile into a small buffer instead (settable for tests).
@@ -336,6 +341,25 @@ unsafe fn task_any<S: Simd>(t: &Task) {
         r += n;
     }
     PACK.with(|c| *c.borrow_mut() = (kb, vb));
+    #[cfg(target_arch = "x86_64")]
+    if t.part == 0 && streams_out::<S>(&seq.out, hd) {
+        // Order the non-temporal output stores before the task ends.
+        std::arch::x86_64::_mm_sfence();
+    }
+}
+
+/// Whether a task writes its output rows with non-temporal stores: AVX-512,
+/// float32 rows of whole, 64-byte aligned lines.
+#[inline(always)]
+fn streams_out<S: Simd>(o: &Raw<3>, hd: usize) -> bool {
+    cfg!(target_arch = "x86_64")
+        && S::LANES == 16
+        && o.dtype == DType::F32
+        && o.strides[2] == 1
+        && hd.is_multiple_of(16)
+        && o.ptr.is_multiple_of(64)
+        && o.strides[1].rem_euclid(16) == 0
+        && o.strides[0].rem_euclid(16) == 0
 }
 
 /// Where a task's K/V tiles come from: the run's packed buffers (`k`/`v`
@@ -531,6 +555,48 @@ unsafe fn epi_tile<S: Simd, const MVC: usize>(
             let s = epi.apply(S::load(row.add(v * S::LANES)), v, jj);
             tmax[v] = S::max(tmax[v], s);
             S::store(row.add(v * S::LANES), s);
+        }
+    }
+}
+
+/// The epilogue and running max over keys x..y, row vectors va..vb of an
+/// edge tile (one piece).
+#[inline(always)]
+unsafe fn epi_piece<S: Simd, const MVC: usize>(
+    st: *mut f32,
+    (x, y, va, vb): (usize, usize, usize, usize),
+    bq: usize,
+    epi: &Epi<S, MVC>,
+    tmax: &mut [S::V; MVC],
+) {
+    for jj in x..y {
+        let row = st.add(jj * bq);
+        for v in va..vb {
+            let s = epi.apply(S::load(row.add(v * S::LANES)), v, jj);
+            tmax[v] = S::max(tmax[v], s);
+            S::store(row.add(v * S::LANES), s);
+        }
+    }
+}
+
+/// Pᵀ = 2^(Sᵀ − mu) in place over keys x..y, row vectors va..vb, summed
+/// into `lsum`.
+#[inline(always)]
+unsafe fn exp_rows<S: Simd, const MVC: usize>(
+    st: *mut f32,
+    bq: usize,
+    (x, y, va, vb): (usize, usize, usize, usize),
+    mu: &[S::V; MVC],
+    lsum: &mut [S::V; MVC],
+) {
+    for jj in x..y {
+        let row = st.add(jj * bq);
+        for v in va..vb {
+            // Masked scores are −inf: exp2_attn clamps them to −150 (→ 0);
+            // NaN stays NaN. Degree 4: 2.7e-6 relative (simd.rs).
+            let p = S::exp2_attn(S::sub(S::load(row.add(v * S::LANES)), mu[v]));
+            lsum[v] = S::add(lsum[v], p);
+            S::store(row.add(v * S::LANES), p);
         }
     }
 }
@@ -834,11 +900,28 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task, r0: usize, nrows: usize, pk:
     let mut rowbuf = vec![0.0f32; bq * hd];
     let q = &seq.q;
     let qsz = q.dtype.size() as isize;
-    for rl in 0..nrows {
-        let r = r0 + rl;
+    let q_at = |r: usize| {
         let (i, h) = (r / grp, t.kvh * grp + r % grp);
-        let p = q.ptr as isize + (i as isize * q.strides[0] + h as isize * q.strides[1]) * qsz;
+        q.ptr as isize + (i as isize * q.strides[0] + h as isize * q.strides[1]) * qsz
+    };
+    let q_f32 = q.dtype == DType::F32 && q.strides[2] == 1;
+    for rl in 0..nrows {
+        let p = q_at(r0 + rl);
         let row = &mut rowbuf[rl * hd..(rl + 1) * hd];
+        if q_f32 {
+            // Inline, scaled vector copy (load_row's copy is a memmove call).
+            let (src, dst, c) = (p as *const f32, row.as_mut_ptr(), S::splat(c1));
+            let mut x = 0;
+            while x + lanes <= hd {
+                S::store(dst.add(x), S::mul(S::load(src.add(x)), c));
+                x += lanes;
+            }
+            while x < hd {
+                *dst.add(x) = *src.add(x) * c1;
+                x += 1;
+            }
+            continue;
+        }
         load_row(row, p as usize, q.dtype, q.strides[2]);
         for x in row.iter_mut() {
             *x *= c1;
@@ -967,16 +1050,12 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task, r0: usize, nrows: usize, pk:
                     *rg = (a, b);
                 }
                 npieces = edge_pieces(&ranges, nj, &mut pieces);
-                let ninf = S::splat(f32::NEG_INFINITY);
-                for jj in 0..nj {
-                    for v in 0..MVC {
-                        S::store(stp.add(jj * bq + v * lanes), ninf);
-                    }
-                }
+                // Only the pieces' scores are computed, masked, exponentiated
+                // and read by the PV pieces: the rest of Sᵀ is never touched.
                 for &pc in &pieces[..npieces] {
                     qk_piece::<S>(kp, ks, pc, qtp, bq, hd, stp);
+                    epi_piece::<S, MVC>(stp, pc, bq, &epi, &mut tmax);
                 }
-                epi_tile::<S, MVC>(stp, nj, bq, &epi, &mut tmax);
             } else {
                 match (big, MVC) {
                     (true, 1) => qk!(16),
@@ -1000,17 +1079,12 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task, r0: usize, nrows: usize, pk:
                 m[v] = mn;
             }
             let mut lsum = [S::zero(); MVC];
-            for jj in 0..nj {
-                let row = stp.add(jj * bq);
-                for v in 0..MVC {
-                    let x = S::sub(S::load(row.add(v * lanes)), mu[v]);
-                    // exp2_fast wants a finite argument: masked scores are
-                    // −inf, clamped here to −150 (→ 0); max(−150, NaN) stays NaN.
-                    // Measured: ~5% of C4 against the accurate exp2.
-                    let p = S::exp2_fast(S::max(S::splat(-150.0), x));
-                    lsum[v] = S::add(lsum[v], p);
-                    S::store(row.add(v * lanes), p);
+            if epi.mask {
+                for &pc in &pieces[..npieces] {
+                    exp_rows::<S, MVC>(stp, bq, pc, &mu, &mut lsum);
                 }
+            } else {
+                exp_rows::<S, MVC>(stp, bq, (0, nj, 0, MVC), &mu, &mut lsum);
             }
             for v in 0..MVC {
                 l[v] = S::fma(l[v], factor[v], lsum[v]);
@@ -1064,6 +1138,7 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task, r0: usize, nrows: usize, pk:
         }
     }
     transpose::<S>(ot.as_ptr(), bq, rowbuf.as_mut_ptr(), hd, hd, bq);
+    let stream_out = streams_out::<S>(&seq.out, hd);
     for rl in 0..nrows {
         let lr = lv[rl];
         let lse = if lr > 0.0 {
@@ -1078,6 +1153,27 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task, r0: usize, nrows: usize, pk:
             let p = t.part as *mut f32;
             std::ptr::copy_nonoverlapping(row.as_ptr(), p.add(rl * hd), hd);
             *p.add(nrows * hd + rl) = lse;
+        } else if stream_out {
+            // Whole 64-byte lines with non-temporal stores: no read for
+            // ownership of the output's lines (rows hk·hd apart, a page
+            // each for C5); task_any fences them.
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::x86_64::{_mm512_loadu_ps, _mm512_stream_ps};
+                let r = r0 + rl;
+                let (i, h) = (r / grp, t.kvh * grp + r % grp);
+                let o = &seq.out;
+                let dst = (o.ptr as *mut f32)
+                    .offset(i as isize * o.strides[0] + h as isize * o.strides[1]);
+                for x in (0..hd).step_by(16) {
+                    _mm512_stream_ps(dst.add(x), _mm512_loadu_ps(row.as_ptr().add(x)));
+                }
+                if let Some(ls) = &seq.lse {
+                    let p = ls.ptr as isize
+                        + (h as isize * ls.strides[0] + i as isize * ls.strides[1]) * 4;
+                    *(p as *mut f32) = lse;
+                }
+            }
         } else {
             write_row(seq, grp, t.kvh, r0 + rl, row, lse);
         }
