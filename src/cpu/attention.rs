@@ -549,14 +549,7 @@ unsafe fn epi_tile<S: Simd, const MVC: usize>(
     epi: &Epi<S, MVC>,
     tmax: &mut [S::V; MVC],
 ) {
-    for jj in 0..nj {
-        let row = st.add(jj * bq);
-        for v in 0..MVC {
-            let s = epi.apply(S::load(row.add(v * S::LANES)), v, jj);
-            tmax[v] = S::max(tmax[v], s);
-            S::store(row.add(v * S::LANES), s);
-        }
-    }
+    epi_piece::<S, MVC>(st, (0, nj, 0, MVC), bq, epi, tmax);
 }
 
 /// The epilogue and running max over keys x..y, row vectors va..vb of an
