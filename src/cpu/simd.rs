@@ -94,16 +94,20 @@ pub unsafe trait Simd: Copy + Send + Sync + 'static {
         Self::splat(0.0)
     }
 
+    /// Horner evaluation of c[0] + c[1] f + … + c[N-1] f^(N-1).
+    #[inline(always)]
+    unsafe fn horner<const N: usize>(f: Self::V, c: &[f32; N]) -> Self::V {
+        let mut p = Self::splat(c[N - 1]);
+        for i in (0..N - 1).rev() {
+            p = Self::fma(p, f, Self::splat(c[i]));
+        }
+        p
+    }
+
     /// Horner evaluation of the 2^f polynomial, f in [-0.5, 0.5].
     #[inline(always)]
     unsafe fn exp2_poly(f: Self::V) -> Self::V {
-        let mut p = Self::splat(EXP2_C[6]);
-        p = Self::fma(p, f, Self::splat(EXP2_C[5]));
-        p = Self::fma(p, f, Self::splat(EXP2_C[4]));
-        p = Self::fma(p, f, Self::splat(EXP2_C[3]));
-        p = Self::fma(p, f, Self::splat(EXP2_C[2]));
-        p = Self::fma(p, f, Self::splat(EXP2_C[1]));
-        Self::fma(p, f, Self::splat(EXP2_C[0]))
+        Self::horner(f, &EXP2_C)
     }
 
     /// 2^x for finite (or NaN) x: `exp2` without the range clamps where the
@@ -119,12 +123,7 @@ pub unsafe trait Simd: Copy + Send + Sync + 'static {
     unsafe fn exp2_attn(x: Self::V) -> Self::V {
         let xc = Self::max(Self::splat(EXP2_LO), x);
         let n = Self::round(xc);
-        let f = Self::sub(xc, n);
-        let mut p = Self::splat(EXP2_C4[4]);
-        p = Self::fma(p, f, Self::splat(EXP2_C4[3]));
-        p = Self::fma(p, f, Self::splat(EXP2_C4[2]));
-        p = Self::fma(p, f, Self::splat(EXP2_C4[1]));
-        p = Self::fma(p, f, Self::splat(EXP2_C4[0]));
+        let p = Self::horner(Self::sub(xc, n), &EXP2_C4);
         Self::keep_nan(x, Self::scale2(p, n))
     }
 
@@ -483,13 +482,7 @@ mod x86 {
             const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
             let n = _mm512_roundscale_ps::<NEAREST>(x);
             let f = _mm512_reduce_ps::<NEAREST>(x);
-            let c = |i: usize| _mm512_set1_ps(EXP2_C5[i]);
-            let mut p = _mm512_fmadd_ps(c(5), f, c(4));
-            p = _mm512_fmadd_ps(p, f, c(3));
-            p = _mm512_fmadd_ps(p, f, c(2));
-            p = _mm512_fmadd_ps(p, f, c(1));
-            p = _mm512_fmadd_ps(p, f, c(0));
-            _mm512_scalef_ps(p, n)
+            _mm512_scalef_ps(Self::horner(f, &EXP2_C5), n)
         }
 
         #[inline(always)]
@@ -498,12 +491,7 @@ mod x86 {
             const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
             let n = _mm512_roundscale_ps::<NEAREST>(x);
             let f = _mm512_reduce_ps::<NEAREST>(x);
-            let c = |i: usize| _mm512_set1_ps(EXP2_C4[i]);
-            let mut p = _mm512_fmadd_ps(c(4), f, c(3));
-            p = _mm512_fmadd_ps(p, f, c(2));
-            p = _mm512_fmadd_ps(p, f, c(1));
-            p = _mm512_fmadd_ps(p, f, c(0));
-            _mm512_scalef_ps(p, n)
+            _mm512_scalef_ps(Self::horner(f, &EXP2_C4), n)
         }
 
         #[inline(always)]
