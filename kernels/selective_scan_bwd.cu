@@ -614,6 +614,7 @@ __device__ __forceinline__ void entry(const ScanBwdParams& p) {
                     const float qn = process(s, cc, lane, Ak, Ak * SB_LOG2E, Bv, Cv, h0, q, dBacc, dCacc, has_z, dAs);
                     dA_pend = dAs;
                     c_pend = c;
+                    __syncwarp();  // every lane has read qcar (racecheck: lane 0's write below)
                     if (lane == 0) {
                         s.qcar[cc * n + k] = qn;
                         if (j == 0 && p.dinit.ptr)
@@ -1296,7 +1297,10 @@ __device__ __forceinline__ void fast_entry(const ScanBwdParams& p) {
                     hh[i + 1][k] = fmaf(a[i][k], hh[i][k], Bv[k] * du[i]);
                 }
             }
-            if (!SF_WRS) __syncthreads();  // the previous sub-chunk's reduction has read s.red
+            // the previous sub-chunk's reduction has read s.red: the whole block's
+            // (one block barrier), or with SF_WRS this warp's own part (warp_bc_sum)
+            if (!SF_WRS) __syncthreads();
+            else __syncwarp();
             float* const red = s.red;
             float pB[4], pA[4], pY[4];
 #pragma unroll
