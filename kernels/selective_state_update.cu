@@ -323,7 +323,9 @@ __device__ __forceinline__ void update(const StateUpdateParams& p) {
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
                     s[i] = fmaf(sq[q].get(i), __expf(dt * a[q].get(i)), bq[q].get(i) * dtx);
-                    y[r] = fmaf(cq[q].get(i), s[i], y[r]);  // states past n: c = 0
+                    // States past n (zeros) add nothing, even when dt·x is inf or
+                    // NaN (0·inf = NaN): predicated, not summed.
+                    if (i < kv) y[r] = fmaf(cq[q].get(i), s[i], y[r]);
                 }
                 if (use[r] && active && kv > 0)
                     store4(p.state, offS + k * p.state.stride[2], p.state.stride[2], kv, s);

@@ -278,3 +278,33 @@ def test_binding_checks_inputs_like_the_forward():
     with pytest.raises(ValueError, match="A"):
         _core.selective_scan_bwd(a["u"], a["delta"], a["A"][:4], a["B"], a["C"], a["D"],
                                  a["z"], a["delta_bias"], True, a["initial_state"], a["dout"])
+
+
+@pytest.mark.parametrize("which", ["B", "C"])
+@pytest.mark.parametrize("d", [1, 3, 17])
+def test_infinite_time_varying_bc(which, d):
+    """An infinite B_t (C_t) of the shared (b, n, l) layout, with d channels that fill
+    a vector block partly: dC (dB) sums Σ_c dy·h (Σ_c g·Δ·u) across the block's lanes,
+    and the padding lanes (u = 0, but h = 0·inf = NaN) used to turn the reference's
+    +inf into NaN. u, dout > 0 so that every channel's term has the same sign."""
+    n, length, t0 = 3, 20, 7
+    x64 = scan_inputs(seed=4, b=1, d=d, l=length, n=n, B="shared", C="shared", D=False,
+                      z=False, delta_bias=True, softplus=True, initial_state=False)
+    x64["u"] = np.abs(x64["u"]) + 0.1
+    x64[which][0, 1, t0] = np.inf
+    w = np.abs(np.random.default_rng(5).standard_normal((1, d, length))) + 0.1
+    grads = {}
+    for name, f in (("ours", selective_scan_fn), ("ref", ref_scan)):
+        dt = torch.float32 if name == "ours" else torch.float64
+        x = {k: torch.tensor(v, dtype=dt, requires_grad=True) for k, v in x64.items()}
+        out = f(**x, delta_softplus=True, **({"return_last_state": False} if name == "ours" else {}))
+        out = out[0] if isinstance(out, tuple) else out
+        (out.double() * torch.tensor(w)).sum().backward()
+        grads[name] = x["C" if which == "B" else "B"].grad.double().numpy()
+    ours, ref = grads["ours"], grads["ref"]
+    assert not np.isnan(ref).any()
+    assert np.isinf(ref).any(), "the case does not reach an infinite gradient"
+    assert not np.isnan(ours).any(), f"NaN in d{'C' if which == 'B' else 'B'}"
+    assert np.array_equal(np.isinf(ours), np.isinf(ref)) and (ours[np.isinf(ref)] > 0).all()
+    fin = np.isfinite(ref)
+    assert rel_err(ours[fin], ref[fin]) <= TOL["float32"]

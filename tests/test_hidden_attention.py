@@ -142,6 +142,66 @@ def test_extreme_decay():
     assert out[0, 0, 39, 0] == 0.0
 
 
+# ------------------------------------------------------------------ NaN / inf inputs
+
+def _kind():
+    return "torch-float32" if on_cuda() else "numpy-float32"
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["A", "C", "delta", "delta_bias", "B"])
+@pytest.mark.parametrize("reduce", [None, "mean"])
+def test_bad_value_never_above_diagonal(target, where, reduce, value):
+    """Issue 15 item 7: a NaN / inf in A, B, C, delta or delta_bias left NaN above the
+    diagonal (the lanes of columns j > i not yet started hold 0·exp(Δ·A) products).
+    SPEC §4: α is exactly 0 for j > i, whatever the inputs; the other channels (when
+    the bad value is in one channel's parameters) equal the float64 reference."""
+    x64 = ha_inputs(seed=3, b=2, d=3, l=37, n=5, B="shared", C="shared")
+    pos = {"A": (1, 2), "delta_bias": (1,), "delta": (1, 1, 20), "B": (0, 1, 9),
+           "C": (1, 4, 30)}[where]
+    x64[where][pos] = value
+    x = to_kind(x64, _kind())
+    out = to_f64(hidden_attention(**x, delta_softplus=True, reduce=reduce))
+    sync()
+    iu = np.triu_indices(37, 1)
+    assert (out[..., iu[0], iu[1]] == 0).all(), "α is not 0 above the diagonal"
+    if reduce is None and where in ("A", "delta_bias"):
+        ref = hidden_attention_ref(**x, delta_softplus=True)
+        assert rel_err(np.delete(out, 1, axis=1), np.delete(ref, 1, axis=1)) <= tol("float32")
+
+
+def test_issue_nan_above_diagonal_reproducer(target):
+    x = to_kind(ha_inputs(seed=4, b=1, d=2, l=20, n=3), _kind())
+    x["A"][0, 0] = float("nan")
+    for reduce in (None, "mean"):
+        out = to_f64(hidden_attention(**x, delta_softplus=True, reduce=reduce))
+        sync()
+        assert not out[..., np.triu_indices(20, 1)[0], np.triu_indices(20, 1)[1]].any()
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17])
+def test_infinite_step_decays_to_zero(target, n):
+    """Δ_t = +inf with A < 0: exp(Δ_t·A) = 0, so α[i, j] = 0 exactly for j < t <= i
+    (SPEC §4). The padding states k >= n of a vector used to compute exp(inf·0) = NaN
+    there. Columns j > t do not involve Δ_t: they equal the reference of the steps
+    after t."""
+    x64 = ha_inputs(seed=5, b=1, d=2, l=30, n=n, softplus=False, delta_bias=False)
+    t = 11
+    x64["delta"][0, 1, t] = np.inf
+    x = to_kind(x64, _kind())
+    out = to_f64(hidden_attention(**x))
+    sync()
+    o = out[0, 1]
+    assert (o[t:, :t] == 0).all()
+    assert not o[np.triu_indices(30, 1)].any()
+    ref = hidden_attention_ref(**x)
+    assert rel_err(o[:t, :t], ref[0, 1, :t, :t]) <= tol("float32")
+    assert rel_err(out[0, 0], ref[0, 0]) <= tol("float32")
+    tail = {k: (v[..., t + 1:] if k != "A" and v.ndim == 3 else v) for k, v in x64.items()}
+    ref_tail = hidden_attention_ref(**to_kind(tail, _kind()))
+    assert rel_err(o[t + 1:, t + 1:], ref_tail[0, 1]) <= tol("float32")
+
+
 # ------------------------------------------------------------------ identity with the scan
 
 @pytest.mark.parametrize("B,C", [("shared", "shared"), ("const", "grouped"), ("grouped", "const")])

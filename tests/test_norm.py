@@ -171,6 +171,52 @@ def test_rms_norm_grad(dtype, bias, residual, prenorm, shape):
                      ("float32" if dtype == "float32" else "bfloat16"), f"d{k}")
 
 
+def test_rms_norm_issue_nan_row_reproducer():
+    """Issue 15 item 4, as reported: with a residual and h = 8 on AVX-512, a NaN in row
+    0 made all 64 rows NaN (the padding lanes of a row buffer, NaN after the NaN row,
+    were summed into the next rows' mean square)."""
+    pytest.importorskip("torch")
+    dev = target_device()
+    torch.manual_seed(0)
+    x, r = torch.randn(64, 8, device=dev), torch.randn(64, 8, device=dev)
+    x[0, 0] = float("nan")
+    out = rms_norm_fn(x, torch.ones(8, device=dev), residual=r)
+    sync()
+    assert out.isnan().any(dim=1).tolist() == [True] + [False] * 63
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("h", [1, 5, 8, 13, 20, 33])
+def test_rms_norm_bad_row_stays_in_its_row(h, residual, value):
+    """A NaN / inf in one row of x (h not a multiple of the vector width, all rows in
+    one task): every other row's output, residual_out, dx and dresidual equal the
+    float64 formula (SPEC: rows are independent; only dweight/dbias sum over rows)."""
+    pytest.importorskip("torch")
+    dev = target_device()
+    rows, bad = 40, 3
+    ins = _norm_inputs(9, (rows, h), True, residual)
+    ins["x"][bad, h // 2] = value
+    ours = {k: torch.tensor(v, dtype=torch.float32, device=dev, requires_grad=True)
+            for k, v in ins.items()}
+    rng = np.random.default_rng(10)
+    dy, ds = rng.standard_normal((rows, h)), rng.standard_normal((rows, h))
+    y, s = rms_norm_fn(**ours, prenorm=True)
+    ((y.double() * torch.tensor(dy, device=dev)).sum()
+     + (s.double() * torch.tensor(ds, device=dev)).sum()).backward()
+    sync()
+    keep = np.arange(rows) != bad
+    ref = {k: _t64(v.detach().cpu()[keep] if v.dim() == 2 else v.detach().cpu())
+           for k, v in ours.items()}
+    s64 = ref["x"] + (ref["residual"] if residual else 0.0)
+    y64 = s64 / torch.sqrt((s64 * s64).mean(-1, keepdim=True) + 1e-6) * ref["weight"] + ref["bias"]
+    ((y64 * torch.tensor(dy[keep])).sum() + (s64 * torch.tensor(ds[keep])).sum()).backward()
+    assert_close(y.detach().cpu()[keep], y64.detach(), "float32", "out")
+    assert_close(s.detach().cpu()[keep], s64.detach(), "float32", "residual_out")
+    for k in ("x", "residual") if residual else ("x",):
+        assert_close(ours[k].grad.cpu()[keep], ref[k].grad, "float32", f"d{k}")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_swiglu_grad(dtype):
     pytest.importorskip("torch")

@@ -9,9 +9,11 @@ import pytest
 pytest.importorskip("mamba_attention._core")
 
 from conftest import (KINDS, LAYOUTS, assert_close, assert_output, cpu_only,  # noqa: E402
-                      cuda_only, is_contiguous, is_torch, run_update, same_values, scan_inputs,
-                      selective_scan_fn, selective_scan_ref, selective_state_update,
-                      selective_state_update_ref, split_kind, to_f64, to_kind, update_inputs)
+                      cuda_only, is_contiguous, is_torch, on_cuda, run_update, same_values,
+                      scan_inputs, selective_scan_fn, selective_scan_ref,
+                      selective_state_update, selective_state_update_ref, split_kind, sync, tol,
+                      to_f64, to_kind, update_inputs)
+from reference import rel_err  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("target")
 
@@ -141,3 +143,46 @@ def test_steps_reproduce_scan(kind, grouped):
     assert_close(np.stack(outs, axis=-1), ref_out, dtype, "stepped out")
     assert_close(state, ref_h, "float32", "stepped state")
 
+
+
+def test_issue_nan_channel_reproducer():
+    """Issue 15 item 3, as reported: a NaN x in channel 0 (n = 2) made every channel's
+    output NaN (the float32 copy's padding states carried Δ·x·0 = NaN to the next
+    channel)."""
+    import torch
+
+    dev = "cuda" if on_cuda() else "cpu"
+    state = torch.zeros(1, 4, 2, device=dev)
+    x = torch.ones(1, 4, device=dev)
+    x[0, 0] = float("nan")
+    y = selective_state_update(state, x, torch.ones(1, 4, device=dev), -torch.ones(4, 2, device=dev),
+                               torch.ones(1, 2, device=dev), torch.ones(1, 2, device=dev))
+    sync()
+    assert torch.isnan(y[0, 0]) and torch.isnan(state[0, 0]).all()
+    assert not torch.isnan(y[0, 1:]).any() and not torch.isnan(state[0, 1:]).any()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["x", "dt", "state"])
+@pytest.mark.parametrize("n", [1, 2, 5, 12, 17, 33])
+@pytest.mark.parametrize("kind", ["numpy-float32", "torch-float32", "torch-bfloat16"])
+def test_bad_value_stays_in_its_channel(kind, n, where, value):
+    """A NaN or ±inf in x / dt / the state of one (batch entry, channel), n not a
+    multiple of the vector width: every other channel's output and state row equal
+    the float64 reference (SPEC §1: channels are independent)."""
+    x64 = update_inputs(seed=n, b=2, d=21, n=n, **ALL_ON)
+    bi, c = 1, 3
+    if where == "state":
+        x64["state"][bi, c, n // 2] = value
+    else:
+        x64[where][bi, c] = value
+    x = to_kind(x64, kind)
+    ref_out, ref_state = selective_state_update_ref(**x, dt_softplus=True)
+    out = selective_state_update(**x, dt_softplus=True)
+    sync()
+    keep = np.ones((2, 21), bool)
+    keep[bi, c] = False
+    o, s = to_f64(out), to_f64(x["state"])
+    assert np.isfinite(o[keep]).all() and np.isfinite(s[keep]).all()
+    assert rel_err(o[keep], ref_out[keep]) <= tol(split_kind(kind)[1])
+    assert rel_err(s[keep], ref_state[keep]) <= tol("float32")

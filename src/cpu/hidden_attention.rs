@@ -153,8 +153,9 @@ struct ChanTask<'a> {
 unsafe fn channel<S: Simd>(t: &ChanTask) {
     let (l, n, np) = (t.l, t.n, t.np);
     let lanes = S::LANES;
-    // Tables: e = exp(Δᵢ·A[k]), db = Δᵢ·Bᵢ[k], vectorised over k (rows padded
-    // to np with A = 0, B = 0, C = 0, so padded states stay 0 and add nothing).
+    // Tables: e = exp(Δᵢ·A[k]), db = Δᵢ·Bᵢ[k], vectorised over k. Rows are
+    // padded to np with C = 0, and e = db = 0 there whatever Δᵢ is (Δ·0 is
+    // NaN for a NaN or infinite Δ), so the padded states stay 0 and add nothing.
     let mut apad = [0.0f32; 256 + MAX_LANES];
     apad[..n].copy_from_slice(t.a);
     for i in 0..l {
@@ -162,9 +163,14 @@ unsafe fn channel<S: Simd>(t: &ChanTask) {
         let mut k = 0;
         while k < n {
             let arg = S::mul(dv, S::load(apad.as_ptr().add(k)));
-            S::store(t.e.add(i * np + k), S::exp(arg));
             let bv = S::load(t.bt.add(i * np + k));
-            S::store(t.db.add(i * np + k), S::mul(dv, bv));
+            let (mut e, mut db) = (S::exp(arg), S::mul(dv, bv));
+            if k + lanes > n {
+                e = S::keep_first(e, n - k);
+                db = S::keep_first(db, n - k);
+            }
+            S::store(t.e.add(i * np + k), e);
+            S::store(t.db.add(i * np + k), db);
             k += lanes;
         }
     }
@@ -228,7 +234,12 @@ unsafe fn walk<S: Simd, const NK: usize>(t: &ChanTask, j0: usize, jn: usize, k0:
         for k in 0..NK {
             acc[k % 4] = S::fma(S::splat(*c.add(k)), s[k], acc[k % 4]);
         }
-        let a = S::add(S::add(acc[0], acc[1]), S::add(acc[2], acc[3]));
+        let mut a = S::add(S::add(acc[0], acc[1]), S::add(acc[2], acc[3]));
+        if i < j0 + lanes {
+            // Columns j > i have not started: their lanes hold 0·e products
+            // (NaN when e or C is NaN or inf), and α is exactly 0 there.
+            a = S::keep_first(a, i - j0 + 1);
+        }
         let o = t.out.add(i * l + j0);
         if jn == lanes {
             S::store(o, if add { S::add(S::load(o), a) } else { a });

@@ -84,8 +84,9 @@ fn for_row_runs(rows: usize, width: usize, f: impl Fn(usize, usize) + Sync) {
         .for_each(|&r0| f(r0, (r0 + per).min(rows)));
 }
 
-/// A float32 row buffer padded to a whole number of vectors (the padding
-/// stays 0, so vector sums over it are exact).
+/// A float32 row buffer padded to a whole number of vectors. The vector
+/// loops read and write the padding; it never reaches an output, and the
+/// one sum across lanes (`dot`) clears it first.
 fn row_buf(h: usize) -> Vec<f32> {
     vec![0.0; h.div_ceil(16) * 16 + 16]
 }
@@ -118,13 +119,17 @@ unsafe fn load_sum_row<S: Simd>(
     }
 }
 
-/// Σ a[i]·b[i] for i < n over zero-padded buffers (whole vectors).
+/// Σ a[i]·b[i] for i < n over padded buffers (whole vectors): the padding
+/// lanes i ≥ n of the last vector are cleared before they are summed, so
+/// whatever an earlier row left there (the vector loops write the padding
+/// too: a NaN row's rstd makes it NaN) adds nothing.
 #[inline(always)]
 unsafe fn dot<S: Simd>(a: &[f32], b: &[f32], n: usize) -> f32 {
     let l = S::LANES;
     let (mut s0, mut s1) = (S::zero(), S::zero());
+    let full = n / l * l;
     let mut i = 0;
-    while i + l < n {
+    while i + 2 * l <= full {
         s0 = S::fma(S::load(a.as_ptr().add(i)), S::load(b.as_ptr().add(i)), s0);
         s1 = S::fma(
             S::load(a.as_ptr().add(i + l)),
@@ -133,8 +138,14 @@ unsafe fn dot<S: Simd>(a: &[f32], b: &[f32], n: usize) -> f32 {
         );
         i += 2 * l;
     }
-    if i < n {
+    if i < full {
         s0 = S::fma(S::load(a.as_ptr().add(i)), S::load(b.as_ptr().add(i)), s0);
+        i += l;
+    }
+    if i < n {
+        let av = S::keep_first(S::load(a.as_ptr().add(i)), n - i);
+        let bv = S::keep_first(S::load(b.as_ptr().add(i)), n - i);
+        s1 = S::fma(av, bv, s1);
     }
     S::hsum(S::add(s0, s1))
 }

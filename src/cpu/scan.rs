@@ -999,7 +999,8 @@ unsafe fn update_task<S: super::scan_bwd::BwdSimd>(task: &UpdateTask) {
     }
     // Float32 state and A contiguous in n, n a whole number of vectors: read and
     // write them in place. Otherwise go through padded float32 copies (padding:
-    // a = b = c = h = 0, which stays 0 and adds nothing to y).
+    // a = b = c = 0, and the new h is cleared there, so it adds nothing to y
+    // and nothing carries from one channel to the next, whatever Δ·x is).
     let direct = job.state.dtype == DType::F32
         && job.state.strides[2] == 1
         && job.a.dtype == DType::F32
@@ -1171,7 +1172,13 @@ unsafe fn update_channel<S: super::scan_bwd::BwdSimd, const DIRECT: bool>(
     for v in 0..nv {
         let k = v * l;
         let da = S::exp2_fast(S::mul(S::load(apf.add(k)), dtv));
-        let hk = S::fma(da, S::load(hp.add(k)), S::mul(duv, S::load(bp.add(k))));
+        let mut hk = S::fma(da, S::load(hp.add(k)), S::mul(duv, S::load(bp.add(k))));
+        if !DIRECT && v + 1 == nv {
+            // The padding states k ≥ n of the float32 copy: Δ·x·0 is NaN
+            // when Δ·x is NaN or inf, and `hbuf` carries them to the next
+            // channel. Cleared, they add nothing to y and stay 0.
+            hk = S::keep_first(hk, n - k);
+        }
         S::store(hp.add(k), hk);
         acc = S::fma(S::load(cp.add(k)), hk, acc);
     }

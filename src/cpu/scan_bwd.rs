@@ -437,6 +437,8 @@ macro_rules! by_groups {
 struct Sub {
     n: usize,
     tt: usize,
+    /// Channels of the block (lanes ≥ len are padding).
+    len: usize,
     u: *const f32,
     dt: *const f32,
     dy: *const f32,
@@ -523,8 +525,19 @@ unsafe fn add_lane_sums<S: BwdSimd, const K: usize>(v: &[S::V; K], dst: *mut f32
 /// The reverse recurrence for states k0..k0+K over a sub-chunk (from its last
 /// step to its first), reading a_t and h_t from the recompute buffers. y is
 /// accumulated too (needed for dz; cheap enough not to specialise).
+///
+/// `TAIL` (a block of fewer than LANES channels, with time-varying B or C):
+/// the padding lanes' products are cleared before the dB/dC sums across
+/// lanes. Their u, Δ·u and dy are 0, but a broadcast B or C of inf or NaN
+/// makes their h and g NaN (0·inf), which must not reach a real channel's sum.
 #[inline(always)]
-unsafe fn reverse_group<S: BwdSimd, const K: usize, const BV: bool, const CV: bool>(
+unsafe fn reverse_group<
+    S: BwdSimd,
+    const K: usize,
+    const BV: bool,
+    const CV: bool,
+    const TAIL: bool,
+>(
     p: &Sub,
     acc: &Acc,
     k0: usize,
@@ -571,6 +584,9 @@ unsafe fn reverse_group<S: BwdSimd, const K: usize, const BV: bool, const CV: bo
             y[e] = S::fma(c, ht, y[e]);
             if BV {
                 pb[kk] = S::mul(g, du);
+                if TAIL {
+                    pb[kk] = S::keep_first(pb[kk], p.len);
+                }
                 if pairs && kk % 2 == 1 {
                     qb[kk / 2] = S::lane_pair(pb[kk - 1], pb[kk]);
                 }
@@ -579,6 +595,9 @@ unsafe fn reverse_group<S: BwdSimd, const K: usize, const BV: bool, const CV: bo
             }
             if CV {
                 pc[kk] = S::mul(dy, ht);
+                if TAIL {
+                    pc[kk] = S::keep_first(pc[kk], p.len);
+                }
                 if pairs && kk % 2 == 1 {
                     qc[kk / 2] = S::lane_pair(pc[kk - 1], pc[kk]);
                 }
@@ -676,6 +695,7 @@ unsafe fn pass1_block<S: BwdSimd>(c: &Pass1) {
         let p = Sub {
             n,
             tt,
+            len: c.len,
             u: ut.as_ptr(),
             dt: dt.as_ptr(),
             dy: std::ptr::null(),
@@ -879,6 +899,7 @@ unsafe fn sub_block<S: BwdSimd>(
     let p = Sub {
         n,
         tt,
+        len,
         u: ut,
         dt,
         dy,
@@ -916,16 +937,21 @@ unsafe fn sub_block<S: BwdSimd>(
     };
     let nul = std::ptr::null_mut();
     macro_rules! run {
-        ($K:ident, $k0:ident, $bv:literal, $cv:literal) => {{
+        ($K:ident, $k0:ident, $bv:literal, $cv:literal, $tail:literal) => {{
             forward_group::<S, $K, $bv, true>(&p, $k0, ck.add($k0 * l), nul);
-            reverse_group::<S, $K, $bv, $cv>(&p, &acc, $k0);
+            reverse_group::<S, $K, $bv, $cv, $tail>(&p, &acc, $k0);
         }};
     }
-    by_groups!(n, |k0, K| match (bvar, cvar) {
-        (true, true) => run!(K, k0, true, true),
-        (true, false) => run!(K, k0, true, false),
-        (false, true) => run!(K, k0, false, true),
-        (false, false) => run!(K, k0, false, false),
+    // Padding lanes only matter to the lane sums of time-varying dB/dC.
+    let tail = len < l;
+    by_groups!(n, |k0, K| match (bvar, cvar, tail) {
+        (true, true, false) => run!(K, k0, true, true, false),
+        (true, true, true) => run!(K, k0, true, true, true),
+        (true, false, false) => run!(K, k0, true, false, false),
+        (true, false, true) => run!(K, k0, true, false, true),
+        (false, true, false) => run!(K, k0, false, true, false),
+        (false, true, true) => run!(K, k0, false, true, true),
+        (false, false, _) => run!(K, k0, false, false, false),
     });
 
     // The reverse pass reached step 0: a_0·g_0 is the initial state's gradient.

@@ -79,6 +79,13 @@ pub unsafe trait Simd: Copy + Send + Sync + 'static {
     unsafe fn scale2(p: Self::V, n: Self::V) -> Self::V;
     /// Lane-wise `if x is NaN { x } else { r }`.
     unsafe fn keep_nan(x: Self::V, r: Self::V) -> Self::V;
+    /// `v` with lanes `count..` set to +0.0 whatever their bits (NaN and inf
+    /// included), lanes `..count` unchanged; `count` ≤ `LANES`. A blend, not
+    /// a branch: the tail of a row or state vector padded to whole vectors
+    /// goes through it before anything sums across lanes or carries the
+    /// padding on, so the padding contributes nothing (DESIGN.md: tail lanes
+    /// contribute nothing, whatever their values).
+    unsafe fn keep_first(v: Self::V, count: usize) -> Self::V;
 
     /// 2^x: overflow gives +inf, underflow 0, NaN stays NaN; ≈1 ulp.
     #[inline(always)]
@@ -305,6 +312,14 @@ unsafe impl Simd for Portable {
     unsafe fn keep_nan(x: Self::V, r: Self::V) -> Self::V {
         map2(x, r, |x, r| if x.is_nan() { x } else { r })
     }
+    #[inline(always)]
+    unsafe fn keep_first(v: Self::V, count: usize) -> Self::V {
+        let mut r = [0.0; PL];
+        for i in 0..PL {
+            r[i] = if i < count { v[i] } else { 0.0 };
+        }
+        r
+    }
 }
 
 /// 2^n for n in [-126, 127] as a float built from its exponent bits
@@ -361,6 +376,9 @@ mod x86 {
             _mm256_storeu_ps(dst.offset(i as isize * ds), *v);
         }
     }
+
+    /// `Avx2::keep_first`'s masks: 8 lanes from index 8 − count.
+    static TAIL_MASK: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
 
     /// AVX2 + FMA: 8 lanes.
     #[derive(Clone, Copy)]
@@ -453,6 +471,13 @@ mod x86 {
         #[inline(always)]
         unsafe fn keep_nan(x: __m256, r: __m256) -> __m256 {
             _mm256_blendv_ps(r, x, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x))
+        }
+        #[inline(always)]
+        unsafe fn keep_first(v: __m256, count: usize) -> __m256 {
+            // All-ones in the first `count` lanes: an unaligned window of a
+            // [-1 × 8, 0 × 8] table; AND clears the rest whatever their bits.
+            let m = _mm256_loadu_si256(TAIL_MASK.as_ptr().add(8 - count) as *const __m256i);
+            _mm256_and_ps(v, _mm256_castsi256_ps(m))
         }
     }
 
@@ -557,6 +582,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn keep_nan(x: __m512, r: __m512) -> __m512 {
             _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x), r, x)
+        }
+        #[inline(always)]
+        unsafe fn keep_first(v: __m512, count: usize) -> __m512 {
+            _mm512_maskz_mov_ps(((1u32 << count) - 1) as __mmask16, v)
         }
     }
 }
@@ -668,6 +697,26 @@ mod tests {
             }
             S::store(buf.as_mut_ptr(), S::exp2_attn(S::splat(f32::NAN)));
             assert!(buf[0].is_nan(), "{} exp2_attn(NaN) = {}", S::NAME, buf[0]);
+            // keep_first: lanes ..count bitwise unchanged, lanes count.. +0.0,
+            // whatever they held (NaN, inf).
+            let junk: Vec<f32> = (0..S::LANES)
+                .map(|j| [f32::NAN, f32::INFINITY, -1.5, f32::NEG_INFINITY][j % 4])
+                .collect();
+            for count in 0..=S::LANES {
+                S::store(
+                    buf.as_mut_ptr(),
+                    S::keep_first(S::load(junk.as_ptr()), count),
+                );
+                for j in 0..S::LANES {
+                    let want = if j < count { junk[j].to_bits() } else { 0 };
+                    assert!(
+                        buf[j].to_bits() == want,
+                        "{} keep_first(count {count}) lane {j} = {}",
+                        S::NAME,
+                        buf[j]
+                    );
+                }
+            }
             assert!(worst_sp < 4e-7, "{} softplus rel err {worst_sp}", S::NAME);
             assert!(worst_silu < 6e-7, "{} silu rel err {worst_silu}", S::NAME);
 
