@@ -156,6 +156,12 @@ fn lanes_of(level: SimdLevel) -> usize {
     }
 }
 
+/// softcap · log2 e in float32, kept finite (a cap beyond float32's range
+/// acts on scores that large only, which overflow anyway).
+pub(crate) fn softcap_log2(softcap: f32) -> f32 {
+    (softcap as f64 * std::f64::consts::LOG2_E).min(f32::MAX as f64) as f32
+}
+
 /// Runs the forward pass of `job`, writing out (and lse) of every sequence.
 pub fn attn_forward(job: &AttnJob, level: SimdLevel) {
     let grp = job.hq / job.hk;
@@ -422,9 +428,46 @@ impl Packer {
     }
 }
 
+/// tanh(u)/u ≈ P(w)/Q(w), w = u², on |u| ≤ 10 (tanh(10) rounds to 1): a
+/// rational fit made for this crate (relative-error weighted least squares,
+/// iterated on Chebyshev nodes), P(0) = Q(0) = 1. tanh(u) = u·P/Q to 2.2 ulp
+/// in float32, with no cancellation however small u is.
+const TANH_P: [f32; 7] = [
+    1.0,
+    0.130_425_51,
+    0.003_057_705_2,
+    1.067_404_2e-5,
+    -1.831_230_3e-8,
+    4.385_015e-11,
+    -6.289_914e-14,
+];
+const TANH_Q: [f32; 4] = [1.0, 0.463_758_74, 0.024_310_801, 0.000_247_896_3];
+
+/// cap·tanh(s/cap) and t = tanh(s/cap), accurate to float32 rounding (≈2
+/// ulp) for every cap > 0 (`inv` = 1/cap): s·(tanh(u)/u) with u = s/cap,
+/// so a huge cap (u tiny or subnormal) gives back s itself; cap·(±1) past
+/// |u| = 10. `s` and `cap` share their units (the forward's log2 units, the
+/// backward's natural ones). NaN stays NaN, ±inf gives ±cap.
+#[inline(always)]
+pub(crate) unsafe fn softcap_tanh<S: Simd>(s: S::V, inv: S::V, cap: S::V) -> (S::V, S::V) {
+    let u = S::mul(s, inv);
+    let lim = S::splat(10.0);
+    let uc = S::min(lim, S::max(S::splat(-10.0), u));
+    let w = S::mul(uc, uc);
+    let r = S::div(S::horner(w, &TANH_P), S::horner(w, &TANH_Q));
+    // Past |u| = 10: exactly ±1 (uc·0.1 rounds to ±1).
+    let far = S::abs(u);
+    let sat = S::mul(uc, S::splat(0.1));
+    let t = S::keep_nan(u, S::select_gt(far, lim, sat, S::mul(uc, r)));
+    let capped = S::select_gt(far, lim, S::mul(cap, sat), S::mul(s, r));
+    (capped, t)
+}
+
 /// Per-tile score epilogue: softcap, ALiBi, mask.
 struct Epi<S: Simd, const MVC: usize> {
     softcap: bool,
+    /// 1 / (softcap·log2 e) and softcap·log2 e (scores are in log2 units).
+    inv_cap: S::V,
     c2: S::V,
     alibi: bool,
     /// −slope·log2 e per lane.
@@ -442,13 +485,7 @@ impl<S: Simd, const MVC: usize> Epi<S, MVC> {
     unsafe fn apply(&self, acc: S::V, v: usize, jj: usize) -> S::V {
         let mut s = acc;
         if self.softcap {
-            // tanh(x) = 1 − 2 / (e^{2x} + 1): saturates cleanly at ±1.
-            let e = S::exp(S::add(s, s));
-            let t = S::sub(
-                S::splat(1.0),
-                S::div(S::splat(2.0), S::add(e, S::splat(1.0))),
-            );
-            s = S::mul(t, self.c2);
+            s = softcap_tanh::<S>(s, self.inv_cap, self.c2).0;
         }
         if self.alibi || self.mask {
             let dist = S::sub(self.dtile[v], S::splat(jj as f32));
@@ -880,12 +917,10 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task, r0: usize, nrows: usize, pk:
     let off = seq.sk as i64 - seq.sq as i64;
     let (left, right) = (job.left, job.right);
     let softcap = job.softcap > 0.0;
-    // Scores are kept in the log2 domain: s₂ = s · log2 e.
-    let c1 = if softcap {
-        job.scale / job.softcap
-    } else {
-        job.scale * LOG2E
-    };
+    // Scores are kept in the log2 domain: s₂ = s · log2 e (softcap applies
+    // to s₂ with a cap of softcap · log2 e: the same function, scaled).
+    let c1 = job.scale * LOG2E;
+    let cap2 = softcap_log2(job.softcap);
 
     // Qᵀ, pre-scaled; padding lanes are zero. Rows are read into [bq][hd]
     // and transposed in 8×8 register blocks.
@@ -946,7 +981,8 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task, r0: usize, nrows: usize, pk:
     };
     let mut epi = Epi::<S, MVC> {
         softcap,
-        c2: S::splat(job.softcap * LOG2E),
+        inv_cap: S::splat((1.0 / cap2 as f64) as f32),
+        c2: S::splat(cap2),
         alibi,
         nslope: [S::zero(); MVC],
         mask: false,

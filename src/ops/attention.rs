@@ -61,7 +61,8 @@ pub fn check_scale_softcap(scale: Option<f64>, softcap: f64, hd: usize) -> Resul
             "softcap: expected a finite number ≥ 0 (0 disables it), got {softcap}"
         )));
     }
-    Ok((s as f32, softcap as f32))
+    // A softcap beyond float32's range caps nothing float32 scores reach.
+    Ok((s as f32, softcap.min(f32::MAX as f64) as f32))
 }
 
 fn check_main(t: &TensorView, like: Option<&TensorView>) -> Result<()> {
