@@ -111,12 +111,15 @@ class SlidingWindowKVCache:
         works too). Token t of the call has position ``pos + t`` and attends, like
         ``flash_attn_func(causal=True, window_size=(window - 1, 0))`` over the whole
         stream, to the positions ``pos + t - window + 1 .. pos + t``; ALiBi uses those
-        true positions. ``softmax_scale``, ``softcap``, ``alibi_slopes`` as in
+        true positions. Only ``pos`` modulo the window and the distances matter, so
+        positions up to 2**63 − 1 work; a token whose position would pass that raises
+        ValueError. ``softmax_scale``, ``softcap``, ``alibi_slopes`` as in
         :func:`mamba_attention.flash_attn_func`.
 
         Returns ``out`` (b, n, hq, hd); ``pos`` advances by n.
         """
-        n = q.shape[1]
+        n = q.shape[1] if hasattr(q, "shape") and len(q.shape) > 1 else 1
+        self._check_positions(n)
         if getattr(getattr(q, "device", None), "type", None) == "cuda":
             self._check_torch_step(q, k, v, softcap)
             if n == 1 and self._pos_t is not None and q.device == self.k.device:
@@ -126,7 +129,10 @@ class SlidingWindowKVCache:
                 if self._pos_t is not None:
                     self._pos_t.add_(n)
         else:
-            out, _ = _core.attention_ring(q, self.k, self.v, k, v, self._pos, softmax_scale,
+            # The kernel needs the position only modulo the window (slots) and
+            # relative to the keys (ALiBi): pass the equivalent one below 2W.
+            pos = self._pos if self._pos < self.window else self.window + self._pos % self.window
+            out, _ = _core.attention_ring(q, self.k, self.v, k, v, pos, softmax_scale,
                                           softcap, alibi_slopes)
         self._pos += n
         return out
