@@ -1216,7 +1216,15 @@ mod py {
         if c.is_none() {
             return Ok(None);
         }
-        if let Ok(n) = c.extract::<i64>() {
+        // Only a Python int broadcasts: a (1,) or 0-d tensor also converts
+        // to an int, but must have shape (b,) like any tensor.
+        if c.is_instance_of::<pyo3::types::PyInt>() && !c.is_instance_of::<pyo3::types::PyBool>() {
+            // Beyond int64 is beyond any cache: saturate (cache_lens rejects it).
+            let n = c.extract::<i64>().unwrap_or(if c.gt(0).unwrap_or(false) {
+                i64::MAX
+            } else {
+                i64::MIN
+            });
             return Ok(Some(vec![n; b]));
         }
         let t = extract("cache_seqlens", c)?;
