@@ -162,7 +162,12 @@ unsafe fn bwd_task<S: Simd>(t: &Task) {
                 seg.k.strides[2],
             );
             for x in 0..hd {
-                kt[x * bk + j] = kn[j * hd + x];
+                let e = kn[j * hd + x];
+                kt[x * bk + j] = e;
+                // dQ = Σ_j dU_ij·K_j reads K of keys row i cannot see (dU = 0
+                // there): a non-finite K must not make 0·inf = NaN. Rows that
+                // see it get NaN through dU (their P and D are NaN).
+                kn[j * hd + x] = if e.is_finite() { e } else { 0.0 };
             }
             load_row(
                 &mut tmp,
@@ -354,19 +359,25 @@ unsafe fn rows_blk<S: Simd, const R: usize>(b: &Blk, r0: usize) {
                 sc = S::fma(S::abs(dist), S::splat(-b.slope[g]), sc);
             }
             let mut pv = S::exp(S::sub(sc, lse_v));
+            let mut ds = S::mul(pv, S::sub(dp[r][v], d_v));
+            if softcap {
+                ds = S::mul(ds, S::sub(S::splat(1.0), S::mul(th, th)));
+            }
+            // Masked pairs: P = 0 and dU = 0 by selection, whatever dP holds
+            // (a non-finite V or K at a key the row cannot see).
             if b.left >= 0 {
-                pv = S::select_gt(dist, S::splat(b.left as f32 + 0.5), zero, pv);
+                let far = S::splat(b.left as f32 + 0.5);
+                pv = S::select_gt(dist, far, zero, pv);
+                ds = S::select_gt(dist, far, zero, ds);
             }
             if b.right >= 0 {
-                pv = S::select_gt(S::splat(-(b.right as f32) - 0.5), dist, zero, pv);
+                let ahead = S::splat(-(b.right as f32) - 0.5);
+                pv = S::select_gt(ahead, dist, zero, pv);
+                ds = S::select_gt(ahead, dist, zero, ds);
             }
-            pv = S::select_gt(jl, S::splat(b.nk as f32 - 0.5), zero, pv);
-            let ds = S::mul(pv, S::sub(dp[r][v], d_v));
-            du[r][v] = if softcap {
-                S::mul(ds, S::sub(S::splat(1.0), S::mul(th, th)))
-            } else {
-                ds
-            };
+            let pad = S::splat(b.nk as f32 - 0.5);
+            pv = S::select_gt(jl, pad, zero, pv);
+            du[r][v] = S::select_gt(jl, pad, zero, ds);
             p[r][v] = pv;
         }
     }
