@@ -444,6 +444,11 @@ def _cuda_attention(op, q, k, v, softmax_scale, causal, window_size, softcap, al
         ) from None
     if causal:
         right = 0
+    if left < -1 or right < -1:
+        raise ValueError("window_size: expected (left, right) with each side ≥ 0, or -1 for "
+                         f"unbounded, got {tuple(window_size)!r}")
+    # Bounds past int64 are unbounded too (the kernel saturates the rest).
+    left, right = min(left, 2**62), min(right, 2**62)
     hd = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(hd)
     if varlen is None:
