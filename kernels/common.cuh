@@ -157,6 +157,65 @@ template <> struct Mma<DT_F16> {
     static __device__ __forceinline__ float ld(u16 v) { return f16_to_f32(v); }
 };
 
+// Masked keys must contribute nothing, whatever their bits: a P of 0 times a
+// non-finite V (or dS of 0 times a non-finite K) is NaN, so the attention
+// kernels look for ±inf/NaN in the K/V tiles that the mask cuts (edge tiles
+// only) and clean them. Bit tests on pairs of 16-bit floats (exponent all ones).
+template <int DT>
+__device__ __forceinline__ bool nonfinite2(unsigned w) {
+    constexpr unsigned E = DT == DT_BF16 ? 0x7f80u : 0x7c00u;
+    return (w & E) == E || ((w >> 16) & E) == E;
+}
+// The pair with each non-finite half replaced by +0.
+template <int DT>
+__device__ __forceinline__ unsigned clean2(unsigned w) {
+    constexpr unsigned E = DT == DT_BF16 ? 0x7f80u : 0x7c00u;
+    const unsigned lo = (w & E) == E ? 0u : (w & 0xffffu);
+    const unsigned hi = ((w >> 16) & E) == E ? 0u : (w >> 16);
+    return lo | (hi << 16);
+}
+__device__ __forceinline__ bool nonfinite(float x) { return (__float_as_uint(x) & 0x7f800000u) == 0x7f800000u; }
+// Whether rows 0..ROWS-1, columns 0..HD-1 of a shared tile (row stride HD + 8
+// elements) hold a non-finite value; thread `tid` of NT checks its 16-byte chunks.
+template <int DT, int ROWS, int HD, int NT>
+__device__ __forceinline__ bool tile_nonfinite(const u16* s, int tid) {
+    constexpr int CH = HD / 8, TOTAL = ROWS * CH;
+    bool bad = false;
+#pragma unroll
+    for (int i = 0; i < (TOTAL + NT - 1) / NT; ++i) {
+        const int c = tid + i * NT;
+        if (TOTAL % NT != 0 && c >= TOTAL) break;
+        const uint4 w = *(const uint4*)(s + (c / CH) * (HD + 8) + (c % CH) * 8);
+        bad |= nonfinite2<DT>(w.x) | nonfinite2<DT>(w.y) | nonfinite2<DT>(w.z) | nonfinite2<DT>(w.w);
+    }
+    return bad;
+}
+// The same chunks with every non-finite value replaced by 0.
+template <int DT, int ROWS, int HD, int NT>
+__device__ __forceinline__ void tile_clean(u16* s, int tid) {
+    constexpr int CH = HD / 8, TOTAL = ROWS * CH;
+#pragma unroll
+    for (int i = 0; i < (TOTAL + NT - 1) / NT; ++i) {
+        const int c = tid + i * NT;
+        if (TOTAL % NT != 0 && c >= TOTAL) break;
+        uint4* p = (uint4*)(s + (c / CH) * (HD + 8) + (c % CH) * 8);
+        const uint4 w = *p;
+        *p = make_uint4(clean2<DT>(w.x), clean2<DT>(w.y), clean2<DT>(w.z), clean2<DT>(w.w));
+    }
+}
+
+// softcap·tanh(s/softcap) in log2 units from the raw score x (attention):
+// cap_out·tanh(x·cap_in) with cap_in = scale/softcap, cap_out =
+// softcap·log2 e, or x·scale_log2 itself where |x·cap_in| < 1e-4 (tanh(u)/u
+// rounds to 1 there). tanhf is accurate for small arguments, so this is
+// float32-exact for any softcap, even one whose cap_in is subnormal or 0.
+// t = tanh(u) (the backward's 1 − t²).
+__device__ __forceinline__ float capped_logit(float x, float& t, float scale_log2, float cap_in, float cap_out) {
+    const float u = x * cap_in;
+    t = tanhf(u);
+    return fabsf(u) < 1e-4f ? x * scale_log2 : cap_out * t;
+}
+
 __device__ __forceinline__ float ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

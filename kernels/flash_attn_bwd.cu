@@ -23,6 +23,10 @@
 //
 // Masking/semantics as the forward: query i sees key j iff
 //   i + sk − sq − left ≤ j ≤ i + sk − sq + right and 0 ≤ j < sk.
+// A masked pair's dS is selected to 0 (dP may be NaN from a non-finite V), and
+// a non-finite K is zeroed in shared memory before dQ = dS·K reads it (the
+// key-tile kernel: once per CTA; the dQ kernel: on edge tiles), so nothing a
+// row cannot see reaches its gradients; rows that see it get NaN through D.
 // Logits in log2 units: x = scale·log2e·s (softcap: softcap·log2e·tanh(scale·s/softcap);
 // ALiBi: − slope·log2e·|i + sk − sq − j|). dK and dQ carry the factor scale
 // (applied at the store); softcap adds (1 − t²) per element.
@@ -349,21 +353,24 @@ __device__ __forceinline__ Seq seq_of(const FlashBwdParams& p, int z) {
 }
 
 // Logit (log2 units) of raw score `x` at (query i, key j) and its softcap
-// derivative factor; MASK: −inf outside the band.
+// derivative factor; MASK: −inf outside the band, and `vis` false there.
 template <bool MASK, bool FEAT>
-__device__ __forceinline__ float logit(float x, float& dcap, int i, int j, int off, int sk,
+__device__ __forceinline__ float logit(float x, float& dcap, bool& vis, int i, int j, int off, int sk,
                                        const FlashBwdParams& p, float slope_log2) {
     dcap = 1.f;
+    vis = true;
     if (FEAT && p.softcap > 0.f) {
-        const float t = tanhf(x * p.softcap_in);
-        x = p.softcap_out * t;
+        float t;
+        x = capped_logit(x, t, p.scale_log2, p.softcap_in, p.softcap_out);
         dcap = 1.f - t * t;
     } else {
         x *= p.scale_log2;
     }
     if (FEAT) x -= slope_log2 * fabsf((float)(i + off - j));
     if (MASK) {
-        const bool vis = j < sk && (p.left < 0 || j >= i + off - p.left) && (p.right < 0 || j <= i + off + p.right);
+        // 64-bit: left/right may be up to 2³¹ − 1.
+        const i64 d = (i64)i + off - j;
+        vis = j < sk && (p.left < 0 || d <= p.left) && (p.right < 0 || d >= -(i64)p.right);
         if (!vis) x = FB_NEG_INF;
     }
     return x;
@@ -403,10 +410,13 @@ __device__ __forceinline__ void kv_elementwise(float (&s)[BM / 8][4], float (&dp
             const int j = jw + g + 8 * (e >> 1);
             const int il = nt * 8 + 2 * t + (e & 1);
             float dcap;
-            const float x = logit<MASK, FEAT>(s[nt][e], dcap, m0 + il, j, off, sk, p, slope_log2);
+            bool vis;
+            const float x = logit<MASK, FEAT>(s[nt][e], dcap, vis, m0 + il, j, off, sk, p, slope_log2);
             const float pr = ex2(x - L[il]);
             s[nt][e] = pr;
-            dp[nt][e] = FEAT ? pr * (dp[nt][e] - Dd[il]) * dcap : pr * (dp[nt][e] - Dd[il]);
+            const float ds = FEAT ? pr * (dp[nt][e] - Dd[il]) * dcap : pr * (dp[nt][e] - Dd[il]);
+            // Masked: dS = 0 by selection (dP may be NaN from a non-finite V).
+            dp[nt][e] = (MASK && !vis) ? 0.f : ds;
         }
     }
 }
@@ -510,15 +520,24 @@ __device__ __forceinline__ void kv_loop(const FlashBwdParams& p, const Seq& S, i
         const int m0 = (mb_lo + it % n_m) * BM;
         cp_async_wait_all();
         __syncthreads();  // stage st (and K/V) landed; every warp is done with stage st^1 and sdS
+        if (it == 0 && __syncthreads_or(tile_nonfinite<DT, BN, HD, NT>(sK, tid))) {
+            // A non-finite K (rare) is zeroed for the whole CTA: dQ = dS·K must
+            // stay finite for the rows that cannot see it (dS is 0 there), and
+            // the rows that see it get NaN anyway through their lse and D
+            // (their forward output is NaN). A non-finite V needs nothing: dP
+            // only feeds dS, which is 0 where masked and NaN through D where seen.
+            tile_clean<DT, BN, HD, NT>(sK, tid);
+            __syncthreads();
+        }
         if (it + 1 < total) issue(it + 1, st ^ 1);
         cp_async_commit();
         const float slope_log2 = (FEAT && p.alibi) ? p.alibi[z * p.alibi_sb + h * p.alibi_sh] * FB_LOG2E : 0.f;
 
         float dp[BM / 8][4], s[BM / 8][4];
         mm_abt2<DT, HD, BM>(dp, vA, doB + st * STB, s, kA, qB + st * STB);
-        const int m_last = min(m0 + BM, S.sq) - 1;
+        const i64 m_last = min(m0 + BM, S.sq) - 1;
         const bool full = n0 + BN <= S.sk && (p.left < 0 || n0 >= m_last + off - p.left) &&
-                          (p.right < 0 || n0 + BN - 1 <= m0 + off + p.right);
+                          (p.right < 0 || n0 + BN - 1 <= (i64)m0 + off + p.right);
         const float* L = sL + st * BM;
         const float* Dd = sD + st * BM;
         if (full)
@@ -640,9 +659,11 @@ __device__ __forceinline__ void q_elementwise(float (&s)[BN / 8][4], float (&dp)
             const int r = e >> 1;
             const int j = n0 + nt * 8 + 2 * t + (e & 1);
             float dcap;
-            const float x = logit<MASK, FEAT>(s[nt][e], dcap, iw + g + 8 * r, j, off, sk, p, slope_log2);
+            bool vis;
+            const float x = logit<MASK, FEAT>(s[nt][e], dcap, vis, iw + g + 8 * r, j, off, sk, p, slope_log2);
             const float pr = ex2(x - L[r]);
-            dp[nt][e] = FEAT ? pr * (dp[nt][e] - Dd[r]) * dcap : pr * (dp[nt][e] - Dd[r]);
+            const float ds = FEAT ? pr * (dp[nt][e] - Dd[r]) * dcap : pr * (dp[nt][e] - Dd[r]);
+            dp[nt][e] = (MASK && !vis) ? 0.f : ds;  // masked: 0 whatever dP holds
         }
     }
 }
@@ -696,10 +717,17 @@ __device__ __forceinline__ void q_loop(const FlashBwdParams& p, const Seq& S, in
         load_tile<BN, HD, NT, VEC>(sK + (st ^ 1) * BN * RS, kg, p.k_ss, n0 + BN, S.sk, p.hd, it + 1 < n_t, tid);
         load_tile<BN, HD, NT, VEC>(sV + (st ^ 1) * BN * RS, vg, p.v_ss, n0 + BN, S.sk, p.hd, it + 1 < n_t, tid);
         cp_async_commit();
-        float s[BN / 8][4], dp[BN / 8][4];
-        mm_abt2<DT, HD, BN>(s, qA, kB + st * STB, dp, doA, vB + st * STB);
         const bool full = n0 + BN <= S.sk && (p.left < 0 || n0 >= m_last + off - p.left) &&
                           (p.right < 0 || n0 + BN - 1 <= m0 + off + p.right);
+        // Edge tile: dQ += dS·K reads K of keys some rows cannot see (dS = 0
+        // there); a non-finite K must not make 0·inf. Rows that see it get NaN
+        // through their lse and D. One scan and barrier per edge tile.
+        if (!full && __syncthreads_or(tile_nonfinite<DT, BN, HD, NT>(sK + st * BN * RS, tid))) {
+            tile_clean<DT, BN, HD, NT>(sK + st * BN * RS, tid);
+            __syncthreads();
+        }
+        float s[BN / 8][4], dp[BN / 8][4];
+        mm_abt2<DT, HD, BN>(s, qA, kB + st * STB, dp, doA, vB + st * STB);
         if (full)
             q_elementwise<BN, false, FEAT>(s, dp, L, Dd, m0 + warp * 16, n0, (int)off, S.sk, p, slope_log2, g, t);
         else

@@ -16,6 +16,10 @@
 // (left/right = -1: unbounded). s = scale·q·k; softcap > 0: s = softcap·tanh(s/softcap);
 // ALiBi: s -= slope·|i + sk - sq - j|. A row with no visible key gets O = 0 and
 // lse = -inf. GQA: query head h reads kv head h / (hq / hk).
+// A masked key contributes nothing whatever its bits: keys past sk load as
+// zeros, masked scores are selected to -inf, and an edge tile whose V holds a
+// non-finite value (one scan per edge tile) is cleaned before P·V, its
+// non-finite values added only to the rows that see them (poison_rows).
 //
 // Head dims are padded up to the instantiated width HD (32, 64, 96, 128, 256):
 // the tail columns load as zeros (cp.async zero-fill) and are never stored.
@@ -166,13 +170,13 @@ __device__ __forceinline__ void qk_tile(float (&s)[MT][BN / 8][4], const unsigne
 }
 
 // Scores of one tile → log2 units (scale, softcap, ALiBi, mask), online
-// softmax update, O += P·V. FEAT: softcap/ALiBi may be on (else plain scale).
+// softmax update: s becomes P, O is rescaled. FEAT: softcap/ALiBi may be on
+// (else plain scale).
 template <int DT, int HD, int MT, int BN, bool MASK, bool FEAT>
-__device__ __forceinline__ void softmax_pv(float (&s)[MT][BN / 8][4], unsigned vaddr, float (&o)[MT][HD / 8][4],
-                                           float (&mrow)[MT][2], float (&lrow)[MT][2], int kbase,
-                                           const RowInfo (&ri)[MT], const FlashFwdParams& p, float slope_log2,
-                                           int lane) {
-    constexpr int RSB = (HD + 8) * 2;
+__device__ __forceinline__ void softmax_tile(float (&s)[MT][BN / 8][4], float (&o)[MT][HD / 8][4],
+                                             float (&mrow)[MT][2], float (&lrow)[MT][2], int kbase,
+                                             const RowInfo (&ri)[MT], const FlashFwdParams& p, float slope_log2,
+                                             int lane) {
     const int t = lane & 3;
     const bool capped = FEAT && p.softcap > 0.f;
     const bool alibi = FEAT && slope_log2 != 0.f;
@@ -187,7 +191,8 @@ __device__ __forceinline__ void softmax_pv(float (&s)[MT][BN / 8][4], unsigned v
                 float x = s[mt][nt][e];
                 // Plain path: x stays in raw units (scale > 0 is folded into the exp below).
                 if (capped) {
-                    x = p.softcap_out * tanhf(x * p.softcap_in);
+                    float th;
+                    x = capped_logit(x, th, p.scale_log2, p.softcap_in, p.softcap_out);
                 } else if (FEAT) {
                     x *= p.scale_log2;
                 }
@@ -229,8 +234,12 @@ __device__ __forceinline__ void softmax_pv(float (&s)[MT][BN / 8][4], unsigned v
             }
         }
     }
+}
 
-    // O += P·V; each V fragment feeds all MT m-tiles.
+// O += P·V; each V fragment feeds all MT m-tiles.
+template <int DT, int HD, int MT, int BN>
+__device__ __forceinline__ void pv_tile(const float (&s)[MT][BN / 8][4], unsigned vaddr, float (&o)[MT][HD / 8][4]) {
+    constexpr int RSB = (HD + 8) * 2;
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
         unsigned a[MT][4];
@@ -252,6 +261,44 @@ __device__ __forceinline__ void softmax_pv(float (&s)[MT][BN / 8][4], unsigned v
             }
         }
     }
+}
+
+template <int DT, int HD, int MT, int BN, bool MASK, bool FEAT>
+__device__ __forceinline__ void softmax_pv(float (&s)[MT][BN / 8][4], unsigned vaddr, float (&o)[MT][HD / 8][4],
+                                           float (&mrow)[MT][2], float (&lrow)[MT][2], int kbase,
+                                           const RowInfo (&ri)[MT], const FlashFwdParams& p, float slope_log2,
+                                           int lane) {
+    softmax_tile<DT, HD, MT, BN, MASK, FEAT>(s, o, mrow, lrow, kbase, ri, p, slope_log2, lane);
+    pv_tile<DT, HD, MT, BN>(s, vaddr, o);
+}
+
+// Edge tile with a non-finite V (rare): adds to O the non-finite V values of
+// the tile's keys (k0..) that each of this thread's rows sees, as the sum
+// P·V would for P > 0, so that P·V over the cleaned tile (non-finite → 0)
+// carries exactly the poison of visible keys and none of the masked ones
+// (a masked P of 0 times NaN would be NaN).
+template <int DT, int HD, int MT, int BN>
+__device__ __forceinline__ void poison_rows(float (&o)[MT][HD / 8][4], const u16* sv, int k0, const RowInfo (&ri)[MT],
+                                            int lane) {
+    constexpr int RS = HD + 8;
+    const int t = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int ja = max(ri[mt].lo[r], k0) - k0, jb = min(ri[mt].hi[r], k0 + BN - 1) - k0;
+            for (int jj = ja; jj <= jb; ++jj) {
+#pragma unroll
+                for (int nt = 0; nt < HD / 8; ++nt) {
+                    const unsigned w = *(const unsigned*)(sv + jj * RS + nt * 8 + 2 * t);
+                    if (nonfinite2<DT>(w)) {
+                        const float x0 = Mma<DT>::ld((u16)(w & 0xffffu)), x1 = Mma<DT>::ld((u16)(w >> 16));
+                        if (nonfinite(x0)) o[mt][nt][2 * r] += x0;
+                        if (nonfinite(x1)) o[mt][nt][2 * r + 1] += x1;
+                    }
+                }
+            }
+        }
 }
 
 // Everything a CTA needs to know about its work, set up once.
@@ -292,7 +339,18 @@ __device__ __forceinline__ void loop_step(int it, const FlashFwdParams& p, const
         softmax_pv<DT, HD, MT, BN, false, FEAT>(s_cur, vaddr, o, mrow, lrow, k0, ri, p, c.slope_log2, lane);
     } else {
         qk_tile<DT, HD, MT, BN, QREG>(s_next, qf, qaddr, kaddr);
-        softmax_pv<DT, HD, MT, BN, true, FEAT>(s_cur, vaddr, o, mrow, lrow, k0, ri, p, c.slope_log2, lane);
+        softmax_tile<DT, HD, MT, BN, true, FEAT>(s_cur, o, mrow, lrow, k0, ri, p, c.slope_log2, lane);
+        // Edge tile: a non-finite V at a key some row cannot see must not
+        // reach that row through P = 0 (see poison_rows). One scan and a
+        // barrier per edge tile; the fix-up itself only when one is found.
+        u16* sv = sV + (it & 1) * BN * RS;
+        if (__syncthreads_or(tile_nonfinite<DT, BN, HD, NT>(sv, tid))) {
+            poison_rows<DT, HD, MT, BN>(o, sv, k0, ri, lane);
+            __syncthreads();
+            tile_clean<DT, BN, HD, NT>(sv, tid);
+            __syncthreads();
+        }
+        pv_tile<DT, HD, MT, BN>(s_cur, vaddr, o);
     }
 }
 
@@ -379,13 +437,16 @@ __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
     c.kg = (const u16*)p.k + z * p.k_sb + (i64)k_start * p.k_ss + hkv * p.k_sh;
     c.vg = (const u16*)p.v + z * p.v_sb + (i64)k_start * p.v_ss + hkv * p.v_sh;
 
+    // Band arithmetic in 64 bits (left/right may be up to 2³¹ − 1), clamped
+    // back to [-1, sk] where it becomes an int.
     const int off = sk - sq;
-    const int m_last = min(m0 + BM, sq) - 1;
-    const int n_lo = p.left < 0 ? 0 : max(0, m0 + off - p.left);
-    const int n_hi = p.right < 0 ? sk - 1 : min(sk - 1, m_last + off + p.right);
+    const i64 m_last = min(m0 + BM, sq) - 1;
+    const i64 loff = (i64)off - p.left, roff = (i64)off + p.right;
+    const int n_lo = p.left < 0 ? 0 : (int)max((i64)0, min((i64)sk, m0 + loff));
+    const int n_hi = p.right < 0 ? sk - 1 : (int)max((i64)-1, min((i64)sk - 1, m_last + roff));
     // Keys every row of the tile sees: [lo_all, hi_all].
-    c.lo_all = p.left < 0 ? 0 : m_last + off - p.left;
-    c.hi_all = p.right < 0 ? sk - 1 : min(sk - 1, m0 + off + p.right);
+    c.lo_all = p.left < 0 ? 0 : (int)max((i64)-1, min((i64)sk, m_last + loff));
+    c.hi_all = p.right < 0 ? sk - 1 : (int)max((i64)-1, min((i64)sk - 1, m0 + roff));
     c.n_tiles = n_lo <= n_hi ? n_hi / BN - n_lo / BN + 1 : 0;
     c.kb0 = n_lo <= n_hi ? n_hi / BN : 0;
 
@@ -396,8 +457,8 @@ __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
         for (int r = 0; r < 2; ++r) {
             const int row = m0 + warp * WM + mt * 16 + g + 8 * r;
             ri[mt].diag[r] = row + off;
-            ri[mt].lo[r] = p.left < 0 ? 0 : max(0, row + off - p.left);
-            ri[mt].hi[r] = p.right < 0 ? sk - 1 : min(sk - 1, row + off + p.right);
+            ri[mt].lo[r] = p.left < 0 ? 0 : (int)max((i64)0, min((i64)sk, row + loff));
+            ri[mt].hi[r] = p.right < 0 ? sk - 1 : (int)max((i64)-1, min((i64)sk - 1, row + roff));
         }
     c.slope_log2 = p.alibi ? p.alibi[z * p.alibi_sb + h * p.alibi_sh] * FA_LOG2E : 0.f;
 

@@ -225,6 +225,51 @@ __device__ __forceinline__ void to_a(unsigned (&pa)[8][4], const float (&s)[64])
     }
 }
 
+// Before O += P·V of an edge tile (keys k0.., one the mask cuts) whose V
+// stage `sv` (generic pointer to the swizzled 128 x 128 tile) holds a
+// non-finite value (rare; one scan and barrier per edge tile): adds to O the
+// non-finite V values of the keys each of this thread's rows sees (as P·V
+// would for P > 0), then zeroes them in the tile, so that a masked key's
+// P = 0 never multiplies a NaN/inf. O is settled (no wgmma in flight) and
+// scaled to the tile's max already.
+template <int DT>
+__device__ __forceinline__ void fix_edge_v(float (&o)[64], u16* sv, int k0, const int (&lo)[2], const int (&hi)[2],
+                                           int tid, int t) {
+    uint4* v4 = (uint4*)sv;  // 2048 chunks of 16 bytes, 8 per thread
+    bool bad = false;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const uint4 w = v4[tid + 256 * i];
+        bad |= nonfinite2<DT>(w.x) | nonfinite2<DT>(w.y) | nonfinite2<DT>(w.z) | nonfinite2<DT>(w.w);
+    }
+    if (!__syncthreads_or(bad)) return;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int ja = max(lo[r], k0) - k0, jb = min(hi[r], k0 + BN - 1) - k0;
+        for (int kk = ja; kk <= jb; ++kk) {
+#pragma unroll
+            for (int i = 0; i < HD / 8; ++i) {
+                const int c = 8 * i + 2 * t;  // columns c, c + 1 of o[4i + 2r], o[4i + 2r + 1]
+                const int off = (c >> 6) * HALF_B + kk * 128 + ((((c & 63) >> 3) ^ (kk & 7)) << 4) + (c & 7) * 2;
+                const unsigned w = *(const unsigned*)((const unsigned char*)sv + off);
+                if (nonfinite2<DT>(w)) {
+                    const float x0 = Mma<DT>::ld((u16)(w & 0xffffu)), x1 = Mma<DT>::ld((u16)(w >> 16));
+                    if (nonfinite(x0)) o[4 * i + 2 * r] += x0;
+                    if (nonfinite(x1)) o[4 * i + 2 * r + 1] += x1;
+                }
+            }
+        }
+    }
+    __syncthreads();  // every thread has read the tile
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const uint4 w = v4[tid + 256 * i];
+        v4[tid + 256 * i] = make_uint4(clean2<DT>(w.x), clean2<DT>(w.y), clean2<DT>(w.z), clean2<DT>(w.w));
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to wgmma
+    __syncthreads();
+}
+
 template <int DT>
 __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
     extern __shared__ __align__(16) unsigned char faw_smem[];
@@ -293,8 +338,13 @@ __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
 
         // Tiles 1 .. n-1: S(j) and P(j-1)·V(j-1) in flight together; the
         // softmax of S(j) runs while the tensor cores do P·V.
+        // Generic pointer to shared address a (for the edge fix-up's scan).
+        auto gen = [&](unsigned a) { return (u16*)(faw_smem + (a - smem_u32(faw_smem))); };
         for (int j = 1; j < n_tiles; ++j) {
             landed();  // K(j), V(j-1) landed; every warp is done with K(j-1), V(j-2)
+            const int kp = (kb0 - j + 1) * BN;  // tile j-1, whose P·V goes out now
+            if (!(kp >= lo_all && kp + BN - 1 <= hi_all))
+                fix_edge_v<DT>(o, gen(sV + ((j - 1) & 1) * TILE_B), kp, lo, hi, tid, t);
             wg_fence();
             qk<DT>(s, qa, sK + (j & 1) * TILE_B);
             wg_commit();
@@ -322,6 +372,9 @@ __device__ __forceinline__ void flash_fwd(const FlashFwdParams& p) {
 
         // The last P·V.
         landed();
+        const int kp = (kb0 - n_tiles + 1) * BN;
+        if (!(kp >= lo_all && kp + BN - 1 <= hi_all))
+            fix_edge_v<DT>(o, gen(sV + ((n_tiles - 1) & 1) * TILE_B), kp, lo, hi, tid, t);
         wg_fence();
         pv<DT>(o, pa, sV + ((n_tiles - 1) & 1) * TILE_B);
         wg_commit();

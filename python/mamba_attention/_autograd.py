@@ -569,15 +569,18 @@ def _cuda_norm(q, softmax_scale, causal, wl, wr):
 
 def _cuda_fwd(q, k, v, softmax_scale, causal, wl, wr, softcap, alibi_slopes, varlen=None):
     scale, left, right = _cuda_norm(q, softmax_scale, causal, wl, wr)
-    out = q.new_empty(q.shape)
     if varlen is None:
+        out = q.new_empty(q.shape)
         b, sq, hq, _ = q.shape
         lse = q.new_empty((b, hq, sq), dtype=_F32)
         _core._flash_attn_fwd_cuda(q, k, v, out, lse, scale, left, right, float(softcap),
                                    alibi_slopes)
     else:
+        # Rows outside every sequence (padding) are not written by the kernel:
+        # out 0 and lse -inf there, as on the CPU.
         cu_q, cu_k, max_q, max_k = varlen
-        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=_F32)
+        out = q.new_zeros(q.shape)
+        lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=_F32)
         _core._flash_attn_fwd_cuda(q, k, v, out, lse, scale, left, right, float(softcap),
                                    alibi_slopes, cu_q, cu_k, int(max_q), int(max_k))
     return out, lse

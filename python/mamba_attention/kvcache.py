@@ -38,7 +38,10 @@ class SlidingWindowKVCache:
     Attributes:
         k, v: the ring buffers (b, W, hk, hd); slot ``p % W`` holds position p.
         pos: the number of tokens appended so far (the next token's position);
-            assignable (``cache.pos = p`` rewinds or fast-forwards).
+            assignable (``cache.pos = p`` rewinds or fast-forwards), in
+            [0, 2**63 − 1] (positions are int64). Setting it below the window
+            (``reset()`` included) zeroes the slots that then hold no position, so
+            nothing of an earlier stream (NaN included) can reach a new one.
 
     On CUDA a one-token step synchronises nothing with the host and keeps every
     shape static, so ``Samba.capture_step`` can record it in a CUDA graph.
@@ -83,11 +86,24 @@ class SlidingWindowKVCache:
 
     @pos.setter
     def pos(self, value):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"pos: expected an int ≥ 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _POS_MAX:
+            raise ValueError(f"pos: expected an int in [0, 2**63 - 1], got {value!r}")
         self._pos = value
         if self._pos_t is not None:
             self._pos_t.fill_(value)
+        if value < self.window:
+            # Slots value.. hold no position of the new stream (they would hold
+            # negative ones): zero them, so that whatever they held (NaN from
+            # an earlier stream included) cannot reach a query through a
+            # masked score (0·NaN = NaN in the CUDA decoding step).
+            self.k[:, value:] = 0
+            self.v[:, value:] = 0
+
+    def _check_positions(self, n):
+        """The positions pos .. pos + n − 1 of n new tokens must fit int64."""
+        if self._pos + n - 1 > _POS_MAX:
+            raise ValueError(f"pos: the positions of {n} new tokens from pos = {self._pos} "
+                             f"exceed 2**63 - 1")
 
     def reset(self):
         """Forget every token (the buffers are reused)."""
@@ -99,6 +115,7 @@ class SlidingWindowKVCache:
         valid inside a captured CUDA graph)."""
         import torch
 
+        self._check_positions(n)
         if self._pos_t is not None:
             return self._pos_t + torch.arange(n, device=self._pos_t.device)
         return torch.arange(self._pos, self._pos + n)
@@ -111,12 +128,15 @@ class SlidingWindowKVCache:
         works too). Token t of the call has position ``pos + t`` and attends, like
         ``flash_attn_func(causal=True, window_size=(window - 1, 0))`` over the whole
         stream, to the positions ``pos + t - window + 1 .. pos + t``; ALiBi uses those
-        true positions. ``softmax_scale``, ``softcap``, ``alibi_slopes`` as in
+        true positions. Only ``pos`` modulo the window and the distances matter, so
+        positions up to 2**63 − 1 work; a token whose position would pass that raises
+        ValueError. ``softmax_scale``, ``softcap``, ``alibi_slopes`` as in
         :func:`mamba_attention.flash_attn_func`.
 
         Returns ``out`` (b, n, hq, hd); ``pos`` advances by n.
         """
-        n = q.shape[1]
+        n = q.shape[1] if hasattr(q, "shape") and len(q.shape) > 1 else 1
+        self._check_positions(n)
         if getattr(getattr(q, "device", None), "type", None) == "cuda":
             self._check_torch_step(q, k, v, softcap)
             if n == 1 and self._pos_t is not None and q.device == self.k.device:
@@ -126,7 +146,10 @@ class SlidingWindowKVCache:
                 if self._pos_t is not None:
                     self._pos_t.add_(n)
         else:
-            out, _ = _core.attention_ring(q, self.k, self.v, k, v, self._pos, softmax_scale,
+            # The kernel needs the position only modulo the window (slots) and
+            # relative to the keys (ALiBi): pass the equivalent one below 2W.
+            pos = self._pos if self._pos < self.window else self.window + self._pos % self.window
+            out, _ = _core.attention_ring(q, self.k, self.v, k, v, pos, softmax_scale,
                                           softcap, alibi_slopes)
         self._pos += n
         return out
@@ -198,39 +221,34 @@ class SlidingWindowKVCache:
         return o.reshape(b, 1, hq, hd)
 
     def _attend_torch(self, q, k, v, softmax_scale, softcap, alibi_slopes):
-        """The CUDA path until a ring kernel exists there: the same semantics in torch
-        ops over the ring's W entries plus the new tokens (O(W) per token, constant
-        memory), then the ring update."""
-        import math
-
+        """The CUDA path until a ring kernel exists there: the cached positions still in
+        the first new token's window, followed by the new tokens, form one key sequence
+        that the new queries attend causally with a window of W (bottom-right aligned,
+        so distances, ALiBi included, are the true ones), through the torch formula
+        (O(W) per token, constant memory; masked keys contribute nothing whatever
+        their values); then the ring update. Positions are relative, so any pos works."""
         import torch
 
-        b, n, hq, hd = q.shape
-        hk, w, p0 = k.shape[2], self.window, self.pos
-        old = torch.arange(max(0, p0 - w + 1), p0, device=q.device)  # cached positions
-        kpos = torch.cat((old, torch.arange(p0, p0 + n, device=q.device)))
-        keys = torch.cat((self.k[:, old % w], k), 1)
-        vals = torch.cat((self.v[:, old % w], v), 1)
-        qpos = torch.arange(p0, p0 + n, device=q.device)
-        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(hd)
-        rep = hq // hk
-        kf = keys.float().repeat_interleave(rep, 2)
-        vf = vals.float().repeat_interleave(rep, 2)
-        s = torch.einsum("bqhd,bkhd->bhqk", q.float(), kf) * scale
-        if softcap:
-            s = softcap * torch.tanh(s / softcap)
-        dist = qpos[:, None] - kpos[None, :]
+        from .ops import _torch_attention
+
+        n, w, p0 = q.shape[1], self.window, self.pos
+        m = min(p0, w - 1)  # cached positions p0 − m .. p0 − 1
+        old = (torch.arange(m, device=q.device) + (p0 - m) % w) % w
+        keys = torch.cat((self.k[:, old], k), 1)
+        vals = torch.cat((self.v[:, old], v), 1)
         if alibi_slopes is not None:
-            sl = alibi_slopes.float().to(q.device)
-            sl = sl.view(1, hq, 1, 1) if sl.dim() == 1 else sl.view(b, hq, 1, 1)
-            s = s - sl * dist.abs()
-        s = s.masked_fill(~((dist >= 0) & (dist < w)), float("-inf"))
-        o = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), vf).to(q.dtype)
+            alibi_slopes = torch.as_tensor(alibi_slopes, device=q.device)
+        o, _ = _torch_attention(q, keys, vals, softmax_scale, True, (w - 1, 0), softcap,
+                                alibi_slopes)
         keep = min(n, w)  # only the last W new tokens stay in the ring
-        slots = torch.arange(p0 + n - keep, p0 + n, device=q.device) % w
+        slots = (torch.arange(keep, device=q.device) + (p0 + n - keep) % w) % w
         self.k[:, slots] = k[:, n - keep:]
         self.v[:, slots] = v[:, n - keep:]
         return o
+
+
+# Token positions are int64 (``positions``, the CUDA step's device position).
+_POS_MAX = 2**63 - 1
 
 
 def _torch_if_dtype(dtype):

@@ -356,10 +356,22 @@ def _torch_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi
     left, right = (int(w) for w in window_size)
     if causal:
         right = 0
+    # Bounds past every key are unbounded (and would overflow int64 below).
+    left = -1 if left >= sk else left
+    right = -1 if right >= sq else right
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(hd)
     kf = k.float().repeat_interleave(hq // hk, 2)
     vf = v.float().repeat_interleave(hq // hk, 2)
+    # A masked key contributes nothing, whatever its bits: P = 0 times a NaN V
+    # (or a masked dS times a NaN K in the backward) would be NaN. So the
+    # products use K and V with their non-finite entries zeroed, and those
+    # entries come back only where visible: a key with a non-finite K gives
+    # visible scores of NaN; a non-finite V[j, d] adds itself to out[i, d] of
+    # the rows that see j (the IEEE sum of p·v for p > 0).
+    kbad, vbad = ~torch.isfinite(kf), ~torch.isfinite(vf)
+    kf, vclean = kf.masked_fill(kbad, 0.0), vf.masked_fill(vbad, 0.0)
     s = torch.einsum("bqhd,bkhd->bhqk", q.float(), kf) * scale
+    s = s.masked_fill(kbad.any(-1).transpose(1, 2)[:, :, None, :], float("nan"))
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
@@ -378,8 +390,19 @@ def _torch_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi
     # Rows with no visible key output 0; softmax over a finite stand-in keeps their
     # gradients finite (they are multiplied by 0).
     any_key = vis.any(-1)[:, None]
-    p = torch.softmax(s.masked_fill(~any_key, 0.0), -1) * any_key
-    out = torch.einsum("bhqk,bkhd->bqhd", p, vf).to(q.dtype)
+    # Masked probabilities are exactly 0 even in a row that a NaN score poisons
+    # (its softmax is NaN throughout), so the row's dV does not reach masked keys.
+    p = torch.softmax(s.masked_fill(~any_key, 0.0), -1).masked_fill(~vis, 0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, vclean)
+    # Per (row, column): how many visible keys have a non-finite V, and the sum
+    # of their signs (±1 for ±inf, 0 for NaN): all +inf → +inf, all −inf →
+    # −inf, else NaN. Counts are exact in float32 below 2²⁴ keys.
+    sign = torch.where(vf.isnan(), 0.0, torch.sign(vf)) * vbad
+    cnt = torch.einsum("qk,bkhd->bqhd", vis.float(), torch.cat((vbad.float(), sign), -1))
+    n, tot = cnt[..., :hd], cnt[..., hd:]
+    inf = float("inf")
+    poison = torch.where(tot == n, inf, torch.where(tot == -n, -inf, float("nan")))
+    out = torch.where(n > 0, poison, out).to(q.dtype)
     return out, lse
 
 
@@ -421,17 +444,25 @@ def _cuda_attention(op, q, k, v, softmax_scale, causal, window_size, softcap, al
         ) from None
     if causal:
         right = 0
+    if left < -1 or right < -1:
+        raise ValueError("window_size: expected (left, right) with each side ≥ 0, or -1 for "
+                         f"unbounded, got {tuple(window_size)!r}")
+    # Bounds past int64 are unbounded too (the kernel saturates the rest).
+    left, right = min(left, 2**62), min(right, 2**62)
     hd = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(hd)
-    out = q.new_empty(q.shape)
     if varlen is None:
+        out = q.new_empty(q.shape)
         b, sq, hq, _ = q.shape
         lse = q.new_empty((b, hq, sq), dtype=torch.float32)
         _core._flash_attn_fwd_cuda(q, k, v, out, lse, scale, left, right, float(softcap),
                                    alibi_slopes)
     else:
+        # The kernel writes the rows of the sequences only: the others (padding)
+        # get out 0 and lse -inf, as on the CPU.
         cu_q, cu_k, max_q, max_k = varlen
-        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+        out = q.new_zeros(q.shape)
+        lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32)
         _core._flash_attn_fwd_cuda(q, k, v, out, lse, scale, left, right, float(softcap),
                                    alibi_slopes, cu_q, cu_k, int(max_q), int(max_k))
     return out, lse
@@ -465,9 +496,11 @@ def flash_attn_func(
     s ← softcap·tanh(s/softcap); ALiBi (``alibi_slopes`` (hq,) or (b, hq)):
     s ← s − slope·|i + sk − sq − j|. Query i sees key j iff
     i + sk − sq − left ≤ j ≤ i + sk − sq + right (``window_size=(left, right)``,
-    −1 unbounded; ``causal`` forces right = 0, bottom-right aligned). A query
-    that sees no key outputs 0 (and its lse is −inf; flash-attn's kernel writes
-    +inf there). Work is proportional to the visible keys: a window of W costs O(s·W).
+    −1 unbounded, as is any bound past the sequence, 2**63 − 1 included; ``causal``
+    forces right = 0, bottom-right aligned). A query that sees no key outputs 0 (and
+    its lse is −inf; flash-attn's kernel writes +inf there). A key a query cannot see
+    contributes nothing to its output, lse or gradients, whatever its value (NaN/inf
+    included). Work is proportional to the visible keys: a window of W costs O(s·W).
 
     ``dropout_p`` must be 0.0 (ValueError otherwise). ``deterministic``: the CUDA
     backward then computes dQ without atomics (bit-identical run to run, a little
@@ -566,7 +599,10 @@ def flash_attn_with_kvcache(
 
     ``q`` (b, sq, hq, hd); ``k_cache``/``v_cache`` (b, s_cache, hk, hd); ``k``/``v``
     (b, s_new, hk, hd) or None; ``cache_seqlens`` an int or a (b,) int32 tensor:
-    the number of valid cache entries of each batch entry. If k/v are given they
+    the number of valid cache entries of each batch entry (a tensor of any other
+    shape, (1,) included, raises ValueError; so does a value past the cache).
+    Cache rows past cache_seqlens + s_new are never read: whatever they hold
+    (torch.empty's bits, NaN) cannot reach the output. If k/v are given they
     are written into the caches in place at rows cache_seqlens[i] ..
     cache_seqlens[i] + s_new (cache_seqlens itself is not advanced), and every
     batch entry attends over cache[i, :cache_seqlens[i] + s_new] with the usual

@@ -22,7 +22,12 @@
 //! a ring-buffer KV cache is two (the wrapped halves) plus the new tokens.
 //! Only keys the mask can reach are visited (a window of W costs O(s·W)); a
 //! tile wholly inside the mask skips the masking, a tile partly outside gets
-//! it element-wise. A task is a run of up to `RUN_BLOCKS` consecutive blocks:
+//! it element-wise. A masked key contributes nothing whatever its bits: its
+//! score is selected to −inf (a NaN K never survives), and an edge tile whose
+//! V holds a non-finite value (found by one scan of the tile) runs P·V on a
+//! cleaned copy and adds the non-finite values to the lanes that see them
+//! (P = 0 times NaN would be NaN). softcap uses `softcap_tanh`, exact to
+//! float32 rounding for any softcap. A task is a run of up to `RUN_BLOCKS` consecutive blocks:
 //! the K/V rows it reads are converted to float32 into a contiguous
 //! thread-local buffer once, the first time a block touches them (one tile at
 //! a time into a small buffer when the run's keys would need > 4 MB).
@@ -154,6 +159,12 @@ fn lanes_of(level: SimdLevel) -> usize {
         SimdLevel::Avx512 => 16,
         _ => 8,
     }
+}
+
+/// softcap · log2 e in float32, kept finite (a cap beyond float32's range
+/// acts on scores that large only, which overflow anyway).
+pub(crate) fn softcap_log2(softcap: f32) -> f32 {
+    (softcap as f64 * std::f64::consts::LOG2_E).min(f32::MAX as f64) as f32
 }
 
 /// Runs the forward pass of `job`, writing out (and lse) of every sequence.
@@ -422,9 +433,46 @@ impl Packer {
     }
 }
 
+/// tanh(u)/u ≈ P(w)/Q(w), w = u², on |u| ≤ 10 (tanh(10) rounds to 1): a
+/// rational fit made for this crate (relative-error weighted least squares,
+/// iterated on Chebyshev nodes), P(0) = Q(0) = 1. tanh(u) = u·P/Q to 2.2 ulp
+/// in float32, with no cancellation however small u is.
+const TANH_P: [f32; 7] = [
+    1.0,
+    0.130_425_51,
+    0.003_057_705_2,
+    1.067_404_2e-5,
+    -1.831_230_3e-8,
+    4.385_015e-11,
+    -6.289_914e-14,
+];
+const TANH_Q: [f32; 4] = [1.0, 0.463_758_74, 0.024_310_801, 0.000_247_896_3];
+
+/// cap·tanh(s/cap) and t = tanh(s/cap), accurate to float32 rounding (≈2
+/// ulp) for every cap > 0 (`inv` = 1/cap): s·(tanh(u)/u) with u = s/cap,
+/// so a huge cap (u tiny or subnormal) gives back s itself; cap·(±1) past
+/// |u| = 10. `s` and `cap` share their units (the forward's log2 units, the
+/// backward's natural ones). NaN stays NaN, ±inf gives ±cap.
+#[inline(always)]
+pub(crate) unsafe fn softcap_tanh<S: Simd>(s: S::V, inv: S::V, cap: S::V) -> (S::V, S::V) {
+    let u = S::mul(s, inv);
+    let lim = S::splat(10.0);
+    let uc = S::min(lim, S::max(S::splat(-10.0), u));
+    let w = S::mul(uc, uc);
+    let r = S::div(S::horner(w, &TANH_P), S::horner(w, &TANH_Q));
+    // Past |u| = 10: exactly ±1 (uc·0.1 rounds to ±1).
+    let far = S::abs(u);
+    let sat = S::mul(uc, S::splat(0.1));
+    let t = S::keep_nan(u, S::select_gt(far, lim, sat, S::mul(uc, r)));
+    let capped = S::select_gt(far, lim, S::mul(cap, sat), S::mul(s, r));
+    (capped, t)
+}
+
 /// Per-tile score epilogue: softcap, ALiBi, mask.
 struct Epi<S: Simd, const MVC: usize> {
     softcap: bool,
+    /// 1 / (softcap·log2 e) and softcap·log2 e (scores are in log2 units).
+    inv_cap: S::V,
     c2: S::V,
     alibi: bool,
     /// −slope·log2 e per lane.
@@ -442,13 +490,7 @@ impl<S: Simd, const MVC: usize> Epi<S, MVC> {
     unsafe fn apply(&self, acc: S::V, v: usize, jj: usize) -> S::V {
         let mut s = acc;
         if self.softcap {
-            // tanh(x) = 1 − 2 / (e^{2x} + 1): saturates cleanly at ±1.
-            let e = S::exp(S::add(s, s));
-            let t = S::sub(
-                S::splat(1.0),
-                S::div(S::splat(2.0), S::add(e, S::splat(1.0))),
-            );
-            s = S::mul(t, self.c2);
+            s = softcap_tanh::<S>(s, self.inv_cap, self.c2).0;
         }
         if self.alibi || self.mask {
             let dist = S::sub(self.dtile[v], S::splat(jj as f32));
@@ -592,6 +634,24 @@ unsafe fn exp_rows<S: Simd, const MVC: usize>(
             S::store(row.add(v * S::LANES), p);
         }
     }
+}
+
+/// Whether any of the `n` floats at `p` is ±inf or NaN (x·0 is NaN exactly then).
+#[inline(always)]
+unsafe fn any_nonfinite<S: Simd>(p: *const f32, n: usize) -> bool {
+    let mut acc = S::zero();
+    let zero = S::zero();
+    let mut x = 0;
+    while x + S::LANES <= n {
+        acc = S::fma(S::load(p.add(x)), zero, acc);
+        x += S::LANES;
+    }
+    let mut bad = S::hsum(acc).is_nan();
+    while x < n {
+        bad |= !(*p.add(x)).is_finite();
+        x += 1;
+    }
+    bad
 }
 
 /// Oᵀ rows d0 .. d0+ND: Oᵀ·factor + Σ_j V[j][d] (broadcast) · Pᵀ[j] (streamed).
@@ -880,12 +940,10 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task, r0: usize, nrows: usize, pk:
     let off = seq.sk as i64 - seq.sq as i64;
     let (left, right) = (job.left, job.right);
     let softcap = job.softcap > 0.0;
-    // Scores are kept in the log2 domain: s₂ = s · log2 e.
-    let c1 = if softcap {
-        job.scale / job.softcap
-    } else {
-        job.scale * LOG2E
-    };
+    // Scores are kept in the log2 domain: s₂ = s · log2 e (softcap applies
+    // to s₂ with a cap of softcap · log2 e: the same function, scaled).
+    let c1 = job.scale * LOG2E;
+    let cap2 = softcap_log2(job.softcap);
 
     // Qᵀ, pre-scaled; padding lanes are zero. Rows are read into [bq][hd]
     // and transposed in 8×8 register blocks.
@@ -946,7 +1004,8 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task, r0: usize, nrows: usize, pk:
     };
     let mut epi = Epi::<S, MVC> {
         softcap,
-        c2: S::splat(job.softcap * LOG2E),
+        inv_cap: S::splat((1.0 / cap2 as f64) as f32),
+        c2: S::splat(cap2),
         alibi,
         nslope: [S::zero(); MVC],
         mask: false,
@@ -976,6 +1035,7 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task, r0: usize, nrows: usize, pk:
     let mut st = vec![0.0f32; BK * bq];
     let mut kbuf = vec![0.0f32; BK * hd];
     let mut vbuf = vec![0.0f32; BK * hd];
+    let mut vclean: Vec<f32> = Vec::new();
     let mut m = [S::splat(f32::NEG_INFINITY); MVC];
     let mut l = [S::zero(); MVC];
     let big = lanes >= 16;
@@ -1090,8 +1150,39 @@ unsafe fn task<S: Simd, const MVC: usize>(t: &Task, r0: usize, nrows: usize, pk:
                         S::store(p, S::mul(S::load(p), factor[v]));
                     }
                 }
-                for &pc in &pieces[..npieces] {
-                    pv_piece::<S>(vp, vs, pc, hd, stp, bq, otp);
+                // A row's masked keys have P = 0 here, and 0·NaN = NaN: a
+                // non-finite V row that some lanes of a piece cannot see must
+                // not reach them. Rare: such tiles run on a cleaned copy of V
+                // and add the non-finite values to the lanes that see them.
+                if any_nonfinite::<S>(vp, nj * hd) {
+                    vclean.resize(BK * hd, 0.0);
+                    let vc = vclean.as_mut_ptr();
+                    for x in 0..nj * hd {
+                        let e = *vp.add(x);
+                        *vc.add(x) = if e.is_finite() { e } else { 0.0 };
+                    }
+                    for &pc in &pieces[..npieces] {
+                        pv_piece::<S>(vc, vs, pc, hd, stp, bq, otp);
+                    }
+                    for rl in 0..nrows {
+                        let i = ((r0 + rl) / grp) as i64 + off;
+                        let ka = if left >= 0 { i - left } else { i64::MIN / 2 };
+                        let kb = if right >= 0 { i + right } else { i64::MAX / 2 };
+                        let ja = (ka - jt).clamp(0, nj as i64) as usize;
+                        let jb = (kb + 1 - jt).clamp(0, nj as i64) as usize;
+                        for jj in ja..jb {
+                            for d in 0..hd {
+                                let e = *vp.add(jj * hd + d);
+                                if !e.is_finite() {
+                                    *otp.add(d * bq + rl) += e;
+                                }
+                            }
+                        }
+                    }
+                } else {
+                    for &pc in &pieces[..npieces] {
+                        pv_piece::<S>(vp, vs, pc, hd, stp, bq, otp);
+                    }
                 }
                 jt += nj as i64;
                 continue;
@@ -1241,6 +1332,138 @@ mod tests {
     #[test]
     fn forward_matches_naive_on_every_level() {
         forward_matches_naive();
+    }
+
+    #[inline(always)]
+    unsafe fn softcap_worst<S: Simd>(_: ()) {
+        // cap·tanh(s/cap) against float64 over caps from 1e-3 to 3e38, |s/cap|
+        // from 1e-40 to 30 (both branches, the switch at 1/2 and subnormal u).
+        let mut worst = 0.0f64;
+        let mut buf = vec![0.0f32; S::LANES];
+        let mut tb = vec![0.0f32; S::LANES];
+        for &cap in &[1e-3f32, 0.7, 30.0, 1e4, 1e6, 1e30, 3e38] {
+            for k in 0..4000 {
+                let u = 10f64.powf(-40.0 + 41.5 * k as f64 / 4000.0);
+                let s = (u * cap as f64) as f32;
+                if !s.is_finite() || s == 0.0 {
+                    continue;
+                }
+                let inv = (1.0 / cap as f64) as f32;
+                for sign in [1.0f32, -1.0] {
+                    let (c, t) =
+                        softcap_tanh::<S>(S::splat(sign * s), S::splat(inv), S::splat(cap));
+                    S::store(buf.as_mut_ptr(), c);
+                    S::store(tb.as_mut_ptr(), t);
+                    let ut = (sign * s) as f64 / cap as f64;
+                    let want = cap as f64 * ut.tanh();
+                    let e = ((buf[0] as f64 - want) / want).abs();
+                    assert!(
+                        e < 3.5e-7,
+                        "{} cap {cap} s {s}: {} vs {want}",
+                        S::NAME,
+                        buf[0]
+                    );
+                    worst = worst.max(e);
+                    // t (the backward's 1 − t²) to float32 rounding while u is normal.
+                    if ut.abs() > 1e-30 {
+                        let e = ((tb[0] as f64 - ut.tanh()) / ut.tanh()).abs();
+                        assert!(
+                            e < 3.5e-7,
+                            "{} cap {cap} s {s}: t {} vs {}",
+                            S::NAME,
+                            tb[0],
+                            ut.tanh()
+                        );
+                    }
+                }
+            }
+        }
+        assert!(worst < 3.5e-7, "{} softcap rel err {worst}", S::NAME);
+        let (c, t) = softcap_tanh::<S>(S::splat(f32::NAN), S::splat(0.1), S::splat(10.0));
+        S::store(buf.as_mut_ptr(), c);
+        S::store(tb.as_mut_ptr(), t);
+        assert!(buf[0].is_nan() && tb[0].is_nan());
+        let (c, _) = softcap_tanh::<S>(S::splat(f32::NEG_INFINITY), S::splat(0.1), S::splat(10.0));
+        S::store(buf.as_mut_ptr(), c);
+        assert_eq!(buf[0], -10.0);
+    }
+
+    #[test]
+    fn softcap_tanh_is_float32_exact_for_any_cap() {
+        for level in SimdLevel::available() {
+            simd_dispatch!(level, softcap_worst, (), ());
+        }
+    }
+
+    /// A NaN/inf V at keys a row cannot see (edge tiles: the diagonal, with
+    /// lane vectors straddling it) leaves that row bitwise unchanged.
+    #[test]
+    fn masked_nonfinite_values_do_not_leak() {
+        let (sq, sk, hq, hk, hd) = (70usize, 70usize, 2usize, 1usize, 9usize);
+        let mut seed = 3u64;
+        let gen = |n: usize, seed: &mut u64| (0..n).map(|_| lcg(seed)).collect::<Vec<f32>>();
+        let q = gen(sq * hq * hd, &mut seed);
+        let k = gen(sk * hk * hd, &mut seed);
+        let v = gen(sk * hk * hd, &mut seed);
+        let mut vp = v.clone();
+        for (j, x) in [
+            (5usize, f32::NAN),
+            (33, f32::INFINITY),
+            (69, f32::NEG_INFINITY),
+        ] {
+            vp[j * hd + 4] = x;
+        }
+        for level in SimdLevel::available() {
+            let run = |v: &[f32]| {
+                let mut out = vec![0.0f32; sq * hq * hd];
+                let raw = |p: *const f32, h: usize| Raw::<3> {
+                    ptr: p as usize,
+                    dtype: DType::F32,
+                    strides: [(h * hd) as isize, hd as isize, 1],
+                };
+                let job = AttnJob {
+                    hq,
+                    hk,
+                    hd,
+                    scale: 0.3,
+                    left: 40,
+                    right: 0,
+                    softcap: 0.0,
+                    seqs: vec![SeqDesc {
+                        q: raw(q.as_ptr(), hq),
+                        out: raw(out.as_mut_ptr(), hq),
+                        lse: None,
+                        sq,
+                        sk,
+                        segs: vec![KeySeg {
+                            j0: 0,
+                            len: sk,
+                            k: raw(k.as_ptr(), hk),
+                            v: raw(v.as_ptr(), hk),
+                        }],
+                        slopes: None,
+                    }],
+                };
+                attn_forward(&job, level);
+                out
+            };
+            let (a, b) = (run(&v), run(&vp));
+            for i in 0..sq {
+                let seen = [5usize, 33, 69].iter().any(|&j| j <= i && i <= j + 40);
+                for x in 0..hq * hd {
+                    let (p, r) = (b[i * hq * hd + x], a[i * hq * hd + x]);
+                    if seen && x % hd == 4 {
+                        assert!(!p.is_finite(), "{level:?} row {i} must see the poison");
+                    } else {
+                        assert_eq!(
+                            p.to_bits() & 0x7fff_ffff,
+                            r.to_bits() & 0x7fff_ffff,
+                            "{level:?} row {i} col {x}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// The per-tile conversion (runs whose packed K/V would exceed

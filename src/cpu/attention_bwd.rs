@@ -1,7 +1,8 @@
 //! CPU attention backward (FlashAttention-2's algorithm): dq, dk, dv from the
 //! saved out and lse, recomputing P tile by tile.
 //!
-//! With u = scale·q·k, s = softcap·tanh(u/softcap) (or u), minus the ALiBi bias,
+//! With u = scale·q·k, s = softcap·tanh(u/softcap) (or u; `softcap_tanh`,
+//! accurate for any softcap), minus the ALiBi bias,
 //! P = exp(s − lse) on visible pairs:
 //!   D_i = Σ_d dO_i·O_i − dlse_i (dlse: the gradient reaching lse, if any),
 //!   dV_j = Σ_i P_ij dO_i,  dP_ij = dO_i·V_j,  dS_ij = P_ij (dP_ij − D_i),
@@ -17,7 +18,7 @@
 // Register tiles are indexed [row][vector]: index loops read clearest.
 #![allow(clippy::needless_range_loop)]
 
-use super::attention::SeqDesc;
+use super::attention::{softcap_tanh, SeqDesc};
 use super::simd::Simd;
 use super::SimdLevel;
 use crate::simd_dispatch;
@@ -88,12 +89,7 @@ unsafe fn bwd_task<S: Simd>(t: &Task) {
     let lanes = S::LANES;
     let off = sk as i64 - sq as i64;
     let (left, right) = (job.left, job.right);
-    let softcap = job.softcap > 0.0;
-    let c1 = if softcap {
-        job.scale / job.softcap
-    } else {
-        job.scale
-    };
+    let c1 = job.scale;
     let head = |r: usize| kvh * grp + r % grp;
 
     // Per row: q (pre-scaled by c1), dO, lse, D.
@@ -166,7 +162,12 @@ unsafe fn bwd_task<S: Simd>(t: &Task) {
                 seg.k.strides[2],
             );
             for x in 0..hd {
-                kt[x * bk + j] = kn[j * hd + x];
+                let e = kn[j * hd + x];
+                kt[x * bk + j] = e;
+                // dQ = Σ_j dU_ij·K_j reads K of keys row i cannot see (dU = 0
+                // there): a non-finite K must not make 0·inf = NaN. Rows that
+                // see it get NaN through dU (their P and D are NaN).
+                kn[j * hd + x] = if e.is_finite() { e } else { 0.0 };
             }
             load_row(
                 &mut tmp,
@@ -205,6 +206,11 @@ unsafe fn bwd_task<S: Simd>(t: &Task) {
                 scale: job.scale,
                 qsc: job.scale / c1,
                 softcap: job.softcap,
+                inv_cap: if job.softcap > 0.0 {
+                    (1.0 / job.softcap as f64) as f32
+                } else {
+                    0.0
+                },
                 alibi,
                 slope: &slope,
                 iota: &iota,
@@ -285,6 +291,8 @@ struct Blk<'a> {
     /// scale / c1: turns the pre-scaled q back into scale·q.
     qsc: f32,
     softcap: f32,
+    /// 1 / softcap (0 without).
+    inv_cap: f32,
     alibi: bool,
     slope: &'a [f32],
     iota: &'a [f32],
@@ -343,12 +351,7 @@ unsafe fn rows_blk<S: Simd, const R: usize>(b: &Blk, r0: usize) {
             let mut sc = s[r][v];
             let mut th = zero;
             if softcap {
-                let e = S::exp(S::add(sc, sc));
-                th = S::sub(
-                    S::splat(1.0),
-                    S::div(S::splat(2.0), S::add(e, S::splat(1.0))),
-                );
-                sc = S::mul(th, S::splat(b.softcap));
+                (sc, th) = softcap_tanh::<S>(sc, S::splat(b.inv_cap), S::splat(b.softcap));
             }
             let jl = S::load(b.iota.as_ptr().add(v * l));
             let dist = S::sub(dist0, jl);
@@ -356,19 +359,25 @@ unsafe fn rows_blk<S: Simd, const R: usize>(b: &Blk, r0: usize) {
                 sc = S::fma(S::abs(dist), S::splat(-b.slope[g]), sc);
             }
             let mut pv = S::exp(S::sub(sc, lse_v));
+            let mut ds = S::mul(pv, S::sub(dp[r][v], d_v));
+            if softcap {
+                ds = S::mul(ds, S::sub(S::splat(1.0), S::mul(th, th)));
+            }
+            // Masked pairs: P = 0 and dU = 0 by selection, whatever dP holds
+            // (a non-finite V or K at a key the row cannot see).
             if b.left >= 0 {
-                pv = S::select_gt(dist, S::splat(b.left as f32 + 0.5), zero, pv);
+                let far = S::splat(b.left as f32 + 0.5);
+                pv = S::select_gt(dist, far, zero, pv);
+                ds = S::select_gt(dist, far, zero, ds);
             }
             if b.right >= 0 {
-                pv = S::select_gt(S::splat(-(b.right as f32) - 0.5), dist, zero, pv);
+                let ahead = S::splat(-(b.right as f32) - 0.5);
+                pv = S::select_gt(ahead, dist, zero, pv);
+                ds = S::select_gt(ahead, dist, zero, ds);
             }
-            pv = S::select_gt(jl, S::splat(b.nk as f32 - 0.5), zero, pv);
-            let ds = S::mul(pv, S::sub(dp[r][v], d_v));
-            du[r][v] = if softcap {
-                S::mul(ds, S::sub(S::splat(1.0), S::mul(th, th)))
-            } else {
-                ds
-            };
+            let pad = S::splat(b.nk as f32 - 0.5);
+            pv = S::select_gt(jl, pad, zero, pv);
+            du[r][v] = S::select_gt(jl, pad, zero, ds);
             p[r][v] = pv;
         }
     }

@@ -46,6 +46,16 @@ pub fn normalize_window(causal: bool, window: (i64, i64)) -> Result<(i64, i64)> 
     Ok((l, if causal { 0 } else { r }))
 }
 
+/// Window sides past every key are unbounded: query i of a sequence sees keys
+/// down to i + sk − sq − left ≤ 0 once left ≥ sk − 1, and up to sk − 1 once
+/// right ≥ sq − 1. So left ≥ sk and right ≥ sq (the largest lengths of the
+/// call) become -1, which keeps every bound small enough that index
+/// arithmetic on it cannot overflow (a window of 2⁶³ − 1 means "all keys").
+pub fn saturate_window((l, r): (i64, i64), sq: usize, sk: usize) -> (i64, i64) {
+    let sat = |w: i64, n: usize| if w as u64 >= n as u64 { -1 } else { w };
+    (sat(l, sk), sat(r, sq))
+}
+
 pub fn check_scale_softcap(scale: Option<f64>, softcap: f64, hd: usize) -> Result<(f32, f32)> {
     let s = match scale {
         None => 1.0 / (hd as f64).sqrt(),
@@ -61,7 +71,8 @@ pub fn check_scale_softcap(scale: Option<f64>, softcap: f64, hd: usize) -> Resul
             "softcap: expected a finite number ≥ 0 (0 disables it), got {softcap}"
         )));
     }
-    Ok((s as f32, softcap as f32))
+    // A softcap beyond float32's range caps nothing float32 scores reach.
+    Ok((s as f32, softcap.min(f32::MAX as f64) as f32))
 }
 
 fn check_main(t: &TensorView, like: Option<&TensorView>) -> Result<()> {
@@ -166,7 +177,7 @@ pub fn check_attn(
     check_main(v, Some(q))?;
     v.expect_shape(&k.shape, "(b, sk, hk, hd) of k")?;
     let alibi = check_alibi(a.alibi, q, b, hq)?;
-    let (left, right) = normalize_window(causal, window)?;
+    let (left, right) = saturate_window(normalize_window(causal, window)?, sq, sk);
     let (scale, softcap) = check_scale_softcap(scale, softcap, hd)?;
     Ok(AttnParams {
         b,
@@ -240,7 +251,8 @@ pub fn check_varlen(
     }
     let b = cu_q.shape[0] - 1;
     let alibi = check_alibi(a.alibi, q, b, hq)?;
-    let (left, right) = normalize_window(causal, window)?;
+    // Every sequence is at most total_q × total_k long.
+    let (left, right) = saturate_window(normalize_window(causal, window)?, q.shape[0], k.shape[0]);
     let (scale, softcap) = check_scale_softcap(scale, softcap, hd)?;
     Ok(AttnParams {
         b,
@@ -496,7 +508,8 @@ pub fn check_kvcache(
         }
     }
     let alibi = check_alibi(a.alibi, q, b, hq)?;
-    let (left, right) = normalize_window(causal, window)?;
+    // Each batch entry attends over at most s_cache keys.
+    let (left, right) = saturate_window(normalize_window(causal, window)?, sq, sc);
     let (scale, softcap) = check_scale_softcap(scale, softcap, hd)?;
     Ok((
         AttnParams {
@@ -542,8 +555,14 @@ pub fn cache_lens(
     v.iter()
         .map(|&n| {
             if n < 0 || n as usize + snew > s_cache {
+                // i64::MAX stands for any larger value (saturated on input).
+                let shown = if n == i64::MAX {
+                    format!("{n} (or more)")
+                } else {
+                    n.to_string()
+                };
                 Err(Error::value(format!(
-                    "cache_seqlens: {n} + {snew} new tokens must lie in [0, s_cache = {s_cache}]"
+                    "cache_seqlens: {shown} + {snew} new tokens must lie in [0, s_cache = {s_cache}]"
                 )))
             } else {
                 Ok(n as usize)
@@ -667,7 +686,9 @@ pub fn check_ring(a: &RingArgs, pos: i64, scale: Option<f64>, softcap: f64) -> R
     Ok(AttnParams {
         b,
         sq: n,
-        sk: pos as usize + n,
+        // Only distances and slots (position mod W) matter: the problem is
+        // posed at pos_r = ring_pos(pos, W) ≡ pos, so pos near 2⁶³ cannot overflow.
+        sk: ring_pos(pos as u64, w) + n,
         hq,
         hk,
         hd,
@@ -678,6 +699,17 @@ pub fn check_ring(a: &RingArgs, pos: i64, scale: Option<f64>, softcap: f64) -> R
         alibi,
         varlen: None,
     })
+}
+
+/// The ring position equivalent to `pos` for a window of `w`: pos itself
+/// below w (some slots unwritten), else w + pos mod w (every slot holds a
+/// position, and slot j mod w is unchanged).
+pub fn ring_pos(pos: u64, w: usize) -> usize {
+    if pos < w as u64 {
+        pos as usize
+    } else {
+        w + (pos % w as u64) as usize
+    }
 }
 
 /// The CPU job of a ring step: logical key j is token position j; positions
@@ -912,6 +944,22 @@ mod py {
 
     /// `window_size` as a pair of ints, naming the argument on failure.
     fn window_arg(w: &Bound<'_, PyAny>) -> Result<(i64, i64)> {
+        // Python ints beyond int64 saturate (a bound that large is unbounded,
+        // see saturate_window; a very negative one is still rejected).
+        let sat = |x: &Bound<'_, PyAny>| -> Option<i64> {
+            if !x.is_instance_of::<pyo3::types::PyInt>() {
+                return None;
+            }
+            Some(
+                x.extract::<i64>()
+                    .unwrap_or(if x.gt(0).ok()? { i64::MAX } else { i64::MIN }),
+            )
+        };
+        if let Ok((l, r)) = w.extract::<(Bound<'_, PyAny>, Bound<'_, PyAny>)>() {
+            if let (Some(l), Some(r)) = (sat(&l), sat(&r)) {
+                return Ok((l, r));
+            }
+        }
         w.extract::<(i64, i64)>().map_err(|_| {
             Error::type_(format!(
                 "window_size: expected a pair of ints (left, right), got {}",
@@ -1168,7 +1216,15 @@ mod py {
         if c.is_none() {
             return Ok(None);
         }
-        if let Ok(n) = c.extract::<i64>() {
+        // Only a Python int broadcasts: a (1,) or 0-d tensor also converts
+        // to an int, but must have shape (b,) like any tensor.
+        if c.is_instance_of::<pyo3::types::PyInt>() && !c.is_instance_of::<pyo3::types::PyBool>() {
+            // Beyond int64 is beyond any cache: saturate (cache_lens rejects it).
+            let n = c.extract::<i64>().unwrap_or(if c.gt(0).unwrap_or(false) {
+                i64::MAX
+            } else {
+                i64::MIN
+            });
             return Ok(Some(vec![n; b]));
         }
         let t = extract("cache_seqlens", c)?;
@@ -1183,7 +1239,14 @@ mod py {
         if device != Device::Cpu {
             return Ok(None);
         }
-        Ok(Some(t.to_i64_vec()?))
+        let mut v = t.to_i64_vec()?;
+        if t.dtype == DType::U64 {
+            // uint64 ≥ 2⁶³ reads back negative: saturate instead of wrapping.
+            for n in v.iter_mut().filter(|n| **n < 0) {
+                *n = i64::MAX;
+            }
+        }
+        Ok(Some(v))
     }
 
     /// flash_attn_with_kvcache: appends k/v (if given) into the caches in place
@@ -1477,8 +1540,8 @@ mod py {
             let shape = [p.b, p.sq, p.hk, p.hd];
             py.detach(|| {
                 run_job("SlidingWindowKVCache", &job)?;
-                ring_write(&kv.raw(), &krv.raw(), shape, w, pos as usize);
-                ring_write(&vv.raw(), &vrv.raw(), shape, w, pos as usize);
+                ring_write(&kv.raw(), &krv.raw(), shape, w, ring_pos(pos as u64, w));
+                ring_write(&vv.raw(), &vrv.raw(), shape, w, ring_pos(pos as u64, w));
                 Ok(())
             })?;
             Ok([oo, lo])
@@ -1495,5 +1558,27 @@ mod py {
         m.add_function(wrap_pyfunction!(attention_varlen_fwd, m)?)?;
         m.add_function(wrap_pyfunction!(attention_kvcache, m)?)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_window_bounds_saturate() {
+        assert_eq!(saturate_window((i64::MAX, i64::MAX), 5, 7), (-1, -1));
+        assert_eq!(saturate_window((7, 5), 5, 7), (-1, -1));
+        assert_eq!(saturate_window((6, 4), 5, 7), (6, 4));
+        assert_eq!(saturate_window((-1, 0), 5, 7), (-1, 0));
+    }
+
+    #[test]
+    fn ring_pos_keeps_slots_and_distances() {
+        assert_eq!(ring_pos(3, 8), 3);
+        assert_eq!(ring_pos(8, 8), 8);
+        let p = i64::MAX as u64;
+        assert_eq!(ring_pos(p, 8), 8 + (p % 8) as usize);
+        assert_eq!(ring_pos(u64::MAX, 5), 5 + (u64::MAX % 5) as usize);
     }
 }

@@ -202,9 +202,9 @@ pub fn plan(
         Some(t) if t.ndim() == 1 => (0, t.strides[0] as i64),
         Some(t) => (t.strides[0] as i64, t.strides[1] as i64),
     };
-    // Windows beyond 2^30 are unbounded for any sequence the kernel takes,
-    // and keep the kernel's int arithmetic clear of overflow.
-    let clamp = |w: i64| -> i32 { w.min(1 << 30) as i32 };
+    // A window of 2³¹ − 1 or more is unbounded for any int32-indexed sequence;
+    // the kernel does its band arithmetic in 64 bits.
+    let clamp = |w: i64| -> i32 { w.min(i32::MAX as i64) as i32 };
     let vec_ok = [a.q, a.k, a.v, a.dout].iter().all(|t| rows_aligned(t, 16));
     let o_vec_ok = [a.dq, a.dk, a.dv].iter().all(|t| rows_aligned(t, 4));
     FlashBwdParams {
@@ -255,7 +255,7 @@ pub fn plan(
         } else {
             0.0
         },
-        softcap_out: (softcap * LOG2E) as f32,
+        softcap_out: (softcap * LOG2E).min(f32::MAX as f64) as f32,
         vec_ok: vec_ok as i32,
         o_vec_ok: o_vec_ok as i32,
         dq_atomic: 1,

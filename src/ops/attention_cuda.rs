@@ -307,7 +307,7 @@ pub fn plan(
         } else {
             0.0
         },
-        softcap_out: (softcap * LOG2E) as f32,
+        softcap_out: (softcap * LOG2E).min(f32::MAX as f64) as f32,
         vec_ok: vec_ok as i32,
         o_vec_ok: rows_aligned(out, 4) as i32,
     }
