@@ -45,12 +45,22 @@ class SlidingWindowKVCache:
     """
 
     def __init__(self, batch, window, n_kv_heads, head_dim, dtype="float32", device=None):
+        import operator
+
+        sizes = []
         for name, val in (("batch", batch), ("window", window), ("n_kv_heads", n_kv_heads),
                           ("head_dim", head_dim)):
-            if isinstance(val, bool) or not isinstance(val, int):
-                raise TypeError(f"{name}: expected an int ≥ 1, got {type(val).__name__}")
-            if val < 1:
-                raise ValueError(f"{name}: expected an int ≥ 1, got {val}")
+            try:
+                if isinstance(val, bool) or type(val).__name__ in ("bool", "bool_"):
+                    raise TypeError
+                val = operator.index(val)  # Python / NumPy ints
+            except TypeError:
+                raise TypeError(f"{name}: expected an int ≥ 1, got {type(val).__name__} "
+                                f"{val!r}") from None
+            if not 1 <= val < 2**63:
+                raise ValueError(f"{name}: expected an int ≥ 1 (below 2**63), got {val}")
+            sizes.append(val)
+        batch, window, n_kv_heads, head_dim = sizes
         shape = (batch, window, n_kv_heads, head_dim)
         torch = _torch_if_dtype(dtype)
         if torch is not None:
@@ -83,7 +93,16 @@ class SlidingWindowKVCache:
 
     @pos.setter
     def pos(self, value):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        import operator
+
+        try:
+            if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
+                raise TypeError
+            value = operator.index(value)  # Python / NumPy ints
+        except TypeError:
+            raise TypeError(f"pos: expected an int ≥ 0, got {type(value).__name__} "
+                            f"{value!r}") from None
+        if value < 0:
             raise ValueError(f"pos: expected an int ≥ 0, got {value!r}")
         self._pos = value
         if self._pos_t is not None:
@@ -116,9 +135,11 @@ class SlidingWindowKVCache:
 
         Returns ``out`` (b, n, hq, hd); ``pos`` advances by n.
         """
-        n = q.shape[1]
         if getattr(getattr(q, "device", None), "type", None) == "cuda":
-            self._check_torch_step(q, k, v, softcap)
+            # The Rust ring kernel's checks (shapes, dtypes, devices, the rings'
+            # memory), without running it; returns the number of new tokens.
+            n = _core.attention_ring_check(q, self.k, self.v, k, v, self._pos, softmax_scale,
+                                           softcap, alibi_slopes)
             if n == 1 and self._pos_t is not None and q.device == self.k.device:
                 out = self._decode_one_cuda(q, k, v, softmax_scale, softcap, alibi_slopes)
             else:
@@ -128,32 +149,9 @@ class SlidingWindowKVCache:
         else:
             out, _ = _core.attention_ring(q, self.k, self.v, k, v, self._pos, softmax_scale,
                                           softcap, alibi_slopes)
+            n = out.shape[1]
         self._pos += n
         return out
-
-    def _check_torch_step(self, q, k, v, softcap):
-        """The argument checks of the Rust ring kernel, for the CUDA paths."""
-        b, w, hk, hd = self.k.shape
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not hasattr(t, "dim") or t.dim() != 4:
-                raise ValueError(f"{name}: expected a 4-D tensor (b, n, heads, head_dim), got "
-                                 f"{getattr(t, 'shape', type(t).__name__)}")
-            if t.dtype != self.k.dtype:
-                raise TypeError(f"{name}: expected dtype {self.k.dtype} (the cache's), got {t.dtype}")
-            if t.device != self.k.device:
-                raise ValueError(f"{name}: expected a tensor on {self.k.device} (the cache's), "
-                                 f"got {t.device}")
-        n, hq = q.shape[1], q.shape[2]
-        want = (b, n, hk, hd)
-        for name, t in (("k", k), ("v", v)):
-            if tuple(t.shape) != want:
-                raise ValueError(f"{name}: expected shape {want} (b, n from q; kv heads and "
-                                 f"head_dim from k_ring), got {tuple(t.shape)}")
-        if tuple(q.shape) != (b, n, hq, hd) or n < 1 or hq % hk:
-            raise ValueError(f"q: expected shape ({b}, n ≥ 1, a multiple of {hk} heads, {hd}), "
-                             f"got {tuple(q.shape)}")
-        if softcap < 0:
-            raise ValueError(f"softcap: expected a float ≥ 0, got {softcap}")
 
     def _decode_one_cuda(self, q, k, v, softmax_scale, softcap, alibi_slopes):
         """One new token on CUDA with no host synchronisation and static shapes (so a
