@@ -552,3 +552,100 @@ def test_kvcache_pos_types():
             cache.pos = bad
     with pytest.raises(ValueError, match=r"^pos: expected an int ≥ 0"):
         cache.pos = -1
+
+
+# -------------------------------------------------------------------------- nn modules
+
+@cpu_only
+def test_nn_constructor_arguments(target):
+    """MambaAttention(0) and Mamba(16, dt_rank=0) raised ZeroDivisionError; a float
+    window_size was accepted."""
+    from mamba_attention.nn import (GatedMLP, Mamba, MambaAttention, RMSNorm, Samba,
+                                    SambaBlock, SambaConfig, SlidingWindowAttention)
+
+    V, T = ValueError, TypeError
+    cases = [
+        (lambda: MambaAttention(0), V, "hidden_size"),
+        (lambda: MambaAttention(16, 0), V, "num_heads"),
+        (lambda: MambaAttention(16, 4, window_size=2.5), T, "window_size"),
+        (lambda: MambaAttention(16, 4, window_size=-1), V, "window_size"),
+        (lambda: MambaAttention(16.0), T, "hidden_size"),
+        (lambda: MambaAttention(16, 4, causal="yes"), T, "causal"),
+        (lambda: MambaAttention(16, 4, dropout=1.5), V, "dropout"),
+        (lambda: MambaAttention(16, 4, dropout="0"), T, "dropout"),
+        (lambda: Mamba(16, dt_rank=0), V, "dt_rank"),
+        (lambda: Mamba(16, dt_rank="full"), V, "dt_rank"),
+        (lambda: Mamba(0), V, "d_model"),
+        (lambda: Mamba(16, d_state=0), V, "d_state"),
+        (lambda: Mamba(16, d_conv=1), V, "d_conv"),
+        (lambda: Mamba(16, expand=0), V, "expand"),
+        (lambda: Mamba(16, dt_min=0.2, dt_max=0.1), V, "dt_max"),
+        (lambda: Mamba(16, dt_min=-1.0), V, "dt_min"),
+        (lambda: Mamba(16, d_state=2.5), T, "d_state"),
+        (lambda: SlidingWindowAttention(16, 0), V, "n_heads"),
+        (lambda: SlidingWindowAttention(16, 4, n_kv_heads=0), V, "n_kv_heads"),
+        (lambda: SlidingWindowAttention(16, 4, window_size=0), V, "window_size"),
+        (lambda: SlidingWindowAttention(16, 4, window_size=2.0), T, "window_size"),
+        (lambda: SlidingWindowAttention(16, 4, head_dim=5), V, "head_dim"),
+        (lambda: SlidingWindowAttention(16, 4, rope_base=0.0), V, "rope_base"),
+        (lambda: RMSNorm(0), V, "hidden_size"),
+        (lambda: RMSNorm(8, eps=-1.0), V, "eps"),
+        (lambda: GatedMLP(0), V, "in_features"),
+        (lambda: GatedMLP(8, hidden_features=0), V, "hidden_features"),
+        (lambda: SambaBlock(16, 0), V, "n_heads"),
+        (lambda: SambaConfig(d_model=0, n_blocks=1, n_heads=1, n_kv_heads=1, head_dim=8),
+         V, "d_model"),
+        (lambda: Samba("samba-421m"), T, "config"),
+    ]
+    for make, exc, name in cases:
+        with pytest.raises(exc, match=rf"^{name}: "):
+            make()
+
+
+@cpu_only
+def test_nn_input_width(target):
+    """A wrong input width surfaced as torch's matmul RuntimeError."""
+    from mamba_attention.nn import (GatedMLP, Mamba, MambaAttention, RMSNorm, Samba,
+                                    SambaBlock, SambaConfig, SlidingWindowAttention)
+
+    torch.manual_seed(0)
+    swa = SlidingWindowAttention(16, 4, window_size=4)
+    mamba = Mamba(16, layer_idx=0)
+    block = SambaBlock(16, 2, window_size=4)
+    cfg = SambaConfig(d_model=16, n_blocks=1, n_heads=2, n_kv_heads=2, head_dim=8,
+                      window_size=4, vocab_size=50)
+    samba = Samba(cfg)
+    bad = torch.randn(2, 3, 8)
+    cases = [
+        (lambda: MambaAttention(16, 4)(bad), V_, "x"),
+        (lambda: MambaAttention(16, 4)(torch.randn(3, 16)), V_, "x"),
+        (lambda: MambaAttention(16, 4)("x"), T_, "x"),
+        (lambda: swa(bad), V_, "x"),
+        (lambda: swa.step(bad, swa.allocate_inference_cache(2)), V_, "x"),
+        (lambda: swa.step(torch.randn(2, 1, 16), None), T_, "cache"),
+        (lambda: RMSNorm(16)(bad), V_, "x"),
+        (lambda: GatedMLP(16)(bad), V_, "x"),
+        (lambda: GatedMLP(16)(torch.ones(2, 16, dtype=torch.int64)), T_, "x"),
+        (lambda: mamba(bad), V_, "hidden_states"),
+        (lambda: mamba.step(torch.randn(2, 1, 8), *mamba.allocate_inference_cache(2, 1)),
+         V_, "hidden_states"),
+        (lambda: mamba.step(torch.randn(2, 1, 16), None, None), T_, "conv_state"),
+        (lambda: block(bad), V_, "hidden"),
+        (lambda: block(torch.randn(2, 3, 16), torch.randn(2, 4, 16)), V_, "residual"),
+        (lambda: block.step(torch.randn(2, 2, 16), None, block.allocate_inference_cache(2)),
+         V_, "hidden"),
+        (lambda: samba(torch.randn(2, 3)), T_, "input_ids"),
+        (lambda: samba(torch.zeros(2, 3, 1, dtype=torch.long)), V_, "input_ids"),
+        (lambda: samba(torch.full((2, 3), 50)), V_, "input_ids"),
+        (lambda: samba(torch.full((2, 3), -1)), V_, "input_ids"),
+        (lambda: samba.step(torch.zeros(2, 2, dtype=torch.long),
+                            samba.allocate_inference_cache(2)), V_, "input_ids"),
+        (lambda: samba.generate(torch.zeros(1, 2, dtype=torch.long), 1.5), T_,
+         "max_new_tokens"),
+    ]
+    for make, exc, name in cases:
+        with pytest.raises(exc, match=rf"^{name}: "):
+            make()
+
+
+V_, T_ = ValueError, TypeError
