@@ -2,6 +2,7 @@
 //!
 //! This file only registers the Python module; see DESIGN.md for the layout.
 
+pub mod args;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
@@ -99,6 +100,7 @@ mod module {
         crate::ops::hidden_attention::register(m)?;
         crate::ops::attention_cuda::register(m)?;
         crate::ops::attention::register(m)?;
+        crate::ops::attention_args::register(m)?;
         crate::ops::rotary::register(m)?;
         crate::ops::attention_bwd_cuda::register(m)?;
         crate::ops::scan_ck::register(m)?;

@@ -5,6 +5,12 @@
 //! 0.4 µs per tensor against 2.3 µs for torch's `__dlpack__` (measured with
 //! torch 2.15): that difference decides the latency of a decoding step.
 //! Validation helpers here produce the error messages every op shares.
+//!
+//! A torch tensor with the negative (or conjugate) bit set shows other values
+//! than its memory holds: it is read through a resolved copy (`resolved`),
+//! which `expect_writable` refuses for arguments written in place. Those
+//! arguments also go through `check_writes`, torch's rule for in-place
+//! arguments: distinct elements, and no memory shared with other arguments.
 
 use crate::error::{Error, Result};
 use half::{bf16, f16};
@@ -131,6 +137,9 @@ pub struct TensorView {
     pub ptr: usize,
     pub readonly: bool,
     pub kind: Kind,
+    /// The view reads a resolved copy of a torch tensor with the negative
+    /// (or conjugate) bit: fine to read, an error to write (`expect_writable`).
+    pub resolved: bool,
     /// Keeps a DLPack capsule (and so the producer's buffer) alive.
     #[cfg(feature = "python")]
     pub(crate) _owner: Option<pyo3::Py<pyo3::PyAny>>,
@@ -163,6 +172,7 @@ impl TensorView {
             ptr,
             readonly: false,
             kind: Kind::Numpy,
+            resolved: false,
             #[cfg(feature = "python")]
             _owner: None,
         }
@@ -281,7 +291,135 @@ impl TensorView {
                 self.name
             )));
         }
+        if self.resolved {
+            return Err(Error::type_(format!(
+                "{}: is updated in place, so it cannot be a tensor with the negative or conjugate \
+                 bit set (a lazy view such as t.conj().imag, whose memory holds other values than \
+                 it shows); pass a tensor without it (t.is_neg() and t.is_conj() False)",
+                self.name
+            )));
+        }
         Ok(())
+    }
+
+    /// Views an (..., h) tensor as (rows, h) in place, rows the product of
+    /// the leading dimensions; false (and unchanged) where the leading
+    /// dimensions do not collapse into one stride (a copy is needed).
+    pub fn collapse_rows(&mut self) -> bool {
+        let nd = self.ndim();
+        if nd == 0 {
+            return false;
+        }
+        let h = self.shape[nd - 1];
+        let rows: usize = self.shape[..nd - 1].iter().product();
+        let mut row_stride: Option<isize> = None;
+        let mut next = 0isize;
+        for i in (0..nd - 1).rev() {
+            let (n, st) = (self.shape[i], self.strides[i]);
+            if n == 1 {
+                continue;
+            }
+            match row_stride {
+                None => row_stride = Some(st),
+                Some(_) if st != next => return false,
+                Some(_) => {}
+            }
+            next = st * n as isize;
+        }
+        let inner = self.strides[nd - 1];
+        self.shape = vec![rows, h];
+        self.strides = vec![row_stride.unwrap_or(h.max(1) as isize), inner];
+        true
+    }
+
+    /// The bytes `[lo, hi)` that the view's elements span; None when it has none.
+    #[inline]
+    pub fn byte_span(&self) -> Option<(usize, usize)> {
+        // Offsets of a valid view fit in isize (torch and NumPy guarantee it);
+        // saturating arithmetic keeps a malformed one conservative.
+        let (mut lo, mut hi) = (0isize, 0isize);
+        for (&n, &s) in self.shape.iter().zip(&self.strides) {
+            if n == 0 {
+                return None;
+            }
+            let e = (n as isize - 1).saturating_mul(s);
+            if e < 0 {
+                lo = lo.saturating_add(e);
+            } else {
+                hi = hi.saturating_add(e);
+            }
+        }
+        let es = self.dtype.size() as isize;
+        let p = self.ptr as isize;
+        Some((
+            p.saturating_add(lo.saturating_mul(es)).max(0) as usize,
+            p.saturating_add(hi.saturating_add(1).saturating_mul(es))
+                .max(0) as usize,
+        ))
+    }
+
+    /// Whether two distinct indices address one element (torch's "internal
+    /// overlap"): a zero stride on a dimension of size > 1, or strides whose
+    /// multiples meet. Exact for every layout but exotic `as_strided` ones of
+    /// more than 2**20 elements, which count as overlapping.
+    pub fn has_internal_overlap(&self) -> bool {
+        // Dense row-major, the usual layout: no overlap, and no allocation.
+        let mut want = 1isize;
+        let mut dense = true;
+        for (&n, &s) in self.shape.iter().zip(&self.strides).rev() {
+            if n == 0 {
+                return false;
+            }
+            if n != 1 && s != want {
+                dense = false;
+                break;
+            }
+            want = want.saturating_mul(n as isize);
+        }
+        if dense {
+            return false;
+        }
+        let mut dims: Vec<(usize, u128)> = self
+            .shape
+            .iter()
+            .zip(&self.strides)
+            .filter(|(&n, _)| n > 1)
+            .map(|(&n, &s)| (n, s.unsigned_abs() as u128))
+            .collect();
+        if self.numel() == 0 || dims.is_empty() {
+            return false;
+        }
+        if dims.iter().any(|&(_, s)| s == 0) {
+            return true;
+        }
+        // Sorted by stride, a stride beyond the span of the smaller ones
+        // gives distinct offsets (a mixed-radix number): the usual layouts.
+        dims.sort_unstable_by_key(|&(_, s)| s);
+        let mut span = 1u128;
+        let mut radix = true;
+        for &(n, s) in &dims {
+            if s < span {
+                radix = false;
+                break;
+            }
+            span += (n as u128 - 1) * s;
+        }
+        if radix {
+            return false;
+        }
+        let numel = self.numel();
+        if numel > 1 << 20 {
+            return true;
+        }
+        let mut offs: Vec<u128> = vec![0];
+        for &(n, s) in &dims {
+            let prev = std::mem::take(&mut offs);
+            offs = (0..n as u128)
+                .flat_map(|i| prev.iter().map(move |&o| o + i * s))
+                .collect();
+        }
+        offs.sort_unstable();
+        offs.windows(2).any(|w| w[0] == w[1])
     }
 
     /// Copies the tensor, in logical (row-major) order, into a new float32 vector.
@@ -345,7 +483,15 @@ impl TensorView {
                     DType::U8 => *(p as *const u8) as i64,
                     DType::U16 => *(p as *const u16) as i64,
                     DType::U32 => *(p as *const u32) as i64,
-                    DType::U64 => *(p as *const u64) as i64,
+                    DType::U64 => {
+                        let u = *(p as *const u64);
+                        i64::try_from(u).map_err(|_| {
+                            Error::value(format!(
+                                "{}: expected values below 2**63, got {u}",
+                                self.name
+                            ))
+                        })?
+                    }
                     _ => unreachable!(),
                 }
             };
@@ -360,6 +506,47 @@ impl TensorView {
         }
         Ok(out)
     }
+}
+
+/// Torch's rule for arguments written in place: each view in `written` must
+/// have distinct elements (no zero strides over several elements, as an
+/// `expand()`ed tensor has), and no other argument, read or written, may share
+/// memory with it (byte ranges on one device that intersect; the views of one
+/// buffer that interleave count too, as for torch). `read` may repeat views of
+/// `written`: a view is never compared with itself.
+pub fn check_writes(written: &[&TensorView], read: &[&TensorView]) -> Result<()> {
+    for (i, w) in written.iter().enumerate() {
+        if w.has_internal_overlap() {
+            return Err(Error::value(format!(
+                "{}: is written in place, but its elements overlap in memory (shape {}, strides \
+                 {:?}: an expand()ed or zero-stride view); pass a tensor with distinct elements \
+                 (e.g. {}.clone())",
+                w.name,
+                w.shape_str(),
+                w.strides,
+                w.name
+            )));
+        }
+        let Some((lo, hi)) = w.byte_span() else {
+            continue;
+        };
+        let others = written.iter().take(i).chain(read);
+        for o in others {
+            if std::ptr::eq(*o, *w) || o.device != w.device {
+                continue;
+            }
+            if let Some((a, b)) = o.byte_span() {
+                if a < hi && lo < b {
+                    return Err(Error::value(format!(
+                        "{}: shares memory with {}, which is written in place; pass a copy \
+                         (e.g. {}.clone())",
+                        o.name, w.name, o.name
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn shape_str(s: &[usize]) -> String {
@@ -567,6 +754,9 @@ mod py {
         exact: [usize; 2],
         /// The exchange table (static in libtorch_python), or 0.
         api: usize,
+        /// `torch.Tensor.is_neg` (unbound): the exchange API exports a tensor
+        /// with the negative bit as its raw memory, so the fast path asks.
+        is_neg: Py<PyAny>,
     }
 
     fn torch_info(py: Python<'_>) -> Option<&'static TorchInfo> {
@@ -611,10 +801,12 @@ mod py {
             })
             .unwrap_or(0);
         let exact = [tensor.as_ptr() as usize, param];
+        let is_neg = tensor.getattr("is_neg").ok()?.unbind();
         Some(INFO.get_or_init(py, || TorchInfo {
             tensor: tensor.unbind(),
             exact,
             api,
+            is_neg,
         }))
     }
 
@@ -659,6 +851,29 @@ mod py {
             }
         }
         let dtype = DType::from_dlpack(t.dtype.code, t.dtype.bits, t.dtype.lanes)?;
+        // A lazy negation (the negative bit: `t.conj().imag`, `torch._neg_view`)
+        // is exported as its raw memory; `from_torch` resolves it. (The
+        // conjugate bit exists on complex tensors only, which DLPack codes as
+        // complex: `from_dlpack` above already sent them to `from_torch`.)
+        // `torch.Tensor.is_neg(obj)` through the vectorcall of the method
+        // descriptor (no argument tuple to build): ~60 ns, the cost of this check.
+        let neg = unsafe {
+            let r = ffi::PyObject_CallFunctionObjArgs(
+                info.is_neg.as_ptr(),
+                obj.as_ptr(),
+                std::ptr::null_mut::<ffi::PyObject>(),
+            );
+            if r.is_null() {
+                ffi::PyErr_Clear();
+                return None;
+            }
+            let neg = r != ffi::Py_False();
+            ffi::Py_DECREF(r);
+            neg
+        };
+        if neg {
+            return None;
+        }
         let device = match t.device.device_type {
             1 => Device::Cpu,
             2 => Device::Cuda(t.device.device_id),
@@ -683,6 +898,7 @@ mod py {
             ptr: t.data as usize + t.byte_offset as usize,
             readonly: false,
             kind: Kind::Torch,
+            resolved: false,
             _owner: None,
         })
     }
@@ -728,6 +944,25 @@ mod py {
                 dt.str().map(|s| s.to_string()).unwrap_or_default()
             ))
         })?;
+        // The negative / conjugate bits: the memory holds other values than
+        // the tensor shows. Read a resolved copy (as torch's own kernels do);
+        // `expect_writable` refuses it for arguments written in place.
+        for (bit, resolve) in [
+            (intern!(py, "is_neg"), intern!(py, "resolve_neg")),
+            (intern!(py, "is_conj"), intern!(py, "resolve_conj")),
+        ] {
+            let set = obj
+                .call_method0(bit)
+                .and_then(|v| v.extract::<bool>())
+                .map_err(pe)?;
+            if set {
+                let r = obj.call_method0(resolve).map_err(pe)?;
+                let mut v = from_torch(name, &r)?;
+                v.resolved = true;
+                v._owner = Some(r.unbind());
+                return Ok(v);
+            }
+        }
         let strided = STRIDED.get_or_init(py, || {
             py.import("torch")
                 .and_then(|t| t.getattr("strided"))
@@ -778,6 +1013,7 @@ mod py {
             ptr,
             readonly: false,
             kind: Kind::Torch,
+            resolved: false,
             _owner: None,
         })
     }
@@ -837,6 +1073,7 @@ mod py {
             ptr: t.data as usize + t.byte_offset as usize,
             readonly,
             kind,
+            resolved: false,
             _owner: Some(owner),
         })
     }
@@ -1073,6 +1310,7 @@ mod py {
                 ptr: t.data as usize + t.byte_offset as usize,
                 readonly: false,
                 kind: Kind::Torch,
+                resolved: false,
                 _owner: None,
             };
             // The tensor object takes the export over (its deleter runs when
@@ -1393,5 +1631,127 @@ mod py {
             DType::BF16 => "float32", // a foreign producer's bf16 comes back as float32 NumPy
             d => d.name(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(name: &'static str, shape: &[usize], strides: &[isize], ptr: usize) -> TensorView {
+        TensorView::host(name, DType::F32, shape, strides, ptr)
+    }
+
+    /// The exact answer by enumeration.
+    fn overlaps(shape: &[usize], strides: &[isize]) -> bool {
+        let mut offs = vec![0isize];
+        for (&n, &s) in shape.iter().zip(strides) {
+            offs = (0..n as isize)
+                .flat_map(|i| offs.iter().map(move |&o| o + i * s))
+                .collect();
+        }
+        let len = offs.len();
+        offs.sort_unstable();
+        offs.dedup();
+        offs.len() != len
+    }
+
+    #[test]
+    fn internal_overlap_matches_enumeration() {
+        let cases: &[(&[usize], &[isize])] = &[
+            (&[2, 6, 3], &[18, 3, 1]),
+            (&[2, 6, 3], &[0, 3, 1]),
+            (&[2, 1, 3], &[3, 0, 1]),
+            (&[2, 6, 3], &[1, 2, 12]),
+            (&[2, 4, 3], &[3, 1, 1]),
+            (&[3, 2], &[2, 3]),
+            (&[2, 2], &[1, 1]),
+            (&[4, 3], &[-3, -1]),
+            (&[4, 3], &[3, -1]),
+            (&[5, 5], &[5, 1]),
+            (&[5, 5], &[4, 1]),
+            (&[3, 4, 5], &[7, 2, 1]),
+            (&[0, 4], &[0, 0]),
+            (&[1, 1, 1], &[0, 0, 0]),
+        ];
+        for (shape, strides) in cases {
+            let v = view("t", shape, strides, 4096);
+            let want = shape.iter().product::<usize>() > 0 && overlaps(shape, strides);
+            assert_eq!(v.has_internal_overlap(), want, "{shape:?} {strides:?}");
+        }
+    }
+
+    #[test]
+    fn byte_span_covers_negative_strides() {
+        let v = view("t", &[4, 3], &[-3, 1], 1000);
+        assert_eq!(v.byte_span(), Some((1000 - 9 * 4, 1000 + 3 * 4)));
+        assert_eq!(view("t", &[0, 3], &[3, 1], 1000).byte_span(), None);
+    }
+
+    #[test]
+    fn check_writes_rules() {
+        let state = view("state", &[2, 4, 3], &[12, 3, 1], 1000);
+        let inside = view("x", &[2, 4], &[12, 3], 1000 + 4);
+        let after = view("x", &[2, 4], &[4, 1], 1000 + 24 * 4);
+        let before = view("x", &[2, 4], &[4, 1], 1000 - 8 * 4);
+        assert!(check_writes(&[&state], &[&after, &before]).is_ok());
+        let e = check_writes(&[&state], &[&after, &inside]).unwrap_err();
+        assert!(matches!(&e, Error::Value(m) if m.starts_with("x: shares memory with state")));
+        let expanded = view("state", &[2, 4, 3], &[0, 3, 1], 1000);
+        let e = check_writes(&[&expanded], &[]).unwrap_err();
+        assert!(matches!(&e, Error::Value(m) if m.starts_with("state: is written in place")));
+        // Two written views of one buffer.
+        let k = view("k_cache", &[2, 4], &[4, 1], 1000);
+        let v = view("v_cache", &[2, 4], &[4, 1], 1000 + 4 * 4);
+        let e = check_writes(&[&k, &v], &[]).unwrap_err();
+        assert!(
+            matches!(&e, Error::Value(m) if m.starts_with("k_cache: shares memory with v_cache"))
+        );
+        // A view is not compared with itself.
+        assert!(check_writes(&[&state], &[&state]).is_ok());
+    }
+
+    #[test]
+    fn collapse_rows_views_or_refuses() {
+        let mut v = view("x", &[3, 5, 8], &[40, 8, 1], 0);
+        assert!(v.collapse_rows());
+        assert_eq!(
+            (v.shape.clone(), v.strides.clone()),
+            (vec![15, 8], vec![8, 1])
+        );
+        let mut v = view("x", &[3, 1, 5, 8], &[80, 7, 16, 2], 0);
+        assert!(v.collapse_rows());
+        assert_eq!(
+            (v.shape.clone(), v.strides.clone()),
+            (vec![15, 8], vec![16, 2])
+        );
+        let mut v = view("x", &[3, 5, 8], &[8, 24, 1], 0);
+        assert!(!v.collapse_rows());
+        assert_eq!(v.shape, vec![3, 5, 8]);
+        let mut v = view("x", &[8], &[2], 0);
+        assert!(v.collapse_rows());
+        assert_eq!(
+            (v.shape.clone(), v.strides.clone()),
+            (vec![1, 8], vec![8, 2])
+        );
+    }
+
+    #[test]
+    fn uint64_beyond_int64_is_an_error() {
+        let vals: [u64; 2] = [5, 1 << 63];
+        let t = TensorView::host("idx", DType::U64, &[2], &[1], vals.as_ptr() as usize);
+        let e = t.to_i64_vec().unwrap_err();
+        assert!(matches!(&e, Error::Value(m) if m.starts_with("idx: expected values below 2**63")));
+        let ok: [u64; 2] = [5, (1 << 63) - 1];
+        let t = TensorView::host("idx", DType::U64, &[2], &[1], ok.as_ptr() as usize);
+        assert_eq!(t.to_i64_vec().unwrap(), vec![5, i64::MAX]);
+    }
+
+    #[test]
+    fn resolved_views_are_not_writable() {
+        let mut t = view("state", &[2], &[1], 64);
+        assert!(t.expect_writable().is_ok());
+        t.resolved = true;
+        assert!(matches!(t.expect_writable(), Err(Error::Type(m)) if m.starts_with("state: ")));
     }
 }

@@ -696,7 +696,7 @@ def test_torch_formula_matches_reference_and_isolates():
     g = torch.Generator().manual_seed(16)
     q, k, v, do = randn(g, 2, 37, 4, 12), randn(g, 2, 45, 2, 12), randn(g, 2, 45, 2, 12), \
         randn(g, 2, 37, 4, 12)
-    kw = dict(softmax_scale=None, causal=True, window_size=(9, 0), softcap=0.0,
+    kw = dict(softmax_scale=None, causal=True, left=9, right=0, softcap=0.0,
               alibi_slopes=None)
     out, lse = _torch_attention(q, k, v, **kw)
     ro, rl = attention_ref(q, k, v, causal=True, window_size=(9, 0))

@@ -34,6 +34,15 @@ __all__ = ["selective_scan", "rms_norm", "swiglu_op"]
 _F32 = torch.float32
 
 
+def _eager():
+    """Whether the wrappers below check their arguments in Rust before calling a
+    custom op (``_core.*_check``: the messages of the direct path, where
+    torch.library's schema check would raise its own RuntimeError first). Under
+    torch.compile tracing the tensors are fakes: the scalars then reach the op's
+    schema as given, and the tensors are checked when the compiled op runs."""
+    return not torch.compiler.is_compiling()
+
+
 @torch.library.custom_op("mamba_attention::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd(
     u: Tensor,
@@ -177,9 +186,14 @@ def selective_scan(
     return_last_state=False,
     initial_state=None,
 ):
-    """``selective_scan_fn`` for torch tensors through the differentiable custom op."""
+    """``selective_scan_fn`` for torch tensors through the differentiable custom op,
+    after the Rust checks of every argument (see :func:`_eager`)."""
+    if _eager():
+        delta_softplus, return_last_state = _core.selective_scan_check(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
+        )
     out, last_state, _ = torch.ops.mamba_attention.selective_scan_fwd(
-        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     )
     return (out, last_state) if return_last_state else out
 
@@ -278,12 +292,23 @@ def _rms_backward(ctx, dout, dres_out, _drstd):
 rms_norm_fwd.register_autograd(_rms_backward, setup_context=_rms_setup)
 
 
-def rms_norm(x, weight, bias, residual, eps, residual_in_fp32, store_residual=True):
-    """``rms_norm_fn`` on (rows, h) torch tensors through the custom op: (out, residual_out)."""
+def rms_norm(x, weight, bias=None, residual=None, prenorm=False, residual_in_fp32=False,
+             eps=1e-6):
+    """``rms_norm_fn`` (x (..., h)) through the custom op on (rows, h) views, after
+    the Rust checks; returns out, or (out, residual_out) with ``prenorm``."""
+    if _eager():
+        eps, prenorm, residual_in_fp32 = _core.rms_norm_check(
+            x, weight, bias, residual, eps, prenorm, residual_in_fp32
+        )
+    shape = x.shape
+    h = shape[-1]
+    x2 = x.reshape(-1, h)
+    r2 = None if residual is None else residual.reshape(-1, h)
     out, res, _ = torch.ops.mamba_attention.rms_norm_fwd(
-        x, weight, bias, residual, eps, store_residual, residual_in_fp32
+        x2, weight, bias, r2, eps, prenorm, residual_in_fp32
     )
-    return out, res
+    out = out.reshape(shape)
+    return (out, res.reshape(shape)) if prenorm else out
 
 
 @torch.library.custom_op("mamba_attention::swiglu_fwd", mutates_args=())
@@ -320,7 +345,9 @@ swiglu_fwd.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
 
 
 def swiglu_op(gate, up):
-    """``swiglu`` on (rows, cols) torch tensors through the custom op."""
+    """``swiglu`` (gate, up (..., cols)) through the custom op, after the Rust checks."""
+    if _eager():
+        _core.swiglu_check(gate, up)
     return torch.ops.mamba_attention.swiglu_fwd(gate, up)
 # ------------------------------------------------------------ attention (SPEC §3)
 #
@@ -330,28 +357,7 @@ def swiglu_op(gate, up):
 # gradient reaching softmax_lse (if any) flows back too (D_i − dlse_i in the
 # backward). alibi_slopes, the offsets and the flags get no gradient.
 
-__all__ += ["flash_attn", "flash_attn_varlen"]
-
-
-def _window(window_size):
-    try:
-        left, right = window_size
-        if isinstance(left, bool) or isinstance(right, bool):
-            raise TypeError
-        return int(left), int(right)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"window_size: expected a pair of ints (left, right), got {window_size!r}"
-        ) from None
-
-
-def _float_opt(name, x):
-    if x is None:
-        return None
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name}: expected a float{' or None' if name == 'softmax_scale' else ''}, "
-                        f"got {type(x).__name__}")
-    return float(x)
+__all__ += ["flash_attn", "flash_attn_varlen", "attention_options"]
 
 
 @torch.library.custom_op("mamba_attention::flash_attn_fwd", mutates_args=())
@@ -523,28 +529,43 @@ def _varlen_backward(ctx, dout, dlse):
 flash_attn_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
 
 
-def flash_attn(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-               alibi_slopes=None, deterministic=False):
-    """(out, softmax_lse) of flash_attn_func through the differentiable custom op."""
-    wl, wr = _window(window_size)
+def attention_options(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      deterministic, return_attn_probs, varlen=None):
+    """flash_attn_func's (``varlen``: (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k): flash_attn_varlen_func's) arguments checked in Rust
+    (``_core.attention_check``, ``_core.attention_varlen_check``) and its options
+    parsed: (softmax_scale or None, causal, left, right, softcap, deterministic[,
+    max_seqlen_q, max_seqlen_k]). Under torch.compile tracing they pass as given."""
+    if not _eager():
+        left, right = window_size
+        opts = (softmax_scale, causal, left, right, softcap or 0.0, deterministic)
+        return opts if varlen is None else opts + tuple(varlen[2:])
+    if varlen is None:
+        return _core.attention_check(q, k, v, softmax_scale, causal, window_size, softcap,
+                                     alibi_slopes, deterministic, return_attn_probs)
+    cu_q, cu_k, max_q, max_k = varlen
+    return _core.attention_varlen_check(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale,
+                                        causal, window_size, softcap, alibi_slopes,
+                                        deterministic, return_attn_probs)
+
+
+def flash_attn(q, k, v, softmax_scale, causal, left, right, softcap, alibi_slopes,
+               deterministic=False):
+    """(out, softmax_lse) of flash_attn_func through the differentiable custom op, with
+    the options of :func:`attention_options`."""
     return torch.ops.mamba_attention.flash_attn_fwd(
-        q, k, v, _float_opt("softmax_scale", softmax_scale), bool(causal), wl, wr,
-        _float_opt("softcap", softcap) or 0.0, alibi_slopes, bool(deterministic),
+        q, k, v, softmax_scale, causal, left, right, softcap, alibi_slopes, deterministic,
     )
 
 
 def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                      alibi_slopes=None, deterministic=False):
-    """(out, softmax_lse) of flash_attn_varlen_func through the differentiable custom op."""
-    wl, wr = _window(window_size)
-    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(m, bool) or not isinstance(m, int):
-            raise TypeError(f"{name}: expected an int, got {type(m).__name__}")
+                      softmax_scale, causal, left, right, softcap, alibi_slopes,
+                      deterministic=False):
+    """(out, softmax_lse) of flash_attn_varlen_func through the differentiable custom op,
+    with the options of :func:`attention_options`."""
     return torch.ops.mamba_attention.flash_attn_varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        _float_opt("softmax_scale", softmax_scale), bool(causal), wl, wr,
-        _float_opt("softcap", softcap) or 0.0, alibi_slopes, bool(deterministic),
+        softmax_scale, causal, left, right, softcap, alibi_slopes, deterministic,
     )
 
 
@@ -719,19 +740,6 @@ def _act_name(silu):
     return "silu" if silu else None
 
 
-def _parse_act(activation):
-    if activation is None:
-        return False
-    if not isinstance(activation, str):
-        raise TypeError(
-            f'activation: expected None, "silu" or "swish", got an object of type '
-            f"{type(activation).__name__}"
-        )
-    if activation not in ("silu", "swish"):
-        raise ValueError(f'activation: expected None, "silu" or "swish", got {activation!r}')
-    return True
-
-
 @torch.library.custom_op("mamba_attention::conv_selective_scan_fwd", mutates_args=())
 def conv_selective_scan_fwd(
     x: Tensor,
@@ -856,9 +864,17 @@ def conv_selective_scan(
     return_last_state=False,
     initial_state=None,
 ):
-    """``conv_selective_scan_fn`` for torch tensors through the differentiable custom op."""
+    """``conv_selective_scan_fn`` for torch tensors through the differentiable custom op,
+    after the Rust checks."""
+    if _eager():
+        delta_softplus, silu, return_last_state = _core.conv_selective_scan_check(
+            x, conv_weight, conv_bias, delta, A, B, C, D, z, delta_bias, delta_softplus,
+            activation, return_last_state, initial_state,
+        )
+    else:
+        silu = activation in ("silu", "swish")
     out, last_state = torch.ops.mamba_attention.conv_selective_scan_fwd(
-        x, conv_weight, conv_bias, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-        _parse_act(activation), initial_state,
+        x, conv_weight, conv_bias, delta, A, B, C, D, z, delta_bias, delta_softplus,
+        silu, initial_state,
     )
     return (out, last_state) if return_last_state else out

@@ -2,9 +2,18 @@
 
 Tensors are NumPy arrays, torch tensors or other ``__dlpack__`` objects; each
 function returns the kind, dtype and device of its first tensor argument.
+
+Every argument is checked here, in Rust (SPEC: a TypeError or ValueError naming
+it): flags take ``bool`` or ``numpy.bool_`` only; ints anything with
+``__index__`` but bool and float; ``window_size`` any sequence of two ints. A
+torch tensor with the negative (or conjugate) bit is read through a resolved copy;
+an argument written in place cannot have it (TypeError), must have distinct
+elements and must not share memory with any other argument (ValueError). The
+``*_check`` functions run a function's checks without running it (the custom-op
+and CUDA paths of ``ops`` call them first) and return its parsed options.
 """
 
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 Tensor = Any
 
@@ -44,6 +53,21 @@ def selective_scan_fwd(
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Selective scan forward (SPEC §1): out (b, d, l) [, last_state (b, d, n) float32]."""
 
+def selective_scan_check(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: Optional[Tensor] = None,
+) -> Tuple[bool, bool]:
+    """selective_scan_fwd's checks without running it: (delta_softplus, return_last_state)."""
+
 def selective_scan_bwd(
     u: Tensor,
     delta: Tensor,
@@ -78,7 +102,8 @@ def selective_state_update(
     dt_softplus: bool = False,
     state_batch_indices: Optional[Tensor] = None,
 ) -> Tensor:
-    """One decoding step; updates ``state`` in place and returns out (b, d)."""
+    """One decoding step; updates ``state`` in place and returns out (b, d).
+    state_batch_indices: any integer dtype (uint64 values ≥ 2**63: ValueError)."""
 
 def causal_conv1d_fwd(
     x: Tensor,
@@ -117,11 +142,24 @@ def rms_norm_fwd(
     bias: Optional[Tensor] = None,
     residual: Optional[Tensor] = None,
     eps: float = 1e-6,
-    store_residual: bool = False,
+    prenorm: bool = False,
     residual_in_fp32: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
-    """RMSNorm of (rows, h) x (+ residual): (out in x's dtype, residual_out or None,
-    rstd float32 (rows,))."""
+    """RMSNorm of x (..., h) (+ residual of x's shape): (out in x's dtype and shape,
+    residual_out (with ``prenorm``) or None, rstd float32 (rows,)), rows the product
+    of x's leading dimensions (read in place where they collapse into one stride,
+    else through a copy)."""
+
+def rms_norm_check(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+) -> Tuple[float, bool, bool]:
+    """rms_norm_fwd's checks without running it: (eps, prenorm, residual_in_fp32)."""
 
 def rms_norm_bwd(
     dy: Tensor,
@@ -132,13 +170,17 @@ def rms_norm_bwd(
     residual: Optional[Tensor] = None,
     dresidual_out: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """RMSNorm backward: (dx, dweight float32, dbias float32 or None, dresidual or None)."""
+    """RMSNorm backward on (rows, h): (dx, dweight float32, dbias float32 or None,
+    dresidual or None)."""
 
 def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
-    """silu(gate) · up on (rows, cols), in gate's dtype."""
+    """silu(gate) · up on gate, up (..., cols) of one shape, in gate's dtype and shape."""
 
 def swiglu_bwd(gate: Tensor, up: Tensor, dout: Tensor) -> Tuple[Tensor, Tensor]:
-    """SwiGLU gradients: (dgate in gate's dtype, dup in up's dtype)."""
+    """SwiGLU gradients: (dgate in gate's dtype, dup in up's dtype), gate's shape."""
+
+def swiglu_check(gate: Tensor, up: Tensor) -> None:
+    """swiglu_fwd's checks without running it."""
 def hidden_attention(
     delta: Tensor,
     A: Tensor,
@@ -179,13 +221,30 @@ def attention_fwd(
     v: Tensor,
     softmax_scale: Optional[float] = None,
     causal: bool = False,
-    window_size: Optional[Tuple[int, int]] = None,
+    window_size: Optional[Sequence[int]] = None,
     softcap: Optional[float] = None,
     alibi_slopes: Optional[Tensor] = None,
     out: Optional[Tensor] = None,
     softmax_lse: Optional[Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
 ) -> Tuple[Tensor, Tensor]:
-    """Attention forward (SPEC §3): (out (b, sq, hq, hd) in q's dtype, softmax_lse (b, hq, sq) float32); writes into out / softmax_lse when given."""
+    """Attention forward (SPEC §3): (out (b, sq, hq, hd) in q's dtype, softmax_lse (b, hq, sq) float32); writes into out / softmax_lse when given. deterministic and return_attn_probs (flash_attn_func's flags) are checked, and change nothing here."""
+
+def attention_check(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Optional[Sequence[int]] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> Tuple[Optional[float], bool, int, int, float, bool]:
+    """attention_fwd's checks without running it (any device): (softmax_scale or None,
+    causal, left, right, softcap, deterministic), the window not yet normalised by causal."""
 
 def attention_varlen_fwd(
     q: Tensor,
@@ -197,13 +256,34 @@ def attention_varlen_fwd(
     max_seqlen_k: int,
     softmax_scale: Optional[float] = None,
     causal: bool = False,
-    window_size: Optional[Tuple[int, int]] = None,
+    window_size: Optional[Sequence[int]] = None,
     softcap: Optional[float] = None,
     alibi_slopes: Optional[Tensor] = None,
     out: Optional[Tensor] = None,
     softmax_lse: Optional[Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Packed variable-length attention forward: (out (total_q, hq, hd), softmax_lse (hq, total_q) float32)."""
+
+def attention_varlen_check(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Optional[Sequence[int]] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> Tuple[Optional[float], bool, int, int, float, bool, int, int]:
+    """attention_varlen_fwd's checks without running it (the offsets are read on the CPU
+    only): attention_check's options, then max_seqlen_q, max_seqlen_k as ints."""
 
 def attention_kvcache(
     q: Tensor,
@@ -214,11 +294,12 @@ def attention_kvcache(
     cache_seqlens: Union[int, Tensor, None] = None,
     softmax_scale: Optional[float] = None,
     causal: bool = False,
-    window_size: Optional[Tuple[int, int]] = None,
+    window_size: Optional[Sequence[int]] = None,
     softcap: Optional[float] = None,
     alibi_slopes: Optional[Tensor] = None,
+    return_softmax_lse: bool = False,
 ) -> Tuple[Tensor, Tensor]:
-    """Appends k/v into the caches in place at cache_seqlens, then attends over cache[:, :cache_seqlens + s_new]: (out, softmax_lse (b, hq, sq) float32)."""
+    """Appends k/v into the caches in place at cache_seqlens, then attends over cache[:, :cache_seqlens + s_new]: (out, softmax_lse (b, hq, sq) float32). return_softmax_lse is checked and changes nothing here."""
 
 def attention_bwd(
     dout: Tensor,
@@ -229,7 +310,7 @@ def attention_bwd(
     softmax_lse: Tensor,
     softmax_scale: Optional[float] = None,
     causal: bool = False,
-    window_size: Optional[Tuple[int, int]] = None,
+    window_size: Optional[Sequence[int]] = None,
     softcap: Optional[float] = None,
     alibi_slopes: Optional[Tensor] = None,
     dsoftmax_lse: Optional[Tensor] = None,
@@ -249,7 +330,7 @@ def attention_varlen_bwd(
     max_seqlen_k: int,
     softmax_scale: Optional[float] = None,
     causal: bool = False,
-    window_size: Optional[Tuple[int, int]] = None,
+    window_size: Optional[Sequence[int]] = None,
     softcap: Optional[float] = None,
     alibi_slopes: Optional[Tensor] = None,
     dsoftmax_lse: Optional[Tensor] = None,
@@ -268,6 +349,19 @@ def attention_ring(
     alibi_slopes: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """One sliding-window ring-cache step: the n new tokens (positions pos..pos+n) attend causally to the window = k_ring.shape[1] most recent positions (ring slot = position mod window, plus the new k/v), then k/v are written into the rings. (out, softmax_lse (b, hq, n) float32)."""
+
+def attention_ring_check(
+    q: Tensor,
+    k_ring: Tensor,
+    v_ring: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos: int,
+    softmax_scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+) -> int:
+    """attention_ring's checks without running it (any device): the number n of new tokens."""
 def _rotary_cuda(
     q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor, conj: bool
 ) -> Tuple[Tensor, Tensor]:
@@ -325,6 +419,25 @@ def selective_scan_fwd_ck(
     steps, for selective_scan_bwd. CPU: chunk 16, more for very large problems.
     CUDA: chunk 32 where the backward's fast kernel runs (n <= 16, time-varying
     B and C, groups of whole 32-channel blocks), else an empty (0,) tensor."""
+
+def conv_selective_scan_check(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    activation: Optional[str] = None,
+    return_last_state: bool = False,
+    initial_state: Optional[Tensor] = None,
+) -> Tuple[bool, bool, bool]:
+    """conv_selective_scan_fwd's checks without running it: (delta_softplus, silu,
+    return_last_state)."""
 
 def conv_selective_scan_fwd(
     x: Tensor,

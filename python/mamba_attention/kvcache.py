@@ -48,12 +48,22 @@ class SlidingWindowKVCache:
     """
 
     def __init__(self, batch, window, n_kv_heads, head_dim, dtype="float32", device=None):
+        import operator
+
+        sizes = []
         for name, val in (("batch", batch), ("window", window), ("n_kv_heads", n_kv_heads),
                           ("head_dim", head_dim)):
-            if isinstance(val, bool) or not isinstance(val, int):
-                raise TypeError(f"{name}: expected an int ≥ 1, got {type(val).__name__}")
-            if val < 1:
-                raise ValueError(f"{name}: expected an int ≥ 1, got {val}")
+            try:
+                if isinstance(val, bool) or type(val).__name__ in ("bool", "bool_"):
+                    raise TypeError
+                val = operator.index(val)  # Python / NumPy ints
+            except TypeError:
+                raise TypeError(f"{name}: expected an int ≥ 1, got {type(val).__name__} "
+                                f"{val!r}") from None
+            if not 1 <= val < 2**63:
+                raise ValueError(f"{name}: expected an int ≥ 1 (below 2**63), got {val}")
+            sizes.append(val)
+        batch, window, n_kv_heads, head_dim = sizes
         shape = (batch, window, n_kv_heads, head_dim)
         torch = _torch_if_dtype(dtype)
         if torch is not None:
@@ -86,7 +96,16 @@ class SlidingWindowKVCache:
 
     @pos.setter
     def pos(self, value):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _POS_MAX:
+        import operator
+
+        try:
+            if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
+                raise TypeError
+            value = operator.index(value)  # Python / NumPy ints
+        except TypeError:
+            raise TypeError(f"pos: expected an int in [0, 2**63 - 1], got "
+                            f"{type(value).__name__} {value!r}") from None
+        if not 0 <= value <= _POS_MAX:
             raise ValueError(f"pos: expected an int in [0, 2**63 - 1], got {value!r}")
         self._pos = value
         if self._pos_t is not None:
@@ -135,10 +154,14 @@ class SlidingWindowKVCache:
 
         Returns ``out`` (b, n, hq, hd); ``pos`` advances by n.
         """
+        # (q itself is checked by the Rust ring checks below; this only needs its length)
         n = q.shape[1] if hasattr(q, "shape") and len(q.shape) > 1 else 1
         self._check_positions(n)
         if getattr(getattr(q, "device", None), "type", None) == "cuda":
-            self._check_torch_step(q, k, v, softcap)
+            # The Rust ring kernel's checks (shapes, dtypes, devices, the rings'
+            # memory), without running it; returns the number of new tokens.
+            n = _core.attention_ring_check(q, self.k, self.v, k, v, self._pos, softmax_scale,
+                                           softcap, alibi_slopes)
             if n == 1 and self._pos_t is not None and q.device == self.k.device:
                 out = self._decode_one_cuda(q, k, v, softmax_scale, softcap, alibi_slopes)
             else:
@@ -151,32 +174,9 @@ class SlidingWindowKVCache:
             pos = self._pos if self._pos < self.window else self.window + self._pos % self.window
             out, _ = _core.attention_ring(q, self.k, self.v, k, v, pos, softmax_scale,
                                           softcap, alibi_slopes)
+            n = out.shape[1]
         self._pos += n
         return out
-
-    def _check_torch_step(self, q, k, v, softcap):
-        """The argument checks of the Rust ring kernel, for the CUDA paths."""
-        b, w, hk, hd = self.k.shape
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not hasattr(t, "dim") or t.dim() != 4:
-                raise ValueError(f"{name}: expected a 4-D tensor (b, n, heads, head_dim), got "
-                                 f"{getattr(t, 'shape', type(t).__name__)}")
-            if t.dtype != self.k.dtype:
-                raise TypeError(f"{name}: expected dtype {self.k.dtype} (the cache's), got {t.dtype}")
-            if t.device != self.k.device:
-                raise ValueError(f"{name}: expected a tensor on {self.k.device} (the cache's), "
-                                 f"got {t.device}")
-        n, hq = q.shape[1], q.shape[2]
-        want = (b, n, hk, hd)
-        for name, t in (("k", k), ("v", v)):
-            if tuple(t.shape) != want:
-                raise ValueError(f"{name}: expected shape {want} (b, n from q; kv heads and "
-                                 f"head_dim from k_ring), got {tuple(t.shape)}")
-        if tuple(q.shape) != (b, n, hq, hd) or n < 1 or hq % hk:
-            raise ValueError(f"q: expected shape ({b}, n ≥ 1, a multiple of {hk} heads, {hd}), "
-                             f"got {tuple(q.shape)}")
-        if softcap < 0:
-            raise ValueError(f"softcap: expected a float ≥ 0, got {softcap}")
 
     def _decode_one_cuda(self, q, k, v, softmax_scale, softcap, alibi_slopes):
         """One new token on CUDA with no host synchronisation and static shapes (so a
@@ -238,7 +238,7 @@ class SlidingWindowKVCache:
         vals = torch.cat((self.v[:, old], v), 1)
         if alibi_slopes is not None:
             alibi_slopes = torch.as_tensor(alibi_slopes, device=q.device)
-        o, _ = _torch_attention(q, keys, vals, softmax_scale, True, (w - 1, 0), softcap,
+        o, _ = _torch_attention(q, keys, vals, softmax_scale, True, w - 1, 0, softcap,
                                 alibi_slopes)
         keep = min(n, w)  # only the last W new tokens stay in the ring
         slots = (torch.arange(keep, device=q.device) + (p0 + n - keep) % w) % w

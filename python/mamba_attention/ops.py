@@ -71,17 +71,7 @@ def selective_scan_fn(
             initial_state,
         )
     return _core.selective_scan_fwd(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D,
-        z,
-        delta_bias,
-        bool(delta_softplus),
-        bool(return_last_state),
-        initial_state,
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
     )
 
 
@@ -109,17 +99,7 @@ def selective_state_update(
     Returns ``out`` (b, d) in x's dtype.
     """
     return _core.selective_state_update(
-        state,
-        x,
-        dt,
-        A,
-        B,
-        C,
-        D,
-        z,
-        dt_bias,
-        bool(dt_softplus),
-        state_batch_indices,
+        state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices
     )
 
 
@@ -157,10 +137,10 @@ def causal_conv1d_fn(
     """
     if _conv1d_needs_grad(x, weight, bias, initial_states):
         return _conv1d_autograd().apply(
-            x, weight, bias, initial_states, bool(return_final_states), activation
+            x, weight, bias, initial_states, return_final_states, activation
         )
     return _core.causal_conv1d_fwd(
-        x, weight, bias, initial_states, bool(return_final_states), activation
+        x, weight, bias, initial_states, return_final_states, activation
     )
 
 
@@ -241,71 +221,37 @@ __all__ += ["causal_conv1d_fn", "causal_conv1d_update"]
 
 
 
-def _rows(t, h, name):
-    """``t`` as a (rows, h) view (a copy only where the strides do not allow one)."""
-    if t is None:
-        return None
-    shape = getattr(t, "shape", None)
-    if shape is None or len(shape) == 0:
-        # Let the Rust checks produce the error that names the argument.
-        return t
-    if shape[-1] != h:
-        raise ValueError(
-            f"{name}: expected last dimension h = {h} (from weight), got shape {tuple(shape)}"
-        )
-    return t.reshape(-1, h)
-
-
 def rms_norm_fn(x, weight, bias=None, residual=None, prenorm=False, residual_in_fp32=False,
                 eps=1e-6):
     """RMSNorm with a fused residual add, a drop-in for mamba_ssm's ``rms_norm_fn``.
 
-    ``x`` (..., h); ``weight``, ``bias`` (h,); ``residual`` like x. With s = x +
+    ``x`` (..., h); ``weight``, ``bias`` (h,); ``residual`` of x's shape. With s = x +
     residual (float32), returns ``y = s / sqrt(mean(s²) + eps) · weight (+ bias)``
     in x's dtype, and with ``prenorm`` also the new residual stream s, in
     residual's dtype (float32 with ``residual_in_fp32`` when no residual is
     given, else x's). Differentiable in x, weight, bias and residual.
     """
-    h = weight.shape[0] if getattr(weight, "ndim", 0) == 1 else None
-    shape = getattr(x, "shape", None)
-    if h is None or shape is None or len(shape) == 0:
-        # Not tensors of the expected ranks: the Rust checks raise the error
-        # that names the argument and says what was expected.
-        return _core.rms_norm_fwd(x, weight, bias, residual, float(eps), False, False)[0]
-    x2, r2 = _rows(x, h, "x"), _rows(residual, h, "residual")
     if _needs_autograd(x, (x, weight, bias, residual)):
         from ._autograd import rms_norm
 
-        out, res = rms_norm(x2, weight, bias, r2, float(eps), bool(residual_in_fp32),
-                            store_residual=bool(prenorm))
-    else:
-        out, res, _ = _core.rms_norm_fwd(
-            x2, weight, bias, r2, float(eps), bool(prenorm), bool(residual_in_fp32)
-        )
-    out = out.reshape(shape)
-    return (out, res.reshape(shape)) if prenorm else out
+        return rms_norm(x, weight, bias, residual, prenorm, residual_in_fp32, eps)
+    out, res, _ = _core.rms_norm_fwd(x, weight, bias, residual, eps, prenorm, residual_in_fp32)
+    return (out, res) if prenorm else out
 
 
 def swiglu(gate, up):
     """``silu(gate) · up`` (SwiGLU's gating), fused; flash-attn's ``swiglu``.
 
-    ``gate`` and ``up`` have the same shape; the result has gate's dtype.
-    Differentiable in both.
+    ``gate`` and ``up`` have the same shape (..., cols); the result has gate's
+    shape and dtype. Differentiable in both.
     """
-    shape = getattr(gate, "shape", None)
-    if shape is None or len(shape) == 0 or getattr(up, "shape", None) is None:
-        return _core.swiglu_fwd(gate, up)
-    if tuple(up.shape) != tuple(shape):
-        raise ValueError(
-            f"up: expected the shape of gate {tuple(shape)}, got {tuple(up.shape)}"
-        )
-    cols = shape[-1]
-    g2, u2 = gate.reshape(-1, cols), up.reshape(-1, cols)
     if _needs_autograd(gate, (gate, up)):
         from ._autograd import swiglu_op
 
-        return swiglu_op(g2, u2).reshape(shape)
-    return _core.swiglu_fwd(g2, u2).reshape(shape)
+        return swiglu_op(gate, up)
+    return _core.swiglu_fwd(gate, up)
+
+
 def hidden_attention(delta, A, B, C, delta_bias=None, delta_softplus=False, reduce=None):
     """The hidden attention matrices of a selective scan (SPEC §4; Ali, Zimerman
     and Wolf 2024, "The Hidden Attention of Mamba Models").
@@ -324,7 +270,7 @@ def hidden_attention(delta, A, B, C, delta_bias=None, delta_softplus=False, redu
     differentiable. O(b·d·l²·n) work; the result has the kind and device of
     ``delta``.
     """
-    return _core.hidden_attention(delta, A, B, C, delta_bias, bool(delta_softplus), reduce)
+    return _core.hidden_attention(delta, A, B, C, delta_bias, delta_softplus, reduce)
 
 
 __all__ += ["hidden_attention"]
@@ -332,8 +278,13 @@ __all__ += ["hidden_attention"]
 
 
 def _check_dropout(dropout_p):
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
+    try:
+        if isinstance(dropout_p, (bool, str, bytes)) or type(dropout_p).__name__ == "bool_":
+            raise TypeError
+        dropout_p = float(dropout_p)  # Python and NumPy numbers
+    except (TypeError, ValueError):
+        raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__} "
+                        f"{dropout_p!r}") from None
     if dropout_p != 0.0:
         raise ValueError(
             f"dropout_p: only 0.0 is supported (attention dropout is not implemented), got {dropout_p}"
@@ -344,16 +295,16 @@ def _on_cuda(q):
     return getattr(getattr(q, "device", None), "type", None) == "cuda"
 
 
-def _torch_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes):
+def _torch_attention(q, k, v, softmax_scale, causal, left, right, softcap, alibi_slopes):
     """SPEC §3 in differentiable torch ops (float32, O(sq·sk) memory): the CUDA
-    training path until a CUDA attention backward exists. Returns (out, lse)."""
+    training path for float32 and head dims the CUDA kernels lack (options as
+    ``_autograd.attention_options`` parses them). Returns (out, lse)."""
     import math
 
     import torch
 
     b, sq, hq, hd = q.shape
     sk, hk = k.shape[1], k.shape[2]
-    left, right = (int(w) for w in window_size)
     if causal:
         right = 0
     # Bounds past every key are unbounded (and would overflow int64 below).
@@ -406,27 +357,28 @@ def _torch_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi
     return out, lse
 
 
-def _cuda_attention(op, q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                    varlen=None, deterministic=False):
+def _cuda_attention(op, q, k, v, opts, alibi_slopes, varlen=None):
     """Forward through the CUDA flash-attention kernel (torch float16/bfloat16 CUDA
-    tensors). With gradients required (or under torch.compile), float16/bfloat16
-    with a head dim that is a multiple of 8 up to 256 go through the custom ops of
-    ``_autograd`` (our CUDA forward and backward kernels); other dtypes and head
-    dims run the differentiable torch formula (:func:`_torch_attention`)."""
+    tensors), ``opts`` as ``_autograd.attention_options`` returns them. With
+    gradients required (or under torch.compile), float16/bfloat16 with a head dim
+    that is a multiple of 8 up to 256 go through the custom ops of ``_autograd``
+    (our CUDA forward and backward kernels); other dtypes and head dims run the
+    differentiable torch formula (:func:`_torch_attention`)."""
     import math
 
     import torch
 
-    if _needs_autograd(q, (q, k, v)):
-        from . import _autograd
+    from . import _autograd
 
+    softmax_scale, causal, left, right, softcap, deterministic = opts[:6]
+    if _needs_autograd(q, (q, k, v)):
         if _autograd.cuda_attention_supported(q, k, v):
             if varlen is None:
-                return _autograd.flash_attn(q, k, v, softmax_scale, causal, window_size,
+                return _autograd.flash_attn(q, k, v, softmax_scale, causal, left, right,
                                             softcap, alibi_slopes, deterministic)
-            cu_q, cu_k, max_q, max_k = varlen
-            return _autograd.flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k,
-                                               softmax_scale, causal, window_size, softcap,
+            cu_q, cu_k = varlen
+            return _autograd.flash_attn_varlen(q, k, v, cu_q, cu_k, opts[6], opts[7],
+                                               softmax_scale, causal, left, right, softcap,
                                                alibi_slopes, deterministic)
         if varlen is not None:
             raise RuntimeError(
@@ -434,21 +386,10 @@ def _cuda_attention(op, q, k, v, softmax_scale, causal, window_size, softcap, al
                 "are required: the CUDA attention backward takes float16/bfloat16 with a "
                 "head dim that is a multiple of 8 up to 256"
             )
-        return _torch_attention(q, k, v, softmax_scale, causal, window_size, softcap,
+        return _torch_attention(q, k, v, softmax_scale, causal, left, right, softcap,
                                 alibi_slopes)
-    try:
-        left, right = (int(w) for w in window_size)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"window_size: expected a pair of ints (left, right), got {window_size!r}"
-        ) from None
     if causal:
         right = 0
-    if left < -1 or right < -1:
-        raise ValueError("window_size: expected (left, right) with each side ≥ 0, or -1 for "
-                         f"unbounded, got {tuple(window_size)!r}")
-    # Bounds past int64 are unbounded too (the kernel saturates the rest).
-    left, right = min(left, 2**62), min(right, 2**62)
     hd = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(hd)
     if varlen is None:
@@ -460,11 +401,11 @@ def _cuda_attention(op, q, k, v, softmax_scale, causal, window_size, softcap, al
     else:
         # The kernel writes the rows of the sequences only: the others (padding)
         # get out 0 and lse -inf, as on the CPU.
-        cu_q, cu_k, max_q, max_k = varlen
+        cu_q, cu_k = varlen
         out = q.new_zeros(q.shape)
         lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32)
         _core._flash_attn_fwd_cuda(q, k, v, out, lse, scale, left, right, float(softcap),
-                                   alibi_slopes, cu_q, cu_k, int(max_q), int(max_k))
+                                   alibi_slopes, cu_q, cu_k, int(opts[6]), int(opts[7]))
     return out, lse
 
 
@@ -513,17 +454,20 @@ def flash_attn_func(
     ``torch.compile(fullgraph=True)``) through ``torch.library`` custom ops.
     """
     _check_dropout(dropout_p)
-    if _on_cuda(q):
-        out, lse = _cuda_attention("flash_attn_func", q, k, v, softmax_scale, causal,
-                                   window_size, softcap, alibi_slopes,
-                                   deterministic=deterministic)
-    elif _needs_autograd(q, (q, k, v)):
-        from ._autograd import flash_attn
+    if _on_cuda(q) or _needs_autograd(q, (q, k, v)):
+        from . import _autograd
 
-        out, lse = flash_attn(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
+        # Checked in Rust first, so that every path raises the same errors.
+        opts = _autograd.attention_options(q, k, v, softmax_scale, causal, window_size, softcap,
+                                           alibi_slopes, deterministic, return_attn_probs)
+        if _on_cuda(q):
+            out, lse = _cuda_attention("flash_attn_func", q, k, v, opts, alibi_slopes)
+        else:
+            out, lse = _autograd.flash_attn(q, k, v, *opts[:5], alibi_slopes)
     else:
         out, lse = _core.attention_fwd(
-            q, k, v, softmax_scale, bool(causal), window_size, softcap, alibi_slopes
+            q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes,
+            deterministic=deterministic, return_attn_probs=return_attn_probs,
         )
     return (out, lse, None) if return_attn_probs else out
 
@@ -559,22 +503,26 @@ def flash_attn_varlen_func(
     (out, softmax_lse (hq, total_q) float32, None). Differentiable in q, k, v.
     """
     _check_dropout(dropout_p)
-    if _on_cuda(q):
-        out, lse = _cuda_attention("flash_attn_varlen_func", q, k, v, softmax_scale, causal,
-                                   window_size, softcap, alibi_slopes,
-                                   varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                           max_seqlen_k), deterministic=deterministic)
-    elif _needs_autograd(q, (q, k, v)):
-        from ._autograd import flash_attn_varlen
+    if _on_cuda(q) or _needs_autograd(q, (q, k, v)):
+        from . import _autograd
 
-        out, lse = flash_attn_varlen(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            softmax_scale, causal, window_size, softcap, alibi_slopes,
+        # Checked in Rust first, so that every path raises the same errors.
+        opts = _autograd.attention_options(
+            q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+            return_attn_probs, varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
         )
+        if _on_cuda(q):
+            out, lse = _cuda_attention("flash_attn_varlen_func", q, k, v, opts, alibi_slopes,
+                                       varlen=(cu_seqlens_q, cu_seqlens_k))
+        else:
+            out, lse = _autograd.flash_attn_varlen(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, opts[6], opts[7], *opts[:5], alibi_slopes,
+            )
     else:
         out, lse = _core.attention_varlen_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            softmax_scale, bool(causal), window_size, softcap, alibi_slopes,
+            softmax_scale, causal, window_size, softcap, alibi_slopes,
+            deterministic=deterministic, return_attn_probs=return_attn_probs,
         )
     return (out, lse, None) if return_attn_probs else out
 
@@ -614,8 +562,8 @@ def flash_attn_with_kvcache(
     with ``return_softmax_lse``.
     """
     out, lse = _core.attention_kvcache(
-        q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, bool(causal), window_size,
-        softcap, alibi_slopes,
+        q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size,
+        softcap, alibi_slopes, return_softmax_lse,
     )
     return (out, lse) if return_softmax_lse else out
 
@@ -624,10 +572,17 @@ def sliding_window_attention(q, k, v, window):
     """Samba's sliding-window attention: each query attends to the ``window`` most
     recent keys including its own position, i.e.
     ``flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))``."""
-    if isinstance(window, bool) or not isinstance(window, int):
-        raise TypeError(f"window: expected an int ≥ 1, got {type(window).__name__}")
-    if window < 1:
-        raise ValueError(f"window: expected an int ≥ 1, got {window}")
+    import operator
+
+    try:
+        if isinstance(window, bool) or type(window).__name__ in ("bool", "bool_"):
+            raise TypeError
+        window = operator.index(window)  # Python / NumPy ints, 0-d integer tensors
+    except TypeError:
+        raise TypeError(f"window: expected an int ≥ 1, got {type(window).__name__} "
+                        f"{window!r}") from None
+    if not 1 <= window < 2**63:
+        raise ValueError(f"window: expected an int in [1, 2**63), got {window}")
     return flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))
 
 
@@ -715,9 +670,9 @@ def conv_selective_scan_fn(
         D,
         z,
         delta_bias,
-        bool(delta_softplus),
+        delta_softplus,
         activation,
-        bool(return_last_state),
+        return_last_state,
         initial_state,
     )
 

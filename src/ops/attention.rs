@@ -935,99 +935,14 @@ pub use py::register;
 #[cfg(feature = "python")]
 mod py {
     use super::*;
+    use crate::args::{self, Given};
     use crate::cpu::attention::attn_forward;
     use crate::cpu::SimdLevel;
     use crate::error::catch_panic;
-    use crate::tensor::{alloc, extract, extract_opt};
+    use crate::ops::attention_args::{int_arg, options, parse_fwd, parse_ring, parse_varlen, Opts};
+    use crate::tensor::{alloc, check_writes, extract, extract_opt};
     use pyo3::prelude::*;
     use pyo3::types::PyTuple;
-
-    /// `window_size` as a pair of ints, naming the argument on failure.
-    fn window_arg(w: &Bound<'_, PyAny>) -> Result<(i64, i64)> {
-        // Python ints beyond int64 saturate (a bound that large is unbounded,
-        // see saturate_window; a very negative one is still rejected).
-        let sat = |x: &Bound<'_, PyAny>| -> Option<i64> {
-            if !x.is_instance_of::<pyo3::types::PyInt>() {
-                return None;
-            }
-            Some(
-                x.extract::<i64>()
-                    .unwrap_or(if x.gt(0).ok()? { i64::MAX } else { i64::MIN }),
-            )
-        };
-        if let Ok((l, r)) = w.extract::<(Bound<'_, PyAny>, Bound<'_, PyAny>)>() {
-            if let (Some(l), Some(r)) = (sat(&l), sat(&r)) {
-                return Ok((l, r));
-            }
-        }
-        w.extract::<(i64, i64)>().map_err(|_| {
-            Error::type_(format!(
-                "window_size: expected a pair of ints (left, right), got {}",
-                w.repr()
-                    .map(|r| r.to_string())
-                    .unwrap_or_else(|_| "?".into())
-            ))
-        })
-    }
-
-    fn scale_arg(s: Option<&Bound<'_, PyAny>>) -> Result<Option<f64>> {
-        match s {
-            None => Ok(None),
-            Some(o) if o.is_none() => Ok(None),
-            Some(o) => o.extract::<f64>().map(Some).map_err(|_| {
-                Error::type_(format!(
-                    "softmax_scale: expected a float or None, got {}",
-                    o.repr()
-                        .map(|r| r.to_string())
-                        .unwrap_or_else(|_| "?".into())
-                ))
-            }),
-        }
-    }
-
-    fn float_arg(name: &str, s: &Bound<'_, PyAny>) -> Result<f64> {
-        s.extract::<f64>().map_err(|_| {
-            Error::type_(format!(
-                "{name}: expected a float, got {}",
-                s.repr()
-                    .map(|r| r.to_string())
-                    .unwrap_or_else(|_| "?".into())
-            ))
-        })
-    }
-
-    /// softcap: a float, 0 when None or absent.
-    fn softcap_arg(s: Option<&Bound<'_, PyAny>>) -> Result<f64> {
-        match s {
-            Some(s) if !s.is_none() => float_arg("softcap", s),
-            _ => Ok(0.0),
-        }
-    }
-
-    /// (softmax_scale, window (left, right) with -1 unbounded, softcap): the
-    /// options every attention binding takes.
-    fn options(
-        softmax_scale: Option<&Bound<'_, PyAny>>,
-        window_size: Option<&Bound<'_, PyAny>>,
-        softcap: Option<&Bound<'_, PyAny>>,
-    ) -> Result<(Option<f64>, (i64, i64), f64)> {
-        let window = match window_size {
-            Some(w) if !w.is_none() => window_arg(w)?,
-            _ => (-1, -1),
-        };
-        Ok((scale_arg(softmax_scale)?, window, softcap_arg(softcap)?))
-    }
-
-    fn int_arg(name: &str, s: &Bound<'_, PyAny>) -> Result<i64> {
-        s.extract::<i64>().map_err(|_| {
-            Error::type_(format!(
-                "{name}: expected an int, got {}",
-                s.repr()
-                    .map(|r| r.to_string())
-                    .unwrap_or_else(|_| "?".into())
-            ))
-        })
-    }
 
     fn run_job(op: &'static str, job: &crate::cpu::attention::AttnJob) -> Result<()> {
         let level = SimdLevel::current()?;
@@ -1053,8 +968,11 @@ mod py {
 
     /// flash_attn_func's forward: returns (out, softmax_lse (b, hq, sq) float32).
     /// `out` / `softmax_lse` may be given to write into (destination passing).
+    /// `deterministic` and `return_attn_probs` are flash_attn_func's flags,
+    /// checked here (the CPU kernel is always deterministic; the caller
+    /// decides what to return).
     #[pyfunction]
-    #[pyo3(signature = (q, k, v, softmax_scale=None, causal=false, window_size=None, softcap=None, alibi_slopes=None, out=None, softmax_lse=None))]
+    #[pyo3(signature = (q, k, v, softmax_scale=None, causal=Given(None), window_size=None, softcap=None, alibi_slopes=None, out=None, softmax_lse=None, deterministic=Given(None), return_attn_probs=Given(None)))]
     #[allow(clippy::too_many_arguments)]
     fn attention_fwd<'py>(
         py: Python<'py>,
@@ -1062,45 +980,51 @@ mod py {
         k: &Bound<'py, PyAny>,
         v: &Bound<'py, PyAny>,
         softmax_scale: Option<&Bound<'py, PyAny>>,
-        causal: bool,
+        causal: Given<'py>,
         window_size: Option<&Bound<'py, PyAny>>,
         softcap: Option<&Bound<'py, PyAny>>,
         alibi_slopes: Option<&Bound<'py, PyAny>>,
         out: Option<&Bound<'py, PyAny>>,
         softmax_lse: Option<&Bound<'py, PyAny>>,
+        deterministic: Given<'py>,
+        return_attn_probs: Given<'py>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let (scale, window, softcap) = options(softmax_scale, window_size, softcap)?;
-        let qv = extract("q", q)?;
-        let kv = extract("k", k)?;
-        let vv = extract("v", v)?;
-        let av = extract_opt("alibi_slopes", alibi_slopes)?;
-        let args = AttnArgs {
-            q: &qv,
-            k: &kv,
-            v: &vv,
-            alibi: av.as_ref(),
-        };
-        let p = check_attn(&args, scale, causal, window, softcap)?;
+        let f = parse_fwd(
+            q,
+            k,
+            v,
+            softmax_scale,
+            &causal,
+            window_size,
+            softcap,
+            alibi_slopes,
+            &deterministic,
+            &return_attn_probs,
+        )?;
+        let (args, p, qv) = (f.args(), &f.p, &f.q);
         let ov = extract_opt("out", out)?;
         let lv = extract_opt("softmax_lse", softmax_lse)?;
         check_dest(
             ov.as_ref(),
             lv.as_ref(),
-            &qv,
+            qv,
             &[p.b, p.hq, p.sq],
             "(b, hq, sq)",
         )?;
+        let written: Vec<&TensorView> = ov.iter().chain(lv.iter()).collect();
+        let read: Vec<&TensorView> = [&f.q, &f.k, &f.v].into_iter().chain(&f.alibi).collect();
+        check_writes(&written, &read)?;
         launch("flash_attn_func", qv.device, || {
-            let (oo, o) = dest("out", out, q, &qv, &qv.shape, None)?;
+            let (oo, o) = dest("out", out, q, qv, &qv.shape, None)?;
             let (lo, l) = dest(
                 "softmax_lse",
                 softmax_lse,
                 q,
-                &qv,
+                qv,
                 &[p.b, p.hq, p.sq],
                 Some(DType::F32),
             )?;
-            let job = plan_attn(&p, &args, &o, Some(&l));
+            let job = plan_attn(p, &args, &o, Some(&l));
             py.detach(|| run_job("flash_attn_func", &job))?;
             Ok([oo, lo])
         })
@@ -1109,9 +1033,9 @@ mod py {
     }
 
     /// flash_attn_varlen_func's forward: returns (out (total_q, hq, hd),
-    /// softmax_lse (hq, total_q) float32).
+    /// softmax_lse (hq, total_q) float32). Flags as `attention_fwd`.
     #[pyfunction]
-    #[pyo3(signature = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=false, window_size=None, softcap=None, alibi_slopes=None, out=None, softmax_lse=None))]
+    #[pyo3(signature = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=Given(None), window_size=None, softcap=None, alibi_slopes=None, out=None, softmax_lse=None, deterministic=Given(None), return_attn_probs=Given(None)))]
     #[allow(clippy::too_many_arguments)]
     fn attention_varlen_fwd<'py>(
         py: Python<'py>,
@@ -1123,56 +1047,55 @@ mod py {
         max_seqlen_q: &Bound<'py, PyAny>,
         max_seqlen_k: &Bound<'py, PyAny>,
         softmax_scale: Option<&Bound<'py, PyAny>>,
-        causal: bool,
+        causal: Given<'py>,
         window_size: Option<&Bound<'py, PyAny>>,
         softcap: Option<&Bound<'py, PyAny>>,
         alibi_slopes: Option<&Bound<'py, PyAny>>,
         out: Option<&Bound<'py, PyAny>>,
         softmax_lse: Option<&Bound<'py, PyAny>>,
+        deterministic: Given<'py>,
+        return_attn_probs: Given<'py>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let (scale, window, softcap) = options(softmax_scale, window_size, softcap)?;
-        let mq = int_arg("max_seqlen_q", max_seqlen_q)?;
-        let mk = int_arg("max_seqlen_k", max_seqlen_k)?;
-        for (n, m) in [("max_seqlen_q", mq), ("max_seqlen_k", mk)] {
-            if m < 0 {
-                return Err(Error::value(format!("{n}: expected an int ≥ 0, got {m}")).into());
-            }
-        }
-        let qv = extract("q", q)?;
-        let kv = extract("k", k)?;
-        let vv = extract("v", v)?;
-        let cq = extract("cu_seqlens_q", cu_seqlens_q)?;
-        let ck = extract("cu_seqlens_k", cu_seqlens_k)?;
-        let av = extract_opt("alibi_slopes", alibi_slopes)?;
-        let args = AttnArgs {
-            q: &qv,
-            k: &kv,
-            v: &vv,
-            alibi: av.as_ref(),
-        };
-        let p = check_varlen(&args, &cq, &ck, scale, causal, window, softcap)?;
+        let f = parse_varlen(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            softmax_scale,
+            &causal,
+            window_size,
+            softcap,
+            alibi_slopes,
+            &deterministic,
+            &return_attn_probs,
+        )?;
+        let (args, p, qv) = (f.args(), &f.p, &f.q);
         let ov = extract_opt("out", out)?;
         let lv = extract_opt("softmax_lse", softmax_lse)?;
-        check_dest(
-            ov.as_ref(),
-            lv.as_ref(),
-            &qv,
-            &[p.hq, p.sq],
-            "(hq, total_q)",
-        )?;
+        check_dest(ov.as_ref(), lv.as_ref(), qv, &[p.hq, p.sq], "(hq, total_q)")?;
+        let written: Vec<&TensorView> = ov.iter().chain(lv.iter()).collect();
+        let read: Vec<&TensorView> = [&f.q, &f.k, &f.v, &f.cu_q, &f.cu_k]
+            .into_iter()
+            .chain(&f.alibi)
+            .collect();
+        check_writes(&written, &read)?;
+        let (mq, mk) = (f.max_q as usize, f.max_k as usize);
         launch("flash_attn_varlen_func", qv.device, || {
-            let cu_q = cu_host(&cq, p.sq, mq as usize)?;
-            let cu_k = cu_host(&ck, p.sk, mk as usize)?;
+            let cu_q = cu_host(&f.cu_q, p.sq, mq)?;
+            let cu_k = cu_host(&f.cu_k, p.sk, mk)?;
             let p = AttnParams {
                 varlen: Some((cu_q.clone(), cu_k.clone())),
                 ..p.clone()
             };
-            let (oo, o) = dest("out", out, q, &qv, &qv.shape, None)?;
+            let (oo, o) = dest("out", out, q, qv, &qv.shape, None)?;
             let (lo, l) = dest(
                 "softmax_lse",
                 softmax_lse,
                 q,
-                &qv,
+                qv,
                 &[p.hq, p.sq],
                 Some(DType::F32),
             )?;
@@ -1253,7 +1176,7 @@ mod py {
     /// at cache_seqlens, then attends over cache[:, :cache_seqlens + s_new].
     /// Returns (out, softmax_lse (b, hq, sq) float32).
     #[pyfunction]
-    #[pyo3(signature = (q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, softmax_scale=None, causal=false, window_size=None, softcap=None, alibi_slopes=None))]
+    #[pyo3(signature = (q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, softmax_scale=None, causal=Given(None), window_size=None, softcap=None, alibi_slopes=None, return_softmax_lse=Given(None)))]
     #[allow(clippy::too_many_arguments)]
     fn attention_kvcache<'py>(
         py: Python<'py>,
@@ -1264,12 +1187,19 @@ mod py {
         v: Option<&Bound<'py, PyAny>>,
         cache_seqlens: Option<&Bound<'py, PyAny>>,
         softmax_scale: Option<&Bound<'py, PyAny>>,
-        causal: bool,
+        causal: Given<'py>,
         window_size: Option<&Bound<'py, PyAny>>,
         softcap: Option<&Bound<'py, PyAny>>,
         alibi_slopes: Option<&Bound<'py, PyAny>>,
+        return_softmax_lse: Given<'py>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let (scale, window, softcap) = options(softmax_scale, window_size, softcap)?;
+        let Opts {
+            scale,
+            causal,
+            window,
+            softcap,
+        } = options(softmax_scale, &causal, window_size, softcap)?;
+        args::flag("return_softmax_lse", &return_softmax_lse, false)?;
         let qv = extract("q", q)?;
         let kcv = extract("k_cache", k_cache)?;
         let vcv = extract("v_cache", v_cache)?;
@@ -1285,6 +1215,12 @@ mod py {
             alibi: av.as_ref(),
         };
         let (p, snew) = check_kvcache(&args, scale, causal, window, softcap)?;
+        if let (Some(k), Some(v)) = (args.k, args.v) {
+            // The caches are written: their rows must be distinct memory, and
+            // apart from every input.
+            let read: Vec<&TensorView> = [&qv, k, v].into_iter().chain(&av).collect();
+            check_writes(&[&kcv, &vcv], &read)?;
+        }
         let seqlens = seqlens_arg(cache_seqlens, p.b, qv.device)?;
         launch("flash_attn_with_kvcache", qv.device, || {
             let lens = cache_lens(seqlens, p.b, p.sk, snew)?;
@@ -1370,7 +1306,7 @@ mod py {
     /// the forward's out and softmax_lse; `dsoftmax_lse` is the gradient reaching
     /// lse, if any.
     #[pyfunction]
-    #[pyo3(signature = (dout, q, k, v, out, softmax_lse, softmax_scale=None, causal=false, window_size=None, softcap=None, alibi_slopes=None, dsoftmax_lse=None))]
+    #[pyo3(signature = (dout, q, k, v, out, softmax_lse, softmax_scale=None, causal=Given(None), window_size=None, softcap=None, alibi_slopes=None, dsoftmax_lse=None))]
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd<'py>(
         py: Python<'py>,
@@ -1381,13 +1317,18 @@ mod py {
         out: &Bound<'py, PyAny>,
         softmax_lse: &Bound<'py, PyAny>,
         softmax_scale: Option<&Bound<'py, PyAny>>,
-        causal: bool,
+        causal: Given<'py>,
         window_size: Option<&Bound<'py, PyAny>>,
         softcap: Option<&Bound<'py, PyAny>>,
         alibi_slopes: Option<&Bound<'py, PyAny>>,
         dsoftmax_lse: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let (scale, window, softcap) = options(softmax_scale, window_size, softcap)?;
+        let Opts {
+            scale,
+            causal,
+            window,
+            softcap,
+        } = options(softmax_scale, &causal, window_size, softcap)?;
         let qv = extract("q", q)?;
         let kv = extract("k", k)?;
         let vv = extract("v", v)?;
@@ -1427,7 +1368,7 @@ mod py {
     /// Backward of flash_attn_varlen_func: (dq, dk, dv); rows outside every
     /// sequence get 0.
     #[pyfunction]
-    #[pyo3(signature = (dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=false, window_size=None, softcap=None, alibi_slopes=None, dsoftmax_lse=None))]
+    #[pyo3(signature = (dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=Given(None), window_size=None, softcap=None, alibi_slopes=None, dsoftmax_lse=None))]
     #[allow(clippy::too_many_arguments)]
     fn attention_varlen_bwd<'py>(
         py: Python<'py>,
@@ -1442,13 +1383,18 @@ mod py {
         max_seqlen_q: &Bound<'py, PyAny>,
         max_seqlen_k: &Bound<'py, PyAny>,
         softmax_scale: Option<&Bound<'py, PyAny>>,
-        causal: bool,
+        causal: Given<'py>,
         window_size: Option<&Bound<'py, PyAny>>,
         softcap: Option<&Bound<'py, PyAny>>,
         alibi_slopes: Option<&Bound<'py, PyAny>>,
         dsoftmax_lse: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let (scale, window, softcap) = options(softmax_scale, window_size, softcap)?;
+        let Opts {
+            scale,
+            causal,
+            window,
+            softcap,
+        } = options(softmax_scale, &causal, window_size, softcap)?;
         let mq = int_arg("max_seqlen_q", max_seqlen_q)?.max(0) as usize;
         let mk = int_arg("max_seqlen_k", max_seqlen_k)?.max(0) as usize;
         let qv = extract("q", q)?;
@@ -1514,34 +1460,28 @@ mod py {
         softcap: Option<&Bound<'py, PyAny>>,
         alibi_slopes: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let scale = scale_arg(softmax_scale)?;
-        let softcap = softcap_arg(softcap)?;
-        let pos = int_arg("pos", pos)?;
-        let qv = extract("q", q)?;
-        let krv = extract("k_ring", k_ring)?;
-        let vrv = extract("v_ring", v_ring)?;
-        let kv = extract("k", k)?;
-        let vv = extract("v", v)?;
-        let av = extract_opt("alibi_slopes", alibi_slopes)?;
-        let args = RingArgs {
-            q: &qv,
-            k_ring: &krv,
-            v_ring: &vrv,
-            k: &kv,
-            v: &vv,
-            alibi: av.as_ref(),
-        };
-        let p = check_ring(&args, pos, scale, softcap)?;
+        let r = parse_ring(
+            q,
+            k_ring,
+            v_ring,
+            k,
+            v,
+            pos,
+            softmax_scale,
+            softcap,
+            alibi_slopes,
+        )?;
+        let (args, p, qv, pos) = (r.args(), &r.p, &r.q, r.pos);
         launch("SlidingWindowKVCache", qv.device, || {
-            let (oo, o) = alloc("out", q, &qv, &qv.shape, None)?;
-            let (lo, l) = alloc("softmax_lse", q, &qv, &[p.b, p.hq, p.sq], Some(DType::F32))?;
-            let job = plan_ring(&p, &args, &o, Some(&l));
-            let w = krv.shape[1];
+            let (oo, o) = alloc("out", q, qv, &qv.shape, None)?;
+            let (lo, l) = alloc("softmax_lse", q, qv, &[p.b, p.hq, p.sq], Some(DType::F32))?;
+            let job = plan_ring(p, &args, &o, Some(&l));
+            let w = r.k_ring.shape[1];
             let shape = [p.b, p.sq, p.hk, p.hd];
             py.detach(|| {
                 run_job("SlidingWindowKVCache", &job)?;
-                ring_write(&kv.raw(), &krv.raw(), shape, w, ring_pos(pos as u64, w));
-                ring_write(&vv.raw(), &vrv.raw(), shape, w, ring_pos(pos as u64, w));
+                ring_write(&r.k.raw(), &r.k_ring.raw(), shape, w, ring_pos(pos as u64, w));
+                ring_write(&r.v.raw(), &r.v_ring.raw(), shape, w, ring_pos(pos as u64, w));
                 Ok(())
             })?;
             Ok([oo, lo])

@@ -54,13 +54,15 @@ fn check_weight(
     let w = weight.shape[1];
     if weight.shape[0] != d {
         return Err(Error::value(format!(
-            "weight: expected shape (d, w) with d = {d} (from {of}), got {}",
+            "{}: expected shape (d, w) with d = {d} (from {of}), got {}",
+            weight.name,
             weight.shape_str()
         )));
     }
     if !(MIN_W..=MAX_W).contains(&w) {
         return Err(Error::value(format!(
-            "weight: the width w = {w} (dimension 1 of shape {}) must be between {MIN_W} and {MAX_W}",
+            "{}: the width w = {w} (dimension 1 of shape {}) must be between {MIN_W} and {MAX_W}",
+            weight.name,
             weight.shape_str()
         )));
     }
@@ -282,11 +284,12 @@ pub use py::register;
 #[cfg(feature = "python")]
 mod py {
     use super::*;
+    use crate::args::Given;
     use crate::cpu::conv1d::{conv_backward, conv_forward, conv_update};
     use crate::cpu::SimdLevel;
     use crate::cuda::conv1d::ConvParams;
     use crate::error::catch_panic;
-    use crate::tensor::{alloc, current_stream, extract, extract_opt, DType};
+    use crate::tensor::{alloc, check_writes, current_stream, extract, extract_opt, DType};
     use pyo3::prelude::*;
     use pyo3::types::{PyString, PyTuple};
 
@@ -310,16 +313,18 @@ mod py {
 
     /// Causal depthwise conv1d forward; see `mamba_attention.ops.causal_conv1d_fn`.
     #[pyfunction]
-    #[pyo3(signature = (x, weight, bias=None, initial_states=None, return_final_states=false, activation=None))]
+    #[pyo3(signature = (x, weight, bias=None, initial_states=None, return_final_states=Given(None), activation=None))]
     fn causal_conv1d_fwd<'py>(
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
         weight: &Bound<'py, PyAny>,
         bias: Option<&Bound<'py, PyAny>>,
         initial_states: Option<&Bound<'py, PyAny>>,
-        return_final_states: bool,
+        return_final_states: Given<'py>,
         activation: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let return_final_states =
+            crate::args::flag("return_final_states", &return_final_states, false)?;
         let silu = activation_arg(activation)?;
         let xv = extract("x", x)?;
         let wv = extract("weight", weight)?;
@@ -406,6 +411,8 @@ mod py {
         // CUDA: torch tensors, float32/16/bf16 x (before any other check, as before).
         check_backend(&xv, "causal_conv1d_update")?;
         let dims = check_conv_update(&args)?;
+        let read: Vec<&TensorView> = [&xv, &wv].into_iter().chain(bv.iter().chain(&cv)).collect();
+        check_writes(&[&sv], &read)?;
         let (out_obj, out) = alloc("out", x, &xv, &xv.shape, None)?;
         if let Device::Cuda(ord) = xv.device {
             let (b, d, l, w, sl, _) = dims;

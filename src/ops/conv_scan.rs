@@ -92,10 +92,96 @@ mod py {
     use pyo3::prelude::*;
     use pyo3::types::PyTuple;
 
+    use crate::args::{self, Given};
+
+    struct Parsed {
+        v: ScanViews,
+        w: TensorView,
+        bias: Option<TensorView>,
+        dims: (ScanDims, usize),
+        flags: (bool, bool, bool),
+    }
+
+    /// The inputs, read; the flags (delta_softplus, silu, return_last_state).
+    #[allow(non_snake_case, clippy::too_many_arguments)]
+    fn parse(
+        x: &Bound<'_, PyAny>,
+        conv_weight: &Bound<'_, PyAny>,
+        conv_bias: Option<&Bound<'_, PyAny>>,
+        delta: &Bound<'_, PyAny>,
+        A: &Bound<'_, PyAny>,
+        B: &Bound<'_, PyAny>,
+        C: &Bound<'_, PyAny>,
+        D: Option<&Bound<'_, PyAny>>,
+        z: Option<&Bound<'_, PyAny>>,
+        delta_bias: Option<&Bound<'_, PyAny>>,
+        delta_softplus: &Given<'_>,
+        activation: Option<&Bound<'_, PyAny>>,
+        return_last_state: &Given<'_>,
+        initial_state: Option<&Bound<'_, PyAny>>,
+    ) -> Result<Parsed> {
+        let delta_softplus = args::flag("delta_softplus", delta_softplus, false)?;
+        let return_last_state = args::flag("return_last_state", return_last_state, false)?;
+        let silu = activation_arg(activation)?;
+        let v = ScanViews::extract("x", x, delta, A, B, C, D, z, delta_bias, initial_state)?;
+        let wv = extract("conv_weight", conv_weight)?;
+        let cbv = extract_opt("conv_bias", conv_bias)?;
+        check_backend(&v.u)?;
+        let dims = check_conv_scan(&v.args(), &wv, cbv.as_ref())?;
+        Ok(Parsed {
+            v,
+            w: wv,
+            bias: cbv,
+            dims,
+            flags: (delta_softplus, silu, return_last_state),
+        })
+    }
+
+    /// Checks conv_selective_scan_fn's arguments without running it (what
+    /// the custom-op path calls first); returns (delta_softplus, silu,
+    /// return_last_state) as bools.
+    #[pyfunction]
+    #[pyo3(signature = (x, conv_weight, conv_bias, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=Given(None), activation=None, return_last_state=Given(None), initial_state=None))]
+    #[allow(non_snake_case, clippy::too_many_arguments)]
+    fn conv_selective_scan_check(
+        x: &Bound<'_, PyAny>,
+        conv_weight: &Bound<'_, PyAny>,
+        conv_bias: Option<&Bound<'_, PyAny>>,
+        delta: &Bound<'_, PyAny>,
+        A: &Bound<'_, PyAny>,
+        B: &Bound<'_, PyAny>,
+        C: &Bound<'_, PyAny>,
+        D: Option<&Bound<'_, PyAny>>,
+        z: Option<&Bound<'_, PyAny>>,
+        delta_bias: Option<&Bound<'_, PyAny>>,
+        delta_softplus: Given<'_>,
+        activation: Option<&Bound<'_, PyAny>>,
+        return_last_state: Given<'_>,
+        initial_state: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<(bool, bool, bool)> {
+        let p = parse(
+            x,
+            conv_weight,
+            conv_bias,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            &delta_softplus,
+            activation,
+            &return_last_state,
+            initial_state,
+        )?;
+        Ok(p.flags)
+    }
+
     /// Fused causal conv1d + selective scan forward; see
     /// `mamba_attention.ops.conv_selective_scan_fn`.
     #[pyfunction]
-    #[pyo3(signature = (x, conv_weight, conv_bias, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=false, activation=None, return_last_state=false, initial_state=None))]
+    #[pyo3(signature = (x, conv_weight, conv_bias, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=Given(None), activation=None, return_last_state=Given(None), initial_state=None))]
     #[allow(non_snake_case, clippy::too_many_arguments)]
     fn conv_selective_scan_fwd<'py>(
         py: Python<'py>,
@@ -109,18 +195,30 @@ mod py {
         D: Option<&Bound<'py, PyAny>>,
         z: Option<&Bound<'py, PyAny>>,
         delta_bias: Option<&Bound<'py, PyAny>>,
-        delta_softplus: bool,
+        delta_softplus: Given<'py>,
         activation: Option<&Bound<'py, PyAny>>,
-        return_last_state: bool,
+        return_last_state: Given<'py>,
         initial_state: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let silu = activation_arg(activation)?;
-        let v = ScanViews::extract("x", x, delta, A, B, C, D, z, delta_bias, initial_state)?;
-        let wv = extract("conv_weight", conv_weight)?;
-        let cbv = extract_opt("conv_bias", conv_bias)?;
+        let p = parse(
+            x,
+            conv_weight,
+            conv_bias,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            &delta_softplus,
+            activation,
+            &return_last_state,
+            initial_state,
+        )?;
+        let (delta_softplus, silu, return_last_state) = p.flags;
+        let (v, wv, cbv, (dims, w)) = (p.v, p.w, p.bias, p.dims);
         let (args, xv) = (v.args(), &v.u);
-        check_backend(xv)?;
-        let (dims, w) = check_conv_scan(&args, &wv, cbv.as_ref())?;
         let (out_obj, out) = alloc("out", x, xv, &[dims.b, dims.d, dims.l], None)?;
         let last = if return_last_state {
             Some(alloc(
@@ -184,6 +282,7 @@ mod py {
 
     pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add_function(wrap_pyfunction!(conv_selective_scan_fwd, m)?)?;
+        m.add_function(wrap_pyfunction!(conv_selective_scan_check, m)?)?;
         Ok(())
     }
 }

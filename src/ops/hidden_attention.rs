@@ -132,6 +132,7 @@ pub use py::register;
 #[cfg(feature = "python")]
 mod py {
     use super::*;
+    use crate::args::Given;
     use crate::cpu::SimdLevel;
     use crate::error::catch_panic;
     use crate::tensor::{alloc, current_stream, extract, extract_opt};
@@ -139,7 +140,7 @@ mod py {
 
     /// Hidden attention matrices of a selective scan; see `mamba_attention.ops.hidden_attention`.
     #[pyfunction]
-    #[pyo3(signature = (delta, A, B, C, delta_bias=None, delta_softplus=false, reduce=None))]
+    #[pyo3(signature = (delta, A, B, C, delta_bias=None, delta_softplus=Given(None), reduce=None))]
     #[allow(non_snake_case, clippy::too_many_arguments)]
     fn hidden_attention<'py>(
         py: Python<'py>,
@@ -148,9 +149,10 @@ mod py {
         B: &Bound<'py, PyAny>,
         C: &Bound<'py, PyAny>,
         delta_bias: Option<&Bound<'py, PyAny>>,
-        delta_softplus: bool,
+        delta_softplus: Given<'py>,
         reduce: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let delta_softplus = crate::args::flag("delta_softplus", &delta_softplus, false)?;
         let reduce: Option<String> = match reduce {
             None => None,
             Some(r) if r.is_none() => None,

@@ -2,6 +2,7 @@
 //! every backend; the `#[pyfunction]` bindings live beside them.
 
 pub mod attention;
+pub mod attention_args;
 pub mod attention_bwd_cuda;
 pub mod attention_cuda;
 pub mod conv1d;

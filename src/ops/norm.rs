@@ -9,11 +9,19 @@ use crate::tensor::{DType, TensorView};
 /// Largest rows / columns (the CUDA kernels index rows and columns with i32).
 const MAX_DIM: usize = i32::MAX as usize;
 
-fn check_2d(t: &TensorView, desc: &str) -> Result<(usize, usize)> {
+/// Checks an (..., cols) tensor: float, at least 1-d, non-empty; returns
+/// (rows, cols), rows the product of the leading dimensions.
+fn check_rows(t: &TensorView, desc: &str) -> Result<(usize, usize)> {
     t.expect_float()?;
-    t.expect_rank(2, desc)?;
+    if t.ndim() == 0 {
+        return Err(Error::value(format!(
+            "{}: expected a tensor of shape {desc} (at least 1-d), got a 0-d tensor",
+            t.name
+        )));
+    }
     t.expect_nonempty()?;
-    let (r, c) = (t.shape[0], t.shape[1]);
+    let c = t.shape[t.ndim() - 1];
+    let r = t.numel() / c;
     if r > MAX_DIM || c > MAX_DIM {
         return Err(Error::value(format!(
             "{}: dimensions above 2**31 - 1 are not supported, got shape {}",
@@ -60,10 +68,23 @@ pub struct RmsArgs<'a> {
     pub residual: Option<&'a TensorView>,
 }
 
-/// Checks the forward; returns (rows, h).
+/// Checks the forward (x of any rank ≥ 1, residual of x's shape); returns
+/// (rows, h).
 pub fn check_rms(a: &RmsArgs) -> Result<(usize, usize)> {
-    let (rows, h) = check_2d(a.x, "(rows, h)")?;
-    check_vec(a.weight, h, a.x)?;
+    let (rows, h) = check_rows(a.x, "(..., h)")?;
+    // weight (h,) sets h; x's last dimension must match it.
+    let w = a.weight;
+    w.expect_float()?;
+    w.expect_device(a.x.device, a.x.name)?;
+    w.expect_rank(1, "(h,)")?;
+    if w.shape[0] != h {
+        return Err(Error::value(format!(
+            "{}: expected last dimension h = {} (from weight), got shape {}",
+            a.x.name,
+            w.shape[0],
+            a.x.shape_str()
+        )));
+    }
     if let Some(b) = a.bias {
         check_vec(b, h, a.x)?;
     }
@@ -91,7 +112,9 @@ pub struct RmsBwdArgs<'a> {
     pub dres_out: Option<&'a TensorView>,
 }
 
+/// Checks the backward, on (rows, h) views (the custom op flattens).
 pub fn check_rms_bwd(a: &RmsBwdArgs) -> Result<(usize, usize)> {
+    a.fwd.x.expect_rank(2, "(rows, h)")?;
     let (rows, h) = check_rms(&a.fwd)?;
     check_like(a.dy, a.fwd.x)?;
     if let Some(d) = a.dres_out {
@@ -103,13 +126,13 @@ pub fn check_rms_bwd(a: &RmsBwdArgs) -> Result<(usize, usize)> {
     Ok((rows, h))
 }
 
-/// Checks gate and up (and dout): equal (rows, cols) shapes; returns them.
+/// Checks gate and up (and dout): equal (..., cols) shapes; returns (rows, cols).
 pub fn check_swiglu(
     g: &TensorView,
     u: &TensorView,
     dy: Option<&TensorView>,
 ) -> Result<(usize, usize)> {
-    let (rows, cols) = check_2d(g, "(rows, cols)")?;
+    let (rows, cols) = check_rows(g, "(..., cols)")?;
     check_like(u, g)?;
     if let Some(d) = dy {
         check_like(d, g)?;
@@ -123,6 +146,7 @@ pub use py::register;
 #[cfg(feature = "python")]
 mod py {
     use super::*;
+    use crate::args::{self, Given};
     use crate::cpu::norm::{RmsNormBwdJob, RmsNormJob, SwiGluJob};
     use crate::cuda::norm::{RmsNormBwdParams, RmsNormParams, SwiGluParams};
     use crate::cuda::scan::Tensor4;
@@ -152,9 +176,84 @@ mod py {
     use pyo3::prelude::*;
     use pyo3::types::PyTuple;
 
-    /// RMSNorm forward on (rows, h): (out, residual_out or None, rstd float32 (rows,)).
+    /// An (..., cols) view as (rows, cols): the same memory where the leading
+    /// dimensions collapse into one stride, else a copy (`obj.reshape`).
+    fn rows_view(obj: &Bound<'_, PyAny>, mut v: TensorView) -> Result<TensorView> {
+        if v.collapse_rows() {
+            return Ok(v);
+        }
+        let c = v.shape[v.ndim() - 1];
+        let rows = v.numel() / c;
+        let r = obj
+            .call_method1(pyo3::intern!(obj.py(), "reshape"), ((rows, c),))
+            .map_err(|e| Error::runtime(format!("{}: could not copy it to rows: {e}", v.name)))?;
+        let mut t = extract(v.name, &r)?;
+        if !t.collapse_rows() {
+            return Err(Error::runtime(format!(
+                "{}: its reshaped copy is not a (rows, cols) view",
+                v.name
+            )));
+        }
+        if t._owner.is_none() {
+            t._owner = Some(r.unbind());
+        }
+        Ok(t)
+    }
+
+    /// rms_norm_fn's inputs, read and checked (N-d, as given).
+    struct RmsIn {
+        x: TensorView,
+        w: TensorView,
+        b: Option<TensorView>,
+        r: Option<TensorView>,
+        eps: f32,
+        prenorm: bool,
+        fp32: bool,
+        rows: usize,
+        h: usize,
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn parse_rms(
+        x: &Bound<'_, PyAny>,
+        weight: &Bound<'_, PyAny>,
+        bias: Option<&Bound<'_, PyAny>>,
+        residual: Option<&Bound<'_, PyAny>>,
+        eps: &Given<'_>,
+        prenorm: &Given<'_>,
+        residual_in_fp32: &Given<'_>,
+    ) -> Result<RmsIn> {
+        let eps = check_eps(args::float_or("eps", eps, 1e-6)?)?;
+        let prenorm = args::flag("prenorm", prenorm, false)?;
+        let fp32 = args::flag("residual_in_fp32", residual_in_fp32, false)?;
+        let xv = extract("x", x)?;
+        let wv = extract("weight", weight)?;
+        let bv = extract_opt("bias", bias)?;
+        let rv = extract_opt("residual", residual)?;
+        let (rows, h) = check_rms(&RmsArgs {
+            x: &xv,
+            weight: &wv,
+            bias: bv.as_ref(),
+            residual: rv.as_ref(),
+        })?;
+        Ok(RmsIn {
+            x: xv,
+            w: wv,
+            b: bv,
+            r: rv,
+            eps,
+            prenorm,
+            fp32,
+            rows,
+            h,
+        })
+    }
+
+    /// RMSNorm forward on x (..., h): (out (x's shape), residual_out (x's
+    /// shape) or None, rstd float32 (rows,)), rows the product of x's leading
+    /// dimensions. `prenorm` returns the residual stream.
     #[pyfunction]
-    #[pyo3(signature = (x, weight, bias=None, residual=None, eps=1e-6, store_residual=false, residual_in_fp32=false))]
+    #[pyo3(signature = (x, weight, bias=None, residual=None, eps=Given(None), prenorm=Given(None), residual_in_fp32=Given(None)))]
     #[allow(clippy::too_many_arguments)]
     fn rms_norm_fwd<'py>(
         py: Python<'py>,
@@ -162,29 +261,37 @@ mod py {
         weight: &Bound<'py, PyAny>,
         bias: Option<&Bound<'py, PyAny>>,
         residual: Option<&Bound<'py, PyAny>>,
-        eps: f64,
-        store_residual: bool,
-        residual_in_fp32: bool,
+        eps: Given<'py>,
+        prenorm: Given<'py>,
+        residual_in_fp32: Given<'py>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let xv = extract("x", x)?;
-        let wv = extract("weight", weight)?;
-        let bv = extract_opt("bias", bias)?;
-        let rv = extract_opt("residual", residual)?;
-        let eps = check_eps(eps)?;
-        let args = RmsArgs {
-            x: &xv,
-            weight: &wv,
-            bias: bv.as_ref(),
-            residual: rv.as_ref(),
+        let a = parse_rms(x, weight, bias, residual, &eps, &prenorm, &residual_in_fp32)?;
+        let (rows, h, eps) = (a.rows, a.h, a.eps);
+        let shape = a.x.shape.clone();
+        let res_dt = residual_dtype(
+            &RmsArgs {
+                x: &a.x,
+                weight: &a.w,
+                bias: a.b.as_ref(),
+                residual: a.r.as_ref(),
+            },
+            a.fp32,
+        );
+        let xv = rows_view(x, a.x)?;
+        let rv = match (residual, a.r) {
+            (Some(o), Some(v)) => Some(rows_view(o, v)?),
+            _ => None,
         };
-        let (rows, h) = check_rms(&args)?;
-        let (out_obj, out) = alloc("out", x, &xv, &[rows, h], None)?;
-        let res_out = if store_residual {
-            let dt = residual_dtype(&args, residual_in_fp32);
-            Some(alloc("residual_out", x, &xv, &[rows, h], Some(dt))?)
+        let (wv, bv) = (a.w, a.b);
+        let (out_obj, mut out) = alloc("out", x, &xv, &shape, None)?;
+        let res_out = if a.prenorm {
+            let (o, mut v) = alloc("residual_out", x, &xv, &shape, Some(res_dt))?;
+            v.collapse_rows();
+            Some((o, v))
         } else {
             None
         };
+        out.collapse_rows();
         let (rstd_obj, rstd) = alloc("rstd", x, &xv, &[rows], Some(DType::F32))?;
         let ro = res_out.as_ref().map(|r| &r.1);
         match xv.device {
@@ -360,15 +467,28 @@ mod py {
             None => None,
         };
         let (rows, cols) = check_swiglu(&gv, &uv, dyv.as_ref())?;
-        let (o_obj, o) = alloc(
+        let shape = gv.shape.clone();
+        let udt = uv.dtype;
+        let gv = rows_view(gate, gv)?;
+        let uv = rows_view(up, uv)?;
+        let dyv = match (dout, dyv) {
+            (Some(d), Some(v)) => Some(rows_view(d, v)?),
+            _ => None,
+        };
+        let (o_obj, mut o) = alloc(
             if dyv.is_some() { "dgate" } else { "out" },
             gate,
             &gv,
-            &[rows, cols],
+            &shape,
             None,
         )?;
+        o.collapse_rows();
         let du = match &dyv {
-            Some(_) => Some(alloc("dup", gate, &gv, &[rows, cols], Some(uv.dtype))?),
+            Some(_) => {
+                let (d, mut v) = alloc("dup", gate, &gv, &shape, Some(udt))?;
+                v.collapse_rows();
+                Some((d, v))
+            }
             None => None,
         };
         let duv = du.as_ref().map(|t| &t.1);
@@ -415,7 +535,36 @@ mod py {
         Ok(res)
     }
 
-    /// silu(gate)·up on (rows, cols), in gate's dtype.
+    /// Checks rms_norm_fn's arguments without running it (the custom-op path
+    /// of `ops.rms_norm_fn` calls it first); returns (eps, prenorm,
+    /// residual_in_fp32) parsed.
+    #[pyfunction]
+    #[pyo3(signature = (x, weight, bias=None, residual=None, eps=Given(None), prenorm=Given(None), residual_in_fp32=Given(None)))]
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_check(
+        x: &Bound<'_, PyAny>,
+        weight: &Bound<'_, PyAny>,
+        bias: Option<&Bound<'_, PyAny>>,
+        residual: Option<&Bound<'_, PyAny>>,
+        eps: Given<'_>,
+        prenorm: Given<'_>,
+        residual_in_fp32: Given<'_>,
+    ) -> PyResult<(f64, bool, bool)> {
+        let eps_given = args::float_or("eps", &eps, 1e-6)?;
+        let a = parse_rms(x, weight, bias, residual, &eps, &prenorm, &residual_in_fp32)?;
+        Ok((eps_given, a.prenorm, a.fp32))
+    }
+
+    /// Checks swiglu's arguments without running it.
+    #[pyfunction]
+    fn swiglu_check(gate: &Bound<'_, PyAny>, up: &Bound<'_, PyAny>) -> PyResult<()> {
+        let gv = extract("gate", gate)?;
+        let uv = extract("up", up)?;
+        check_swiglu(&gv, &uv, None)?;
+        Ok(())
+    }
+
+    /// silu(gate)·up on (..., cols), in gate's dtype and shape.
     #[pyfunction]
     fn swiglu_fwd<'py>(
         py: Python<'py>,
@@ -425,7 +574,8 @@ mod py {
         Ok(run_swiglu(py, gate, up, None)?.remove(0))
     }
 
-    /// Gradients of swiglu: (dgate in gate's dtype, dup in up's dtype).
+    /// Gradients of swiglu: (dgate in gate's dtype, dup in up's dtype), of
+    /// gate's shape.
     #[pyfunction]
     fn swiglu_bwd<'py>(
         py: Python<'py>,
@@ -441,6 +591,8 @@ mod py {
         m.add_function(wrap_pyfunction!(rms_norm_bwd, m)?)?;
         m.add_function(wrap_pyfunction!(swiglu_fwd, m)?)?;
         m.add_function(wrap_pyfunction!(swiglu_bwd, m)?)?;
+        m.add_function(wrap_pyfunction!(rms_norm_check, m)?)?;
+        m.add_function(wrap_pyfunction!(swiglu_check, m)?)?;
         Ok(())
     }
 }

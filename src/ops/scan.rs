@@ -507,16 +507,19 @@ pub use py::register;
 #[cfg(feature = "python")]
 mod py {
     use super::*;
+    use crate::args::{self, Given};
     use crate::cpu::scan::{scan_forward, state_update};
     use crate::cpu::SimdLevel;
     use crate::error::catch_panic;
-    use crate::tensor::{alloc, alloc_reuse, current_stream, extract, extract_opt, DType};
+    use crate::tensor::{
+        alloc, alloc_reuse, check_writes, current_stream, extract, extract_opt, DType,
+    };
     use pyo3::prelude::*;
     use pyo3::types::PyTuple;
 
     /// Forward selective scan; see `mamba_attention.ops.selective_scan_fn`.
     #[pyfunction]
-    #[pyo3(signature = (u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=false, return_last_state=false, initial_state=None))]
+    #[pyo3(signature = (u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=Given(None), return_last_state=Given(None), initial_state=None))]
     #[allow(non_snake_case, clippy::too_many_arguments)]
     fn selective_scan_fwd<'py>(
         py: Python<'py>,
@@ -528,10 +531,12 @@ mod py {
         D: Option<&Bound<'py, PyAny>>,
         z: Option<&Bound<'py, PyAny>>,
         delta_bias: Option<&Bound<'py, PyAny>>,
-        delta_softplus: bool,
-        return_last_state: bool,
+        delta_softplus: Given<'py>,
+        return_last_state: Given<'py>,
         initial_state: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let delta_softplus = args::flag("delta_softplus", &delta_softplus, false)?;
+        let return_last_state = args::flag("return_last_state", &return_last_state, false)?;
         let v = ScanViews::extract("u", u, delta, A, B, C, D, z, delta_bias, initial_state)?;
         let (args, uv) = (v.args(), &v.u);
         let dims = check_scan(&args)?;
@@ -577,9 +582,37 @@ mod py {
         }
     }
 
+    /// Checks selective_scan_fn's arguments without running it (what the
+    /// custom-op path of `ops.selective_scan_fn` calls first, so that every
+    /// path raises the same errors); returns the flags (delta_softplus,
+    /// return_last_state) as bools.
+    #[pyfunction]
+    #[pyo3(signature = (u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=Given(None), return_last_state=Given(None), initial_state=None))]
+    #[allow(non_snake_case, clippy::too_many_arguments)]
+    fn selective_scan_check(
+        u: &Bound<'_, PyAny>,
+        delta: &Bound<'_, PyAny>,
+        A: &Bound<'_, PyAny>,
+        B: &Bound<'_, PyAny>,
+        C: &Bound<'_, PyAny>,
+        D: Option<&Bound<'_, PyAny>>,
+        z: Option<&Bound<'_, PyAny>>,
+        delta_bias: Option<&Bound<'_, PyAny>>,
+        delta_softplus: Given<'_>,
+        return_last_state: Given<'_>,
+        initial_state: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<(bool, bool)> {
+        let delta_softplus = args::flag("delta_softplus", &delta_softplus, false)?;
+        let return_last_state = args::flag("return_last_state", &return_last_state, false)?;
+        let v = ScanViews::extract("u", u, delta, A, B, C, D, z, delta_bias, initial_state)?;
+        check_scan(&v.args())?;
+        check_backend(&v.u)?;
+        Ok((delta_softplus, return_last_state))
+    }
+
     /// One decoding step; see `mamba_attention.ops.selective_state_update`.
     #[pyfunction]
-    #[pyo3(signature = (state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=false, state_batch_indices=None))]
+    #[pyo3(signature = (state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Given(None), state_batch_indices=None))]
     #[allow(non_snake_case, clippy::too_many_arguments)]
     fn selective_state_update<'py>(
         py: Python<'py>,
@@ -592,9 +625,10 @@ mod py {
         D: Option<&Bound<'py, PyAny>>,
         z: Option<&Bound<'py, PyAny>>,
         dt_bias: Option<&Bound<'py, PyAny>>,
-        dt_softplus: bool,
+        dt_softplus: Given<'py>,
         state_batch_indices: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let dt_softplus = args::flag("dt_softplus", &dt_softplus, false)?;
         let sv = extract("state", state)?;
         let xv = extract("x", x)?;
         let dtv = extract("dt", dt)?;
@@ -618,6 +652,11 @@ mod py {
             state_batch_indices: idx.as_ref(),
         };
         let dims = check_update(&args)?;
+        let read: Vec<&TensorView> = [&xv, &dtv, &av, &bv, &cv]
+            .into_iter()
+            .chain(dsk.iter().chain(&zv).chain(&bias).chain(&idx))
+            .collect();
+        check_writes(&[&sv], &read)?;
         check_backend(&xv)?;
         let (out_obj, out) = alloc("out", x, &xv, &[dims.0, dims.1], None)?;
         match xv.device {
@@ -648,6 +687,7 @@ mod py {
     pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add_function(wrap_pyfunction!(selective_scan_fwd, m)?)?;
         m.add_function(wrap_pyfunction!(selective_state_update, m)?)?;
+        m.add_function(wrap_pyfunction!(selective_scan_check, m)?)?;
         Ok(())
     }
 }

@@ -142,6 +142,7 @@ pub use py::register;
 #[cfg(feature = "python")]
 mod py {
     use super::*;
+    use crate::args::Given;
     use crate::cpu::scan_bwd::scan_backward_ck;
     use crate::cpu::SimdLevel;
     use crate::error::{catch_panic, Error};
@@ -154,7 +155,7 @@ mod py {
     /// ddelta_bias, dinitial_state): du, ddelta in u's dtype, dz in z's, the rest
     /// float32 in their input's shape; None for an input that was None.
     #[pyfunction]
-    #[pyo3(signature = (u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=false, initial_state=None, dout=None, dlast_state=None, checkpoints=None))]
+    #[pyo3(signature = (u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=Given(None), initial_state=None, dout=None, dlast_state=None, checkpoints=None))]
     #[allow(non_snake_case, clippy::too_many_arguments)]
     fn selective_scan_bwd<'py>(
         py: Python<'py>,
@@ -166,12 +167,13 @@ mod py {
         D: Option<&Bound<'py, PyAny>>,
         z: Option<&Bound<'py, PyAny>>,
         delta_bias: Option<&Bound<'py, PyAny>>,
-        delta_softplus: bool,
+        delta_softplus: Given<'py>,
         initial_state: Option<&Bound<'py, PyAny>>,
         dout: Option<&Bound<'py, PyAny>>,
         dlast_state: Option<&Bound<'py, PyAny>>,
         checkpoints: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
+        let delta_softplus = crate::args::flag("delta_softplus", &delta_softplus, false)?;
         let v = ScanViews::extract("u", u, delta, A, B, C, D, z, delta_bias, initial_state)?;
         let (uv, bv, cv) = (&v.u, &v.b, &v.c);
         let (dsk, zv, bias, init) = (&v.d, &v.z, &v.delta_bias, &v.initial_state);

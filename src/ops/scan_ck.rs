@@ -85,6 +85,7 @@ pub use py::register;
 #[cfg(feature = "python")]
 mod py {
     use super::*;
+    use crate::args::Given;
     use crate::cpu::scan::scan_forward_ck;
     use crate::cpu::SimdLevel;
     use crate::error::catch_panic;
@@ -99,7 +100,7 @@ mod py {
     /// = `checkpoint_chunk`, on CUDA 32 where `cuda_checkpoints` holds (else
     /// an empty (0,) tensor).
     #[pyfunction]
-    #[pyo3(signature = (u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=false, initial_state=None))]
+    #[pyo3(signature = (u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=Given(None), initial_state=None))]
     #[allow(non_snake_case, clippy::too_many_arguments)]
     fn selective_scan_fwd_ck<'py>(
         py: Python<'py>,
@@ -111,9 +112,10 @@ mod py {
         D: Option<&Bound<'py, PyAny>>,
         z: Option<&Bound<'py, PyAny>>,
         delta_bias: Option<&Bound<'py, PyAny>>,
-        delta_softplus: bool,
+        delta_softplus: Given<'py>,
         initial_state: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
+        let delta_softplus = crate::args::flag("delta_softplus", &delta_softplus, false)?;
         let v = ScanViews::extract("u", u, delta, A, B, C, D, z, delta_bias, initial_state)?;
         let (args, uv, bv, cv) = (v.args(), &v.u, &v.b, &v.c);
         let dims = check_scan(&args)?;

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._args import bool_arg, float_arg, int_arg, tensor_arg
+
 __all__ = ["MambaAttention", "SlidingWindowAttention", "apply_rotary", "apply_rotary_qk",
            "rotary_inv_freq"]
 
@@ -100,8 +102,15 @@ class MambaAttention(nn.Module):
     def __init__(self, hidden_size, num_heads=8, window_size=None, causal=False, dropout=0.0,
                  bias=True, batch_first=False, device=None, dtype=None):
         super().__init__()
-        if window_size is not None and (isinstance(window_size, bool) or window_size < 0):
-            raise ValueError(f"window_size: expected None or an int ≥ 0, got {window_size!r}")
+        hidden_size = int_arg("hidden_size", hidden_size)
+        num_heads = int_arg("num_heads", num_heads)
+        if window_size is not None:
+            window_size = int_arg("window_size", window_size, 0)
+        causal, bias = bool_arg("causal", causal), bool_arg("bias", bias)
+        batch_first = bool_arg("batch_first", batch_first)
+        dropout = float_arg("dropout", dropout, 0.0)
+        if dropout > 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.window_size, self.causal = window_size, causal
         self.dropout, self.batch_first = dropout, batch_first
@@ -109,16 +118,9 @@ class MambaAttention(nn.Module):
         self.local_attention = _MHABranch(hidden_size, num_heads, bias, device, dtype)
 
     def forward(self, x):
-        if x.dim() != 3:
-            raise ValueError(
-                f"x: expected a 3-d tensor {'(N, L, E)' if self.batch_first else '(L, N, E)'}, "
-                f"got shape {tuple(x.shape)}"
-            )
-        if x.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"x: expected last dimension hidden_size = {self.hidden_size}, got shape "
-                f"{tuple(x.shape)}"
-            )
+        e = self.hidden_size
+        tensor_arg("x", x, f"(N, L, {e})" if self.batch_first else f"(L, N, {e})", last=e, ndim=3,
+                   last_name="hidden_size")
         xb = x if self.batch_first else x.transpose(0, 1)
         p = self.dropout if self.training else 0.0
         out = (self.global_attention(xb, self.causal, None, p)
@@ -182,7 +184,13 @@ class SlidingWindowAttention(nn.Module):
     def __init__(self, d_model, n_heads, n_kv_heads=None, head_dim=None, window_size=2048,
                  rope_base=10000.0, bias=False, device=None, dtype=None):
         super().__init__()
-        n_kv_heads = n_kv_heads or n_heads
+        d_model, n_heads = int_arg("d_model", d_model), int_arg("n_heads", n_heads)
+        n_kv_heads = n_heads if n_kv_heads is None else int_arg("n_kv_heads", n_kv_heads)
+        if head_dim is not None:
+            head_dim = int_arg("head_dim", head_dim)
+        window_size = int_arg("window_size", window_size)
+        rope_base = float_arg("rope_base", rope_base, 0.0, exclusive=True)
+        bias = bool_arg("bias", bias)
         if n_heads % n_kv_heads:
             raise ValueError(
                 f"n_kv_heads: n_heads = {n_heads} must be a multiple of n_kv_heads, got {n_kv_heads}"
@@ -192,8 +200,8 @@ class SlidingWindowAttention(nn.Module):
                 raise ValueError(f"n_heads: d_model = {d_model} must be divisible by n_heads, "
                                  f"got {n_heads} (or pass head_dim)")
             head_dim = d_model // n_heads
-        if window_size < 1:
-            raise ValueError(f"window_size: expected an int ≥ 1, got {window_size}")
+        if head_dim % 2:
+            raise ValueError(f"head_dim: rotary embeddings need an even head_dim, got {head_dim}")
         self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
         self.head_dim, self.window_size, self.rope_base = head_dim, window_size, rope_base
         kw = dict(bias=bias, device=device, dtype=dtype)
@@ -211,7 +219,7 @@ class SlidingWindowAttention(nn.Module):
         return q, k, v
 
     def forward(self, x):
-        b, l, _ = x.shape
+        b, l, _ = tensor_arg("x", x, f"(b, l, {self.d_model})", last=self.d_model, ndim=3)
         q, k, v = self._qkv(x, torch.arange(l, device=x.device))
         o = _flash_attn_func(q, k, v, causal=True, window_size=(self.window_size - 1, 0))
         return self.out_proj(o.reshape(b, l, self.n_heads * self.head_dim))
@@ -228,7 +236,12 @@ class SlidingWindowAttention(nn.Module):
     def step(self, x, cache):
         """One or a few new tokens ``x`` (b, n, d_model) at positions
         ``cache.pos …``; returns (b, n, d_model) and advances the cache."""
-        b, n, _ = x.shape
+        from ..kvcache import SlidingWindowKVCache
+
+        b, n, _ = tensor_arg("x", x, f"(b, n, {self.d_model})", last=self.d_model, ndim=3)
+        if not isinstance(cache, SlidingWindowKVCache):
+            raise TypeError(f"cache: expected a SlidingWindowKVCache (from "
+                            f"allocate_inference_cache), got {type(cache).__name__}")
         pos = cache.positions(n)
         q, k, v = self._qkv(x, pos)
         o = cache.append_and_attend(q, k, v)

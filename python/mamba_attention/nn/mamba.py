@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._args import bool_arg, float_arg, int_arg, tensor_arg
 from ..ops import (
     causal_conv1d_fn,
     causal_conv1d_update,
@@ -102,6 +103,23 @@ class Mamba(nn.Module):
     ):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
+        d_model = int_arg("d_model", d_model)
+        d_state = int_arg("d_state", d_state)
+        d_conv = int_arg("d_conv", d_conv, 2)
+        float_arg("expand", expand, 0.0, exclusive=True)
+        if int(expand * d_model) < 1:
+            raise ValueError(f"expand: expand · d_model must be ≥ 1, got {expand} · {d_model}")
+        if not (isinstance(dt_rank, str) and dt_rank == "auto"):
+            if isinstance(dt_rank, str):
+                raise ValueError(f'dt_rank: expected "auto" or an int ≥ 1, got {dt_rank!r}')
+            dt_rank = int_arg("dt_rank", dt_rank)
+        dt_min = float_arg("dt_min", dt_min, 0.0, exclusive=True)
+        dt_max = float_arg("dt_max", dt_max, 0.0, exclusive=True)
+        if dt_min > dt_max:
+            raise ValueError(f"dt_max: expected dt_max ≥ dt_min = {dt_min}, got {dt_max}")
+        dt_scale = float_arg("dt_scale", dt_scale)
+        dt_init_floor = float_arg("dt_init_floor", dt_init_floor, 0.0)
+        conv_bias, bias = bool_arg("conv_bias", conv_bias), bool_arg("bias", bias)
         if dt_init not in ("constant", "random"):
             raise ValueError(f'dt_init: expected "constant" or "random", got {dt_init!r}')
         self.d_model = d_model
@@ -304,6 +322,11 @@ class Mamba(nn.Module):
             )
         want_conv = (batch, self.d_inner, self.d_conv)
         want_ssm = (batch, self.d_inner, self.d_state)
+        for name, t in (("conv_state", conv_state), ("ssm_state", ssm_state)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                what = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(f"{name}: expected a floating-point torch.Tensor (from "
+                                f"allocate_inference_cache), got {what}")
         if tuple(conv_state.shape) != want_conv:
             raise ValueError(f"conv_state: expected shape {want_conv}, got {tuple(conv_state.shape)}")
         if tuple(ssm_state.shape) != want_ssm:
@@ -317,7 +340,10 @@ class Mamba(nn.Module):
         x_db = F.linear(x, self.x_proj.weight)  # (b, dt_rank + 2 d_state)
         dt, B, C = torch.split(x_db, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # the bias goes in as dt_bias
-        state = ssm_state if ssm_state.dtype == torch.float32 else ssm_state.float()
+        # The kernel updates a float32 state in place: another dtype, or a lazily
+        # negated view (the negative bit), goes through a float32 copy.
+        direct = ssm_state.dtype == torch.float32 and not ssm_state.is_neg()
+        state = ssm_state if direct else ssm_state.to(torch.float32).resolve_neg()
         y = selective_state_update(
             state,
             x,
@@ -367,14 +393,5 @@ class Mamba(nn.Module):
 
 
 def _check_input(hidden_states, d_model):
-    """(b, l, d_model) torch tensor check; returns the shape."""
-    if not isinstance(hidden_states, torch.Tensor):
-        raise TypeError(
-            f"hidden_states: expected a torch.Tensor of shape (b, l, {d_model}), "
-            f"got {type(hidden_states).__name__}"
-        )
-    if hidden_states.dim() != 3 or hidden_states.shape[-1] != d_model:
-        raise ValueError(
-            f"hidden_states: expected shape (b, l, {d_model}), got {tuple(hidden_states.shape)}"
-        )
-    return hidden_states.shape
+    """(b, l, d_model) floating torch tensor check; returns the shape."""
+    return tensor_arg("hidden_states", hidden_states, f"(b, l, {d_model})", last=d_model, ndim=3)

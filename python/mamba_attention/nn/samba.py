@@ -17,6 +17,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from ._args import int_arg, float_arg, tensor_arg
 from .attention import SlidingWindowAttention
 from .layers import GatedMLP, RMSNorm
 from .mamba import Mamba
@@ -41,6 +42,14 @@ class SambaConfig:
     mlp_hidden: Optional[int] = None
     vocab_size: int = 32000
     norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("d_model", "n_blocks", "n_heads", "n_kv_heads", "head_dim", "window_size",
+                     "d_state", "d_conv", "expand", "vocab_size"):
+            int_arg(name, getattr(self, name))
+        if self.mlp_hidden is not None:
+            int_arg("mlp_hidden", self.mlp_hidden)
+        float_arg("norm_eps", self.norm_eps, 0.0)
 
 
 #: The published model sizes (SPEC §5: width, query/kv heads, head dim, window
@@ -68,6 +77,11 @@ class SambaBlock(nn.Module):
                  d_state=16, d_conv=4, expand=2, mlp_hidden=None, norm_eps=1e-5, layer_idx=None,
                  device=None, dtype=None):
         super().__init__()
+        # Checked here too, so that errors name this constructor's arguments.
+        d_model, n_heads = int_arg("d_model", d_model), int_arg("n_heads", n_heads)
+        window_size, d_state = int_arg("window_size", window_size), int_arg("d_state", d_state)
+        d_conv = int_arg("d_conv", d_conv, 2)
+        float_arg("norm_eps", norm_eps, 0.0)
         kw = dict(device=device, dtype=dtype)
         self.layer_idx = layer_idx
         self.norms = nn.ModuleList([RMSNorm(d_model, eps=norm_eps, **kw) for _ in range(4)])
@@ -80,7 +94,20 @@ class SambaBlock(nn.Module):
     def _mixers(self):
         return (self.mamba, self.mlp1, self.swa, self.mlp2)
 
+    def _check(self, hidden, residual, one=False):
+        d = self.norms[0].weight.shape[0]
+        shape = tensor_arg("hidden", hidden, f"(b, {1 if one else 'l'}, {d})", last=d, ndim=3)
+        if one and shape[1] != 1:
+            raise ValueError(f"hidden: step decodes one token, expected shape (b, 1, {d}), "
+                             f"got {tuple(shape)}")
+        if residual is not None:
+            tensor_arg("residual", residual, f"{tuple(shape)} (hidden's)", last=d, ndim=3)
+            if residual.shape != shape:
+                raise ValueError(f"residual: expected hidden's shape {tuple(shape)}, got "
+                                 f"{tuple(residual.shape)}")
+
     def forward(self, hidden, residual=None):
+        self._check(hidden, residual)
         for norm, mixer in zip(self.norms, self._mixers()):
             hidden, residual = norm(hidden, residual, prenorm=True, residual_in_fp32=True)
             hidden = mixer(hidden)
@@ -94,6 +121,10 @@ class SambaBlock(nn.Module):
 
     def step(self, hidden, residual, cache):
         """One token: ``hidden`` (b, 1, d); returns (hidden, residual); updates ``cache``."""
+        self._check(hidden, residual, one=True)
+        if not isinstance(cache, list) or len(cache) != 3:
+            raise TypeError("cache: expected the list [conv_state, ssm_state, kv cache] of "
+                            f"allocate_inference_cache, got {type(cache).__name__}")
         conv_state, ssm_state, kv = cache
         for i, (norm, mixer) in enumerate(zip(self.norms, self._mixers())):
             hidden, residual = norm(hidden, residual, prenorm=True, residual_in_fp32=True)
@@ -119,6 +150,8 @@ class Samba(nn.Module):
 
     def __init__(self, config: SambaConfig, tie_embeddings=True, device=None, dtype=None):
         super().__init__()
+        if not isinstance(config, SambaConfig):
+            raise TypeError(f"config: expected a SambaConfig, got {type(config).__name__}")
         c = config
         kw = dict(device=device, dtype=dtype)
         self.config = c
@@ -142,7 +175,27 @@ class Samba(nn.Module):
         cfg = SAMBA_CONFIGS[name]
         return cls(SambaConfig(**{**cfg.__dict__, **overrides}), **kw)
 
+    def _ids(self, input_ids, one=False):
+        """Checks token ids: an integer tensor (b, l) (l = 1 for a step), values in
+        [0, vocab_size) (checked on the CPU; on CUDA the embedding asserts)."""
+        want = "(b, 1)" if one else "(b, l) with l ≥ 1"
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids: expected an integer torch.Tensor {want}, got "
+                            f"{type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"input_ids: expected an int32 or int64 tensor (token ids), got "
+                            f"dtype {input_ids.dtype}")
+        if input_ids.dim() != 2 or input_ids.numel() == 0 or (one and input_ids.shape[1] != 1):
+            raise ValueError(f"input_ids: expected shape {want} (non-empty), got "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.device.type == "cpu" and input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids: expected token ids in [0, vocab_size = "
+                                 f"{self.config.vocab_size}), got values in [{lo}, {hi}]")
+
     def forward(self, input_ids):
+        self._ids(input_ids)
         hidden, residual = self.embedding(input_ids), None
         for block in self.blocks:
             hidden, residual = block(hidden, residual)
@@ -155,8 +208,10 @@ class Samba(nn.Module):
     @torch.no_grad()
     def step(self, input_ids, cache):
         """Logits (b, 1, vocab) of one new token per sequence (``input_ids`` (b, 1))."""
-        if input_ids.dim() != 2 or input_ids.shape[1] != 1:
-            raise ValueError(f"input_ids: expected shape (b, 1), got {tuple(input_ids.shape)}")
+        self._ids(input_ids, one=True)
+        if not isinstance(cache, (list, tuple)) or len(cache) != len(self.blocks):
+            raise ValueError(f"cache: expected one entry per block ({len(self.blocks)}) from "
+                             f"allocate_inference_cache, got {type(cache).__name__}")
         hidden, residual = self.embedding(input_ids), None
         for block, c in zip(self.blocks, cache):
             hidden, residual = block.step(hidden, residual, c)
@@ -176,9 +231,8 @@ class Samba(nn.Module):
         fed token by token through ``step`` (constant memory at any length).
         ``cuda_graph`` (default: on when the model is on CUDA) runs each step as a
         captured CUDA graph (:meth:`capture_step`)."""
-        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids: expected shape (b, l) with l ≥ 1, got "
-                             f"{tuple(input_ids.shape)}")
+        self._ids(input_ids)
+        max_new_tokens = int_arg("max_new_tokens", max_new_tokens, 0)
         on_cuda = self.embedding.weight.device.type == "cuda"
         if cuda_graph is None:
             cuda_graph = on_cuda
