@@ -255,8 +255,17 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// A driver call's result; CUDA_ERROR_OUT_OF_MEMORY becomes
+/// `Error::OutOfMemory` (torch.OutOfMemoryError in Python).
 fn drv<T>(what: &str, r: std::result::Result<T, cu::DriverError>) -> Result<T> {
-    r.map_err(|e| Error::runtime(format!("CUDA driver error in {what}: {e}")))
+    r.map_err(|e| {
+        let msg = format!("CUDA driver error in {what}: {e}");
+        if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            Error::out_of_memory(msg, true)
+        } else {
+            Error::runtime(msg)
+        }
+    })
 }
 
 /// One GPU: its primary context, architecture and loaded kernels.
