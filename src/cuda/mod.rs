@@ -215,6 +215,26 @@ pub const SOURCES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Largest size of a dimension the CUDA kernels index with 32-bit ints
+/// (batch, channels, sequence lengths, rows, heads): 2^31 − 2^16, so that an
+/// index plus one tile, block or chunk never wraps. Element offsets are
+/// 64-bit everywhere (`Tensor4` strides are i64 and every product of an index
+/// with a stride is formed in 64 bits), so tensors may hold any number of
+/// elements; only single dimensions are bounded.
+pub const MAX_DIM: usize = (1 << 31) - (1 << 16);
+
+/// ValueError unless every dimension of `t` is at most [`MAX_DIM`].
+pub fn check_dims(t: &crate::tensor::TensorView) -> Result<()> {
+    match t.shape.iter().position(|&s| s > MAX_DIM) {
+        Some(i) => Err(Error::value(format!(
+            "{}: dimension {i} of shape {} exceeds {MAX_DIM} (2**31 - 2**16), the CUDA kernels' limit",
+            t.name,
+            t.shape_str()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// dtype codes shared with kernels/common.cuh.
 pub fn dtype_code(d: crate::tensor::DType) -> i32 {
     use crate::tensor::DType::*;

@@ -406,6 +406,9 @@ mod py {
         // CUDA: torch tensors, float32/16/bf16 x (before any other check, as before).
         check_backend(&xv, "causal_conv1d_update")?;
         let dims = check_conv_update(&args)?;
+        if let Device::Cuda(_) = xv.device {
+            crate::cuda::check_dims(&sv)?;
+        }
         let (out_obj, out) = alloc("out", x, &xv, &xv.shape, None)?;
         if let Device::Cuda(ord) = xv.device {
             let (b, d, l, w, sl, _) = dims;

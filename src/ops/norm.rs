@@ -14,6 +14,9 @@ fn check_2d(t: &TensorView, desc: &str) -> Result<(usize, usize)> {
     t.expect_rank(2, desc)?;
     t.expect_nonempty()?;
     let (r, c) = (t.shape[0], t.shape[1]);
+    if let crate::tensor::Device::Cuda(_) = t.device {
+        crate::cuda::check_dims(t)?;
+    }
     if r > MAX_DIM || c > MAX_DIM {
         return Err(Error::value(format!(
             "{}: dimensions above 2**31 - 1 are not supported, got shape {}",
