@@ -102,14 +102,19 @@ L_LONG = 1 << 20
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
 
 
-def _long_inputs():
-    """b 1, d 3, n 4, l 2^20 float32 inputs. Mean decays Δ·A range from −0.08 (a memory of
-    tens of steps) to −4e-5 (tens of thousands of steps, across many kernel chunks)."""
+_A_LONG = -np.array([[1.5, 0.8, 0.3, 0.1], [0.05, 0.02, 0.01, 0.005], [1.0, 0.01, 0.2, 0.003]])
+
+
+def _long_inputs(n=4):
+    """b 1, d 3, l 2^20 float32 inputs (n 4; other n repeat A's columns scaled). Mean decays
+    Δ·A range from −0.08 (a memory of tens of steps) to −4e-5 (tens of thousands of
+    steps, across many kernel chunks)."""
     rng = np.random.default_rng(2020)
-    b, d, n, l = 1, 3, 4, L_LONG
+    b, d, l = 1, 3, L_LONG
+    A = np.concatenate([_A_LONG * (1.0 + 0.1 * i) for i in range(-(-n // 4))], axis=1)[:, :n]
     x = dict(u=rng.standard_normal((b, d, l)),
              delta=rng.standard_normal((b, d, l)) * 0.3 - 2.0,
-             A=-np.array([[1.5, 0.8, 0.3, 0.1], [0.05, 0.02, 0.01, 0.005], [1.0, 0.01, 0.2, 0.003]]),
+             A=A,
              B=rng.standard_normal((b, n, l)), C=rng.standard_normal((b, n, l)),
              D=rng.standard_normal(d), z=rng.standard_normal((b, d, l)),
              delta_bias=np.array([-1.0, -3.0, -2.0]),
@@ -118,9 +123,8 @@ def _long_inputs():
     return {k: v.astype(np.float32).astype(np.float64) for k, v in x.items()}
 
 
-@pytest.fixture(scope="module")
-def long_case():
-    x = _long_inputs()
+def _long_case(n=4):
+    x = _long_inputs(n)
     out, last, it = scan_fwd_ref(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                  x["delta_bias"], x["initial_state"])
     rng = np.random.default_rng(7)
@@ -129,6 +133,11 @@ def long_case():
     grads = scan_bwd_ref(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
                          x["initial_state"], dout, dlast, it)
     return x, out, last, dout, dlast, grads
+
+
+@pytest.fixture(scope="module")
+def long_case():
+    return _long_case()
 
 
 def _torch_inputs(x, grad):
@@ -151,7 +160,23 @@ def test_scan_long_sequence_forward(target, long_case):
 def test_scan_long_sequence_backward(target, long_case):
     """Every gradient of selective_scan_fn at l = 2^20 (autograd; dout and dlast_state)
     against float64. Sums over 2^20 steps (dA, dD, ddelta_bias) get 1e-4."""
-    x, _, _, dout, dlast, ref = long_case
+    _check_long_backward(long_case)
+
+
+@cuda_only
+def test_cuda_scan_long_sequence_general_kernels(target):
+    """n = 20 at l = 2^20 on CUDA: the general forward and backward kernels (n = 4 above
+    takes the fast ones), forward and every gradient against float64."""
+    case = _long_case(20)
+    x, out_ref, last_ref = case[:3]
+    out, last = ma.selective_scan_fn(**_torch_inputs(x, grad=False), delta_softplus=True,
+                                     return_last_state=True)
+    assert rel_err(out, out_ref) <= 3e-5 and rel_err(last, last_ref) <= 3e-5
+    _check_long_backward(case)
+
+
+def _check_long_backward(case):
+    x, _, _, dout, dlast, ref = case
     t = _torch_inputs(x, grad=True)
     out, last = ma.selective_scan_fn(**t, delta_softplus=True, return_last_state=True)
     dev = target_device()
