@@ -53,10 +53,18 @@ mod module {
         crate::cuda::cache::dir().to_string_lossy().into_owned()
     }
 
-    /// Compiles every CUDA kernel for `arch` (e.g. "sm_90") through NVRTC, with
-    /// no GPU needed; returns [(module, cubin bytes, NVRTC log)]. CI runs it.
+    /// Compiles the CUDA kernels for `arch` (e.g. "sm_90") through NVRTC, with
+    /// no GPU needed: every module, or those in `modules`; through the disk
+    /// cache unless `use_cache` is false. Returns [(module, cubin bytes, NVRTC
+    /// log, read from the cache)]. CI runs it.
     #[pyfunction]
-    fn compile_kernels(py: Python<'_>, arch: &str) -> PyResult<Vec<(String, usize, String)>> {
+    #[pyo3(signature = (arch, modules=None, use_cache=true))]
+    fn compile_kernels(
+        py: Python<'_>,
+        arch: &str,
+        modules: Option<Vec<String>>,
+        use_cache: bool,
+    ) -> PyResult<Vec<crate::cuda::Compiled>> {
         let a = arch
             .trim_start_matches("sm_")
             .trim_start_matches("compute_");
@@ -73,7 +81,7 @@ mod module {
                 "arch: expected a name like \"sm_90\", got {arch:?}"
             ))
         })?;
-        Ok(py.detach(|| crate::cuda::compile_all(arch))?)
+        Ok(py.detach(|| crate::cuda::compile_all(arch, modules.as_deref(), use_cache))?)
     }
 
     #[pymodule]

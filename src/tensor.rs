@@ -1231,6 +1231,27 @@ mod py {
         }
     }
 
+    /// The error of a failed output allocation for a `kind` caller:
+    /// `Error::OutOfMemory` (torch.OutOfMemoryError for torch, MemoryError
+    /// otherwise) when the allocator ran out of memory (`oom`, or its message
+    /// says so), else a RuntimeError.
+    fn alloc_error(name: &str, kind: Kind, shape: &[usize], msg: String, oom: bool) -> Error {
+        let msg = format!(
+            "could not allocate {name} of shape {}: {msg}",
+            shape_str(shape)
+        );
+        if oom || crate::error::is_oom_message(&msg) {
+            Error::out_of_memory(msg, kind == Kind::Torch)
+        } else {
+            Error::runtime(msg)
+        }
+    }
+
+    fn py_alloc_error(py: Python<'_>, name: &str, kind: Kind, shape: &[usize], e: PyErr) -> Error {
+        let oom = e.is_instance_of::<pyo3::exceptions::PyMemoryError>(py);
+        alloc_error(name, kind, shape, e.to_string(), oom)
+    }
+
     /// `alloc` for a torch tensor of exact type torch.Tensor / Parameter
     /// through the exchange API: `at::empty` in C++ and the tensor object made
     /// from its DLPack export (~0.6 µs; `new_empty` from Python or Rust parses
@@ -1281,12 +1302,7 @@ mod py {
             strides: std::ptr::null(),
             byte_offset: 0,
         };
-        let fail = |msg: String| {
-            Some(Err(Error::runtime(format!(
-                "could not allocate {name} of shape {}: {msg}",
-                shape_str(shape)
-            ))))
-        };
+        let fail = |msg: String| Some(Err(alloc_error(name, like.kind, shape, msg, false)));
         let mut msg = String::new();
         let mut m: *mut DLManagedTensorVersioned = std::ptr::null_mut();
         unsafe {
@@ -1341,12 +1357,7 @@ mod py {
         if let Some(r) = alloc_torch_fast(name, like_obj, like, shape, dtype) {
             return r;
         }
-        let err = |e: PyErr| {
-            Error::runtime(format!(
-                "could not allocate {name} of shape {}: {e}",
-                shape_str(shape)
-            ))
-        };
+        let err = |e: PyErr| py_alloc_error(py, name, like.kind, shape, e);
         let shp = PyTuple::new(py, shape).map_err(err)?;
         let obj = match like.kind {
             Kind::Torch => match dtype {
@@ -1520,12 +1531,7 @@ mod py {
             return alloc(name, like_obj, like, shape, dtype);
         }
         let py = like_obj.py();
-        let err = |e: PyErr| {
-            Error::runtime(format!(
-                "could not allocate {name} of shape {}: {e}",
-                shape_str(shape)
-            ))
-        };
+        let err = |e: PyErr| py_alloc_error(py, name, like.kind, shape, e);
         static FROM_DLPACK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
         let from = FROM_DLPACK
             .get_or_try_init(py, || {

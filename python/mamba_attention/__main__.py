@@ -162,14 +162,17 @@ def cmd_bench(args):
 
 
 def cmd_compile_kernels(args):
-    """Compile every CUDA kernel through NVRTC for each arch (no GPU needed)."""
+    """Compile the CUDA kernels through NVRTC for each arch (no GPU needed), through
+    the kernel cache unless --no-cache."""
     from . import _core
 
     failed = False
+    modules = [m.strip() for m in args.module.split(",") if m.strip()] if args.module else None
     for arch in [a.strip() for a in args.arch.split(",") if a.strip()]:
         try:
-            for module, size, log in _core.compile_kernels(arch):
-                print(f"{arch:7s} {module:28s} {size:9d} bytes cubin" + (f"\n{log}" if log else ""))
+            for module, size, log, cached in _core.compile_kernels(arch, modules, not args.no_cache):
+                how = "from the cache" if cached else "compiled"
+                print(f"{arch:7s} {module:32s} {size:9d} bytes cubin, {how}" + (f"\n{log}" if log else ""))
         except (RuntimeError, ValueError) as e:
             print(f"{arch}: FAILED\n{e}", file=sys.stderr)
             failed = True
@@ -187,8 +190,12 @@ def main(argv=None):
     p.add_argument("--only", metavar="IDS", help="comma-separated workload ids, e.g. C1,C6")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (CI smoke test)")
     p.set_defaults(func=cmd_bench)
-    p = sub.add_parser("compile-kernels", help="compile every CUDA kernel through NVRTC (no GPU needed; CI runs it)")
+    p = sub.add_parser("compile-kernels", help="compile every CUDA kernel through NVRTC into the kernel cache "
+                       "(no GPU needed; CI runs it)")
     p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated architectures (default: sm_80,sm_90)")
+    p.add_argument("--module", metavar="NAMES", help="comma-separated kernel modules (default: all), e.g. norm")
+    p.add_argument("--no-cache", action="store_true",
+                   help="compile every module afresh and leave the kernel cache untouched")
     p.set_defaults(func=cmd_compile_kernels)
     from . import _hidden_attention_cli
 

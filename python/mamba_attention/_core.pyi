@@ -34,9 +34,14 @@ def cuda_info() -> Dict[str, Union[bool, str]]:
 def kernel_cache_dir() -> str:
     """Where compiled CUDA kernels are cached (MAMBA_ATTENTION_CACHE overrides)."""
 
-def compile_kernels(arch: str) -> List[Tuple[str, int, str]]:
-    """Compiles every CUDA kernel through NVRTC for ``arch`` (e.g. "sm_90"), no GPU
-    needed: (module, cubin bytes, NVRTC log) per kernel source."""
+def compile_kernels(
+    arch: str, modules: Optional[List[str]] = None, use_cache: bool = True
+) -> List[Tuple[str, int, str, bool]]:
+    """Compiles the CUDA kernels through NVRTC for ``arch`` (e.g. "sm_90"), no GPU
+    needed: every kernel source, or those named in ``modules``. With ``use_cache`` each
+    goes through the on-disk kernel cache as at first use (a valid entry is read, a
+    missing or damaged one is compiled and stored). Returns (module, cubin bytes, NVRTC
+    log, whether it came from the cache) per kernel source."""
 
 def selective_scan_fwd(
     u: Tensor,

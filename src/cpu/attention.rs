@@ -103,10 +103,15 @@ struct Task<'a> {
     part: usize,
 }
 
-/// Split-KV: with fewer tasks than 2 × threads (decoding: few rows, long
-/// contexts), a block's keys are cut into chunks of at least this many keys
-/// that run in parallel and are merged by their lse.
+/// Split-KV: with fewer than `SPLIT_BELOW_BLOCKS` blocks (decoding: few rows,
+/// long contexts), each block's keys are cut into about
+/// `SPLIT_PARTS / blocks` chunks of at least `MIN_SPLIT_KEYS` keys that run in
+/// parallel and are merged by their lse. These are constants, not functions
+/// of the thread count: where the chunks start decides the rounding, and the
+/// result must not depend on how many threads run (RAYON_NUM_THREADS).
 const MIN_SPLIT_KEYS: i64 = 512;
+const SPLIT_BELOW_BLOCKS: usize = 32;
+const SPLIT_PARTS: usize = 64;
 
 /// Most blocks per task (a run). The run's K/V rows are converted into a
 /// contiguous buffer once, when a block first touches them, and the run's
@@ -172,14 +177,18 @@ pub fn attn_forward(job: &AttnJob, level: SimdLevel) {
     let grp = job.hq / job.hk;
     let bq = MAX_MVC * lanes_of(level);
     let threads = rayon::current_num_threads();
-    // Blocks per task: as many as keep ≥ 8 tasks per thread.
     let nblocks = job.hk
         * job
             .seqs
             .iter()
             .map(|s| (s.sq * grp).div_ceil(bq))
             .sum::<usize>();
-    let mut run = RUN_BLOCKS;
+    // Split-KV (below) depends on the problem only, never on the thread count,
+    // so that the result is bitwise the same for every thread count.
+    let split_kv = nblocks < SPLIT_BELOW_BLOCKS;
+    // Blocks per task: as many as keep ≥ 8 tasks per thread (the run length
+    // changes only the work split, not the arithmetic of any row).
+    let mut run = if split_kv { 1 } else { RUN_BLOCKS };
     while run > 1 && nblocks.div_ceil(run) < 8 * threads {
         run /= 2;
     }
@@ -208,12 +217,12 @@ pub fn attn_forward(job: &AttnJob, level: SimdLevel) {
             r0 += n;
         }
     }
-    // Split-KV when there are too few tasks to occupy the threads (then every
-    // task is one block).
+    // Split-KV when there are too few blocks to occupy many threads (then every
+    // task is one block): about SPLIT_PARTS parts in all.
     let mut groups: Vec<(usize, usize)> = Vec::new(); // (first part task, parts)
     let mut scratch: Vec<f32> = Vec::new();
-    if run == 1 && threads > 1 && !tasks.is_empty() && tasks.len() < 2 * threads {
-        let want = (2 * threads).div_ceil(tasks.len()) as i64;
+    if split_kv && !tasks.is_empty() {
+        let want = SPLIT_PARTS.div_ceil(tasks.len()) as i64;
         let mut split = Vec::with_capacity(tasks.len() * want as usize);
         let mut offs = Vec::new();
         let mut total = 0usize;

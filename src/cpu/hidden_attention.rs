@@ -18,8 +18,10 @@
 //! (b, d, l, l) tensor: per batch entry the channels are split into P ranges,
 //! each accumulated into its own (l, l) float32 partial sum (the first one
 //! being the output itself), and the partials are added and scaled by 1/d
-//! into the output; P ≤ threads, and P is lowered so the extra partials take
-//! at most `MEAN_BUDGET` bytes (P = 1 at worst: no extra memory).
+//! into the output. P = min(`MEAN_PARTS`, ⌈d / `MEAN_MIN_CHANNELS`⌉), lowered
+//! so the extra partials take at most `MEAN_BUDGET` bytes (P = 1 at worst: no
+//! extra memory). P never depends on the thread count: the ranges decide the
+//! rounding, and the result is bitwise the same for every RAYON_NUM_THREADS.
 
 use super::scan::BcSrc;
 use super::simd::Simd;
@@ -30,8 +32,13 @@ use rayon::prelude::*;
 
 /// Widest vector (AVX-512), in float32 lanes.
 const MAX_LANES: usize = 16;
-/// Bytes the per-thread partial means of reduce="mean" may take together.
+/// Bytes the partial means of reduce="mean" may take together.
 const MEAN_BUDGET: usize = 512 << 20;
+/// Most channel ranges (parallel tasks per batch entry) of reduce="mean".
+const MEAN_PARTS: usize = 16;
+/// Fewest channels per range of reduce="mean" (each extra range costs an
+/// (l, l) fill and add, worth about one channel's work).
+const MEAN_MIN_CHANNELS: usize = 8;
 
 /// A validated hidden-attention problem (built by `ops::hidden_attention`).
 pub struct HaJob {
@@ -331,7 +338,10 @@ pub fn hidden_attention(job: &HaJob, level: SimdLevel) {
     // Partial sums: range 0 accumulates straight into out[bi], ranges 1.. into
     // their own (l, l) buffers (at most MEAN_BUDGET bytes together).
     let by_mem = 1 + MEAN_BUDGET / (ll * 4).max(1);
-    let parts = rayon::current_num_threads().min(d).min(by_mem).max(1);
+    let parts = MEAN_PARTS
+        .min(d.div_ceil(MEAN_MIN_CHANNELS))
+        .min(by_mem)
+        .max(1);
     let mut partial = vec![0.0f32; (parts - 1) * ll];
     let inv_d = 1.0 / d as f32;
     for bi in 0..b {

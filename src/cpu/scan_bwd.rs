@@ -49,6 +49,15 @@ use crate::tensor::{addr, load_row, store_row, DType, Raw};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
+/// Pass-2 tasks to aim for (over all batch entries and groups): enough for 8
+/// to 16 threads. A constant, not 2 × threads, so that dB/dC do not depend
+/// on the thread count; against 2 × threads it costs 2–4% more CPU time on 1
+/// or 2 threads (b1 d1536 n16 l2048: the extra partial sums).
+const BWD_TASKS: usize = 16;
+/// Fewest blocks per pass-2 task (each task adds a [chunk][n] partial sum of
+/// dB/dC per outer chunk).
+const BWD_MIN_BLOCKS: usize = 4;
+
 /// Longest sub-chunk (see `sub_chunk`).
 const TMAX: usize = 64;
 /// States per register group in the recurrences.
@@ -1094,7 +1103,10 @@ fn scan_backward_tuned(
     let nch = len_l.div_ceil(ts);
 
     // Pass-2 tasks: runs of blocks sharing a (B group, C group), cut into about
-    // two tasks per thread (more tasks mean more lane sums of dB/dC).
+    // BWD_TASKS tasks in all, each of at least BWD_MIN_BLOCKS blocks (more tasks
+    // mean more partial sums of dB/dC). The cut depends on the problem only,
+    // never on the thread count: the tasks' partial sums decide the rounding of
+    // dB/dC, which must be bitwise the same for every RAYON_NUM_THREADS.
     let mut segs: Vec<(usize, usize)> = Vec::new();
     let key = |c: usize| (c / sb, c / sc);
     for (i, &(c0, _)) in blocks.iter().enumerate() {
@@ -1103,11 +1115,13 @@ fn scan_backward_tuned(
             _ => segs.push((i, i + 1)),
         }
     }
-    let parts = (2 * rayon::current_num_threads()).div_ceil(b * segs.len());
+    let parts = BWD_TASKS.div_ceil(b * segs.len());
     let mut tasks: Vec<(usize, usize, usize)> = Vec::new(); // (bi, blk0, blk1)
     for bi in 0..b {
         for &(s0, s1) in &segs {
-            let per = (s1 - s0).div_ceil(parts.clamp(1, s1 - s0));
+            let per = (s1 - s0)
+                .div_ceil(parts.clamp(1, s1 - s0))
+                .max(BWD_MIN_BLOCKS);
             for k in (s0..s1).step_by(per) {
                 tasks.push((bi, k, (k + per).min(s1)));
             }

@@ -215,6 +215,26 @@ pub const SOURCES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Largest size of a dimension the CUDA kernels index with 32-bit ints
+/// (batch, channels, sequence lengths, rows, heads): 2^31 − 2^16, so that an
+/// index plus one tile, block or chunk never wraps. Element offsets are
+/// 64-bit everywhere (`Tensor4` strides are i64 and every product of an index
+/// with a stride is formed in 64 bits), so tensors may hold any number of
+/// elements; only single dimensions are bounded.
+pub const MAX_DIM: usize = (1 << 31) - (1 << 16);
+
+/// ValueError unless every dimension of `t` is at most [`MAX_DIM`].
+pub fn check_dims(t: &crate::tensor::TensorView) -> Result<()> {
+    match t.shape.iter().position(|&s| s > MAX_DIM) {
+        Some(i) => Err(Error::value(format!(
+            "{}: dimension {i} of shape {} exceeds {MAX_DIM} (2**31 - 2**16), the CUDA kernels' limit",
+            t.name,
+            t.shape_str()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// dtype codes shared with kernels/common.cuh.
 pub fn dtype_code(d: crate::tensor::DType) -> i32 {
     use crate::tensor::DType::*;
@@ -255,8 +275,17 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// A driver call's result; CUDA_ERROR_OUT_OF_MEMORY becomes
+/// `Error::OutOfMemory` (torch.OutOfMemoryError in Python).
 fn drv<T>(what: &str, r: std::result::Result<T, cu::DriverError>) -> Result<T> {
-    r.map_err(|e| Error::runtime(format!("CUDA driver error in {what}: {e}")))
+    r.map_err(|e| {
+        let msg = format!("CUDA driver error in {what}: {e}");
+        if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            Error::out_of_memory(msg, true)
+        } else {
+            Error::runtime(msg)
+        }
+    })
 }
 
 /// One GPU: its primary context, architecture and loaded kernels.
@@ -361,14 +390,16 @@ pub fn kernel(ordinal: i32, module: &str, function: &str) -> Result<Kernel> {
     let cubin = cache::get_or_compile(module, &full, arch, nvrtc)?;
     let ctx = g.ctx;
     let module_handle = with_ctx(ctx, || {
-        let m = drv("cuModuleLoadData", unsafe {
-            cu::module::load_data(cubin.as_ptr() as *const c_void)
-        });
-        if m.is_err() {
-            // A damaged cache entry: drop it so the next call recompiles.
-            cache::evict(module, &full, arch);
+        let m = unsafe { cu::module::load_data(cubin.as_ptr() as *const c_void) };
+        if let Err(e) = &m {
+            // Entries are checksummed, so a cubin the driver rejects was made
+            // for something else (another driver): drop it so the next call
+            // recompiles. Out of memory is no reason to drop a good entry.
+            if e.0 != sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                cache::evict(module, &full, arch);
+            }
         }
-        m
+        drv("cuModuleLoadData", m)
     })?;
     // Resolve every extern "C" function of the module lazily: just this one now.
     let f = with_ctx(ctx, || {
@@ -429,18 +460,46 @@ impl Kernel {
     }
 }
 
-/// Compiles every kernel for `arch` (CI's check; needs NVRTC, no GPU).
-/// Returns (module, cubin bytes, NVRTC log) per source.
+/// One module of [`compile_all`]: name, cubin bytes, NVRTC's log, and
+/// whether the cubin came from the disk cache (then the log is empty).
+pub type Compiled = (String, usize, String, bool);
+
+/// Compiles the kernels for `arch` (CI's check; needs NVRTC, no GPU):
+/// every module, or those named in `only`. With `use_cache` each module goes
+/// through the disk cache as at first use (a valid entry is read, anything
+/// else is compiled and stored), so this also fills the cache ahead of time;
+/// without it every module is compiled and the cache is not touched.
 /// The modules compile in parallel (NVRTC is thread-safe across programs).
-pub fn compile_all(arch: (i32, i32)) -> Result<Vec<(String, usize, String)>> {
+pub fn compile_all(
+    arch: (i32, i32),
+    only: Option<&[String]>,
+    use_cache: bool,
+) -> Result<Vec<Compiled>> {
     use rayon::prelude::*;
+    if let Some(names) = only {
+        if let Some(bad) = names.iter().find(|m| !SOURCES.iter().any(|(s, _)| s == m)) {
+            let known: Vec<&str> = SOURCES.iter().map(|(s, _)| *s).collect();
+            return Err(Error::value(format!(
+                "modules: unknown kernel module {bad:?}; expected one of {}",
+                known.join(", ")
+            )));
+        }
+    }
     let n = nvrtc()?;
     SOURCES
         .par_iter()
+        .filter(|(name, _)| only.is_none_or(|o| o.iter().any(|m| m == name)))
         .map(|(name, src)| {
             let full = format!("{COMMON}\n{src}");
-            let (bin, log) = n.compile(name, &full, arch).map_err(Error::runtime)?;
-            Ok((name.to_string(), bin.len(), log))
+            let (bin, log, cached) = if use_cache {
+                let (bin, log) = cache::get_or_compile_logged(name, &full, arch, nvrtc)?;
+                let cached = log.is_none();
+                (bin, log.unwrap_or_default(), cached)
+            } else {
+                let (bin, log) = n.compile(name, &full, arch).map_err(Error::runtime)?;
+                (bin, log, false)
+            };
+            Ok((name.to_string(), bin.len(), log, cached))
         })
         .collect()
 }

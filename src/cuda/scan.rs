@@ -153,19 +153,21 @@ pub(crate) fn forward_kernel(
     general_stem: &str,
     dtype: DType,
 ) -> (String, (u32, u32, u32)) {
+    // In 64 bits: d · lanes passes 2^32 for d ≥ 2^28 (d ≤ MAX_DIM keeps the
+    // block count below the grid limit).
     let (name, grid_x) = if fast_forward(p) {
         (
             format!("{fast_stem}_{}", suffix(dtype)),
-            (p.d as u32).div_ceil(SCAN_THREADS / SCAN_FAST_P),
+            (p.d as u64).div_ceil((SCAN_THREADS / SCAN_FAST_P) as u64),
         )
     } else {
-        let lanes = lanes_per_channel(p.n);
+        let lanes = lanes_per_channel(p.n) as u64;
         (
             format!("{general_stem}_{}_general", suffix(dtype)),
-            (p.d as u32 * lanes).div_ceil(SCAN_THREADS),
+            (p.d as u64 * lanes).div_ceil(SCAN_THREADS as u64),
         )
     };
-    (name, (grid_x, p.b as u32, 1))
+    (name, (grid_x as u32, p.b as u32, 1))
 }
 
 /// Launches the forward scan on `stream` of GPU `ordinal` (launch rules from
@@ -192,8 +194,9 @@ pub fn state_update(ordinal: i32, stream: u64, p: &StateUpdateParams, dtype: DTy
         "selective_state_update",
         &format!("selective_state_update_{}", suffix(dtype)),
     )?;
-    let lanes = lanes_per_channel(p.n);
-    let grid = ((p.d as u32 * lanes).div_ceil(UPDATE_THREADS), p.b as u32, 1);
+    let lanes = lanes_per_channel(p.n) as u64;
+    let grid_x = (p.d as u64 * lanes).div_ceil(UPDATE_THREADS as u64);
+    let grid = (grid_x as u32, p.b as u32, 1);
     unsafe { k.launch(grid, (UPDATE_THREADS, 1, 1), 0, stream, p) }
 }
 

@@ -26,7 +26,10 @@ pub fn usable(p: &StateUpdateParams) -> bool {
         1 | 2 => quads_ok(t, 3, 8),
         _ => false,
     };
+    // The kernel's thread index c·(n/4) + k/4 is a 32-bit int.
+    let threads = p.d.max(0) as u64 * (p.n.max(0) as u64 / 4);
     matches!(p.n, 4 | 8 | 16 | 32 | 64 | 128)
+        && threads < (1 << 31) - 128
         && p.state.dtype == 0
         && p.a.dtype == 0
         && quads_ok(&p.state, 3, 16)
@@ -50,9 +53,9 @@ pub fn try_launch(ordinal: i32, stream: u64, p: &StateUpdateParams, dtype: DType
         "selective_state_update",
         &format!("selective_state_update_{variant}_{}", suffix(dtype)),
     )?;
-    let lanes = (p.n as u32) / 4;
+    let lanes = (p.n as u64) / 4;
     let grid = (
-        (p.d as u32 * lanes).div_ceil(128),
+        (p.d as u64 * lanes).div_ceil(128) as u32,
         (p.b as u32).div_ceil(r),
         1,
     );

@@ -159,7 +159,7 @@ pub fn check(
         }
         (None, true) => {}
     }
-    if rows > i32::MAX as usize {
+    if rows > crate::cuda::MAX_DIM {
         return Err(Error::value("q: too many rows for the CUDA kernel"));
     }
     Ok((d, rows))

@@ -204,7 +204,7 @@ pub fn check(
             "softmax_scale: expected a finite value, got {softmax_scale}"
         )));
     }
-    let lim = i32::MAX as usize;
+    let lim = crate::cuda::MAX_DIM;
     if sq > lim || sk > lim || q.numel() > (1usize << 62) {
         return Err(Error::value("q: sequence too long for the CUDA kernel"));
     }

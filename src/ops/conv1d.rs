@@ -413,6 +413,9 @@ mod py {
         let dims = check_conv_update(&args)?;
         let read: Vec<&TensorView> = [&xv, &wv].into_iter().chain(bv.iter().chain(&cv)).collect();
         check_writes(&[&sv], &read)?;
+        if let Device::Cuda(_) = xv.device {
+            crate::cuda::check_dims(&sv)?;
+        }
         let (out_obj, out) = alloc("out", x, &xv, &xv.shape, None)?;
         if let Device::Cuda(ord) = xv.device {
             let (b, d, l, w, sl, _) = dims;

@@ -22,6 +22,9 @@ fn check_rows(t: &TensorView, desc: &str) -> Result<(usize, usize)> {
     t.expect_nonempty()?;
     let c = t.shape[t.ndim() - 1];
     let r = t.numel() / c;
+    if let crate::tensor::Device::Cuda(_) = t.device {
+        crate::cuda::check_dims(t)?;
+    }
     if r > MAX_DIM || c > MAX_DIM {
         return Err(Error::value(format!(
             "{}: dimensions above 2**31 - 1 are not supported, got shape {}",

@@ -353,6 +353,7 @@ pub fn plan_update(
 /// Device-specific limits, checked before any allocation.
 pub fn check_backend(t: &TensorView) -> Result<()> {
     if let Device::Cuda(_) = t.device {
+        crate::cuda::check_dims(t)?;
         if t.kind != crate::tensor::Kind::Torch {
             return Err(Error::type_(format!(
                 "{}: CUDA arrays are supported as torch tensors; convert with torch.from_dlpack",
