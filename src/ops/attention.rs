@@ -1480,8 +1480,20 @@ mod py {
             let shape = [p.b, p.sq, p.hk, p.hd];
             py.detach(|| {
                 run_job("SlidingWindowKVCache", &job)?;
-                ring_write(&r.k.raw(), &r.k_ring.raw(), shape, w, ring_pos(pos as u64, w));
-                ring_write(&r.v.raw(), &r.v_ring.raw(), shape, w, ring_pos(pos as u64, w));
+                ring_write(
+                    &r.k.raw(),
+                    &r.k_ring.raw(),
+                    shape,
+                    w,
+                    ring_pos(pos as u64, w),
+                );
+                ring_write(
+                    &r.v.raw(),
+                    &r.v_ring.raw(),
+                    shape,
+                    w,
+                    ring_pos(pos as u64, w),
+                );
                 Ok(())
             })?;
             Ok([oo, lo])
