@@ -57,7 +57,8 @@ fi
 if [ -n "${SANITIZE:-}" ]; then
   echo "== compute-sanitizer"
   # kernels compiled once outside the tools (the cache persists through the call)
-  $PY -m mamba_attention compile-kernels >/dev/null 2>&1
+  cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+  $PY -m mamba_attention compile-kernels --arch "sm_$cc" >/dev/null 2>&1
   san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   $san --version | tail -1
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
